@@ -1,1 +1,30 @@
-//! tmp
+//! InstructPix2Pix on candle, numerically faithful to diffusers.
+//!
+//! * [`source`]: where a checkpoint comes from — a directory or the Hugging Face Hub cache.
+//! * [`config`]: diffusers/transformers `config.json` → typed configs, strictly.
+//! * [`weights`]: memory-mapped safetensors (or `.bin`) with a ledger of used tensors.
+//! * [`tokenizer`]: the CLIP BPE tokenizer from `vocab.json` + `merges.txt`.
+//! * [`nets`]: text encoder, UNet, VAE.
+//! * [`scheduler`]: Euler-ancestral, Euler and DDIM as diffusers computes them.
+//! * [`rng`]: torch's CPU generator, so seeds reproduce diffusers' noise.
+//! * [`pipeline`]: the batched edit, implementing [`retouch_core::editor::Editor`].
+//! * [`device`]: CPU or CUDA.
+
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod nets;
+pub mod pipeline;
+pub mod rng;
+pub mod scheduler;
+pub mod source;
+pub mod tokenizer;
+pub mod weights;
+
+#[cfg(feature = "cuda")]
+mod compute_cap;
+
+pub use device::DeviceSpec;
+pub use error::ModelError;
+pub use pipeline::{InstructPix2Pix, LoadOptions};
+pub use source::ModelSource;

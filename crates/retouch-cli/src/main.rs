@@ -1,0 +1,56 @@
+//! `retouch`: edit images from plain-language instructions with InstructPix2Pix.
+//!
+//! Subcommands are thin: they parse flags, pick the real implementations and call into the
+//! library crates. Errors are reported as one line; the exit code is 0 on success, 2 when the
+//! command line or its inputs are wrong (missing file, not an image, unknown scheduler…), 1
+//! otherwise.
+
+mod cli_error;
+mod edit;
+mod logging;
+mod params;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::cli_error::exit_code;
+
+/// Edit images from plain-language instructions (InstructPix2Pix on candle).
+#[derive(Parser, Debug)]
+#[command(name = "retouch", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text, env = "RETOUCH_LOG_FORMAT")]
+    log_format: logging::LogFormat,
+
+    /// More logging (-v: debug, -vv: trace). `RUST_LOG` overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Edit one image.
+    Edit(Box<edit::EditArgs>),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format, cli.verbose);
+    let result = match cli.command {
+        Command::Edit(args) => edit::run(*args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let line = format!("{error:#}").replace('\n', " ");
+            eprintln!("error: {line}");
+            ExitCode::from(exit_code(&error))
+        }
+    }
+}

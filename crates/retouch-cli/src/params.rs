@@ -1,0 +1,48 @@
+//! Edit-parameter flags shared by `edit` and `batch`: the same names, meanings and defaults
+//! as the job protocol's `params`.
+
+use retouch_core::params::{EditParams, SchedulerKind};
+
+fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
+    s.parse()
+        .map_err(|e: retouch_core::params::ParamError| e.message)
+}
+
+/// `--steps`, `--guidance-scale`, `--image-guidance-scale`, `--seed`, `--scheduler`, `--max-side`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ParamArgs {
+    /// Denoising steps [default: 20].
+    #[arg(long)]
+    pub steps: Option<u32>,
+    /// How strongly to follow the instruction; guidance is off at ≤ 1 [default: 7.5].
+    #[arg(long)]
+    pub guidance_scale: Option<f32>,
+    /// How closely to keep the input image; guidance is off below 1 [default: 1.5].
+    #[arg(long)]
+    pub image_guidance_scale: Option<f32>,
+    /// Noise seed (torch CPU generator compatible) [default: random, printed].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Sampler: euler-ancestral, euler or ddim [default: the checkpoint's].
+    #[arg(long, value_parser = parse_scheduler)]
+    pub scheduler: Option<SchedulerKind>,
+    /// Resize so the longer side is at most this many pixels [default: 512].
+    #[arg(long)]
+    pub max_side: Option<u32>,
+}
+
+impl ParamArgs {
+    /// The protocol's parameter object.
+    pub fn to_params(&self) -> EditParams {
+        EditParams {
+            steps: self.steps,
+            guidance_scale: self.guidance_scale,
+            image_guidance_scale: self.image_guidance_scale,
+            seed: self.seed,
+            scheduler: self.scheduler,
+            max_side: self.max_side,
+            format: None,
+            quality: None,
+        }
+    }
+}

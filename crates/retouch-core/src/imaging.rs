@@ -1,0 +1,426 @@
+//! The input image policy and output encoding.
+//!
+//! Policy, in order (documented in `docs/model.md`):
+//! 1. decode with limits: the header's dimensions are checked against `max_pixels` before any
+//!    pixel is allocated, so a file claiming 100000×100000 is refused cheaply;
+//! 2. apply the EXIF orientation (phone photos would otherwise be edited sideways);
+//! 3. flatten alpha onto white (`c·a + 255·(255 − a)`, rounded), then RGB;
+//! 4. if the longer side exceeds `max_side`, scale so it equals `max_side` keeping the aspect
+//!    ratio (each side rounded half up), then floor each side to a multiple of the model's
+//!    factor (8 for SD 1.5) — one Lanczos-3 resample from the original straight to that size;
+//! 5. an image that already fits and is a multiple of 8 is not resampled at all.
+//!
+//! The resampler reproduces Pillow's `Image.resize(size, LANCZOS)` bit for bit (the same
+//! filter, support scaling, 22-bit fixed-point coefficients and separable horizontal-then-
+//! vertical passes with 8-bit intermediates), because diffusers resizes with Pillow: inputs
+//! that need flooring to a multiple of 8 then reach the model exactly as they do in Python.
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+
+use crate::params::OutputFormat;
+
+/// Bounds on what the decoder accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// Largest accepted width × height of the encoded image (before any resize).
+    pub max_pixels: u64,
+    /// Largest accepted encoded size in bytes.
+    pub max_bytes: u64,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        // 64 MP covers every phone and most DSLR photos; 64 MiB any sane encoding of them.
+        Self {
+            max_pixels: 64_000_000,
+            max_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Why an input image was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The bytes are not a decodable image (unknown format, truncated, corrupt).
+    #[error("not a valid image: {0}")]
+    Invalid(String),
+    /// The image exceeds the decode limits.
+    #[error("image too large: {0}")]
+    TooLarge(String),
+    /// After the size policy nothing would be left (a side shorter than the model's factor).
+    #[error("image too small: {0}")]
+    TooSmall(String),
+    /// The output could not be encoded.
+    #[error("cannot encode the output: {0}")]
+    Encode(String),
+}
+
+/// A decoded, oriented, flattened RGB image and what was done to it.
+#[derive(Clone, Debug)]
+pub struct DecodedImage {
+    /// The pixels, orientation applied.
+    pub image: RgbImage,
+    /// Whether an alpha channel was flattened onto white.
+    pub had_alpha: bool,
+}
+
+/// Decodes `bytes` under `limits`, applies EXIF orientation and flattens alpha onto white.
+///
+/// # Errors
+/// [`ImageError::TooLarge`] beyond the limits (checked from the header first),
+/// [`ImageError::Invalid`] for anything undecodable.
+pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<DecodedImage, ImageError> {
+    if bytes.len() as u64 > limits.max_bytes {
+        return Err(ImageError::TooLarge(format!(
+            "{} bytes exceeds the limit of {}",
+            bytes.len(),
+            limits.max_bytes
+        )));
+    }
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ImageError::Invalid(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(ImageError::Invalid("unrecognised image format".into()));
+    }
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| ImageError::Invalid(e.to_string()))?;
+    let (w, h) = decoder.dimensions();
+    if u64::from(w) * u64::from(h) > limits.max_pixels {
+        return Err(ImageError::TooLarge(format!(
+            "{w}×{h} exceeds the limit of {} pixels",
+            limits.max_pixels
+        )));
+    }
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut image =
+        DynamicImage::from_decoder(decoder).map_err(|e| ImageError::Invalid(e.to_string()))?;
+    image.apply_orientation(orientation);
+    let had_alpha = image.color().has_alpha();
+    let image = if had_alpha {
+        flatten_onto_white(&image)
+    } else {
+        image.to_rgb8()
+    };
+    Ok(DecodedImage { image, had_alpha })
+}
+
+/// Composites an image with alpha over opaque white.
+pub fn flatten_onto_white(image: &DynamicImage) -> RgbImage {
+    let rgba = image.to_rgba8();
+    let mut out = RgbImage::new(rgba.width(), rgba.height());
+    for (dst, src) in out.pixels_mut().zip(rgba.pixels()) {
+        let a = u32::from(src[3]);
+        for c in 0..3 {
+            let v = u32::from(src[c]) * a + 255 * (255 - a);
+            dst[c] = ((v + 127) / 255) as u8;
+        }
+    }
+    out
+}
+
+/// The processed size of a `width × height` image: scaled so the longer side is at most
+/// `max_side`, then floored to multiples of `multiple`.
+///
+/// # Errors
+/// [`ImageError::TooSmall`] when a side would become 0.
+pub fn target_size(
+    width: u32,
+    height: u32,
+    max_side: u32,
+    multiple: u32,
+) -> Result<(u32, u32), ImageError> {
+    let long = width.max(height);
+    let (w, h) = if long > max_side {
+        let scale = f64::from(max_side) / f64::from(long);
+        let side = |s: u32| ((f64::from(s) * scale + 0.5).floor() as u32).min(max_side);
+        (side(width), side(height))
+    } else {
+        (width, height)
+    };
+    let (tw, th) = (w - w % multiple, h - h % multiple);
+    if tw == 0 || th == 0 {
+        return Err(ImageError::TooSmall(format!(
+            "{width}×{height} gives {w}×{h}; each side must be at least {multiple} pixels after resizing"
+        )));
+    }
+    Ok((tw, th))
+}
+
+/// Applies the size policy: resamples (Pillow Lanczos) only when the size changes.
+///
+/// # Errors
+/// [`ImageError::TooSmall`] as [`target_size`].
+pub fn fit(image: RgbImage, max_side: u32, multiple: u32) -> Result<RgbImage, ImageError> {
+    let (tw, th) = target_size(image.width(), image.height(), max_side, multiple)?;
+    if (tw, th) == image.dimensions() {
+        Ok(image)
+    } else {
+        Ok(resize_lanczos(&image, tw, th))
+    }
+}
+
+/// Decodes and fits in one call: what every entry point does with an input image.
+///
+/// # Errors
+/// As [`decode`] and [`fit`].
+pub fn prepare(
+    bytes: &[u8],
+    limits: DecodeLimits,
+    max_side: u32,
+    multiple: u32,
+) -> Result<DecodedImage, ImageError> {
+    let decoded = decode(bytes, limits)?;
+    Ok(DecodedImage {
+        image: fit(decoded.image, max_side, multiple)?,
+        had_alpha: decoded.had_alpha,
+    })
+}
+
+/// Encodes an RGB image.
+///
+/// # Errors
+/// [`ImageError::Encode`] if the encoder fails.
+pub fn encode(image: &RgbImage, format: OutputFormat, quality: u8) -> Result<Vec<u8>, ImageError> {
+    let mut out = Cursor::new(Vec::new());
+    let result = match format {
+        OutputFormat::Png => image.write_to(&mut out, image::ImageFormat::Png),
+        OutputFormat::Webp => image.write_to(&mut out, image::ImageFormat::WebP),
+        OutputFormat::Jpeg => image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
+            .encode_image(image),
+    };
+    result.map_err(|e| ImageError::Encode(e.to_string()))?;
+    Ok(out.into_inner())
+}
+
+// ---- Pillow's resampler -------------------------------------------------------------------
+
+/// Fixed-point precision of the coefficients: 32 bits minus 8 for the pixel minus 2 for the
+/// overshoot of a filter with negative lobes.
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+const LANCZOS_SUPPORT: f64 = 3.0;
+
+fn sinc(x: f64) -> f64 {
+    if x == 0.0 {
+        return 1.0;
+    }
+    let x = x * std::f64::consts::PI;
+    x.sin() / x
+}
+
+fn lanczos(x: f64) -> f64 {
+    if (-LANCZOS_SUPPORT..LANCZOS_SUPPORT).contains(&x) {
+        sinc(x) * sinc(x / 3.0)
+    } else {
+        0.0
+    }
+}
+
+/// One output pixel's taps: the first input index and fixed-point weights.
+struct Taps {
+    start: usize,
+    weights: Vec<i32>,
+}
+
+/// Coefficients for resampling `in_size` samples to `out_size` (Pillow's `precompute_coeffs`
+/// followed by `normalize_coeffs_8bpc`).
+fn coefficients(in_size: usize, out_size: usize) -> Vec<Taps> {
+    let scale = in_size as f64 / out_size as f64;
+    let filter_scale = scale.max(1.0);
+    let support = LANCZOS_SUPPORT * filter_scale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            let inv = 1.0 / filter_scale;
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let raw: Vec<f64> = (xmin..xmax)
+                .map(|x| lanczos((x as f64 - center + 0.5) * inv))
+                .collect();
+            let total: f64 = raw.iter().sum();
+            let weights = raw
+                .iter()
+                .map(|&w| {
+                    let w = if total != 0.0 { w / total } else { w };
+                    let scaled = w * f64::from(1u32 << PRECISION_BITS);
+                    if w < 0.0 {
+                        (scaled - 0.5) as i32
+                    } else {
+                        (scaled + 0.5) as i32
+                    }
+                })
+                .collect();
+            Taps {
+                start: xmin,
+                weights,
+            }
+        })
+        .collect()
+}
+
+fn clip8(acc: i32) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Pillow-exact `resize((width, height), Image.LANCZOS)` of an RGB image.
+pub fn resize_lanczos(image: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let (in_w, in_h) = (image.width() as usize, image.height() as usize);
+    let (out_w, out_h) = (width as usize, height as usize);
+    let src = image.as_raw();
+    let half = 1i32 << (PRECISION_BITS - 1);
+
+    // Pillow resamples horizontally only the rows the vertical pass will read.
+    let vertical = coefficients(in_h, out_h);
+    let first_row = vertical.first().map_or(0, |t| t.start);
+    let last_row = vertical.last().map_or(0, |t| t.start + t.weights.len());
+
+    let (tmp, tmp_w) = if out_w != in_w {
+        let horizontal = coefficients(in_w, out_w);
+        let rows = last_row - first_row;
+        let mut tmp = vec![0u8; rows * out_w * 3];
+        for y in 0..rows {
+            let row = &src[(y + first_row) * in_w * 3..(y + first_row + 1) * in_w * 3];
+            for (x, taps) in horizontal.iter().enumerate() {
+                let mut acc = [half; 3];
+                for (i, &k) in taps.weights.iter().enumerate() {
+                    let p = &row[(taps.start + i) * 3..(taps.start + i) * 3 + 3];
+                    for c in 0..3 {
+                        acc[c] += i32::from(p[c]) * k;
+                    }
+                }
+                for c in 0..3 {
+                    tmp[(y * out_w + x) * 3 + c] = clip8(acc[c]);
+                }
+            }
+        }
+        (tmp, out_w)
+    } else {
+        (
+            src[first_row * in_w * 3..last_row * in_w * 3].to_vec(),
+            in_w,
+        )
+    };
+
+    if out_h == in_h {
+        // Only the horizontal pass was needed; the row window is the whole image.
+        return RgbImage::from_raw(width, height, tmp)
+            .expect("buffer sized for the output; this is a bug");
+    }
+    let mut out = vec![0u8; out_w * out_h * 3];
+    for (y, taps) in vertical.iter().enumerate() {
+        for x in 0..tmp_w {
+            let mut acc = [half; 3];
+            for (i, &k) in taps.weights.iter().enumerate() {
+                let p = &tmp[((taps.start - first_row + i) * tmp_w + x) * 3..][..3];
+                for c in 0..3 {
+                    acc[c] += i32::from(p[c]) * k;
+                }
+            }
+            for c in 0..3 {
+                out[(y * out_w + x) * 3 + c] = clip8(acc[c]);
+            }
+        }
+    }
+    RgbImage::from_raw(width, height, out).expect("buffer sized for the output; this is a bug")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_size_floors_and_bounds() {
+        assert_eq!(target_size(64, 64, 512, 8).expect("fits"), (64, 64));
+        assert_eq!(target_size(75, 53, 512, 8).expect("floors"), (72, 48));
+        assert_eq!(target_size(200, 120, 64, 8).expect("scales"), (64, 32)); // 120·0.32 = 38.4 → 38 → 32
+        assert_eq!(target_size(4000, 3000, 512, 8).expect("photo"), (512, 384));
+        assert!(matches!(
+            target_size(5, 100, 512, 8),
+            Err(ImageError::TooSmall(_))
+        ));
+    }
+
+    #[test]
+    fn images_that_fit_are_not_resampled() {
+        let img = RgbImage::from_fn(16, 24, |x, y| image::Rgb([x as u8 * 7, y as u8 * 5, 3]));
+        assert_eq!(fit(img.clone(), 512, 8).expect("fits"), img);
+    }
+
+    #[test]
+    fn resize_keeps_flat_colour_flat() {
+        let img = RgbImage::from_pixel(75, 53, image::Rgb([10, 200, 77]));
+        let out = resize_lanczos(&img, 72, 48);
+        assert!(out.pixels().all(|p| p.0 == [10, 200, 77]));
+    }
+
+    #[test]
+    fn alpha_is_flattened_onto_white() {
+        let mut rgba = image::RgbaImage::new(2, 1);
+        rgba.put_pixel(0, 0, image::Rgba([0, 0, 0, 0]));
+        rgba.put_pixel(1, 0, image::Rgba([0, 100, 200, 128]));
+        let out = flatten_onto_white(&DynamicImage::ImageRgba8(rgba));
+        assert_eq!(out.get_pixel(0, 0).0, [255, 255, 255]);
+        assert_eq!(out.get_pixel(1, 0).0, [127, 177, 227]);
+    }
+
+    /// CRC-32 (IEEE) as PNG chunks use it.
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    /// A PNG whose (valid, correctly checksummed) header claims `w`×`h` pixels.
+    pub(crate) fn png_claiming(w: u32, h: u32) -> Vec<u8> {
+        let mut png = Vec::new();
+        RgbImage::new(4, 4)
+            .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+            .expect("encode");
+        png[16..20].copy_from_slice(&w.to_be_bytes());
+        png[20..24].copy_from_slice(&h.to_be_bytes());
+        let crc = crc32(&png[12..29]);
+        png[29..33].copy_from_slice(&crc.to_be_bytes());
+        png
+    }
+
+    #[test]
+    fn header_dimensions_are_checked_before_decoding() {
+        let err = decode(&png_claiming(100_000, 100_000), DecodeLimits::default());
+        assert!(matches!(err, Err(ImageError::TooLarge(_))), "{err:?}");
+    }
+
+    #[test]
+    fn truncated_png_is_invalid() {
+        let mut png = Vec::new();
+        RgbImage::from_fn(32, 32, |x, y| image::Rgb([x as u8, y as u8, 9]))
+            .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+            .expect("encode");
+        png.truncate(png.len() / 2);
+        assert!(matches!(
+            decode(&png, DecodeLimits::default()),
+            Err(ImageError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn garbage_is_invalid() {
+        assert!(matches!(
+            decode(b"not an image at all", DecodeLimits::default()),
+            Err(ImageError::Invalid(_))
+        ));
+    }
+}

@@ -1,0 +1,70 @@
+//! Device selection: `cpu` (the default) or `cuda[:N]` (builds with the `cuda` feature).
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::Device;
+
+use crate::error::ModelError;
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// The CPU, in f32.
+    #[default]
+    Cpu,
+    /// CUDA device N, in f16.
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| ModelError::Device(format!("unknown device {s:?}; expected cpu, cuda or cuda:N"))),
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Opens the device.
+    ///
+    /// # Errors
+    /// [`ModelError::Device`] when CUDA is asked of a build without the `cuda` feature, or the
+    /// GPU is missing or has no kernels in this build.
+    pub fn open(self) -> Result<Device, ModelError> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(n) => open_cuda(n),
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(_: usize) -> Result<Device, ModelError> {
+    Err(ModelError::Device(
+        "this build of retouch has no CUDA support; rebuild with `--features cuda` (see docs/gpu.md) or use --device cpu".into(),
+    ))
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(n: usize) -> Result<Device, ModelError> {
+    let device = Device::new_cuda(n).map_err(|e| ModelError::Device(format!("cannot open cuda:{n}: {e}")))?;
+    crate::compute_cap::check(&device, n)?;
+    Ok(device)
+}

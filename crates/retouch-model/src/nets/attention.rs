@@ -1,0 +1,254 @@
+//! Attention: the UNet's spatial transformers (`Transformer2DModel`,
+//! `BasicTransformerBlock`, GEGLU feed-forward with exact erf-GELU) and the VAE mid-block
+//! self-attention.
+//!
+//! Scores and softmax run in float32 whatever the model dtype (diffusers' `upcast_attention`
+//! behaviour), and the batch·heads dimension is processed in slices so the score matrix of a
+//! 512-pixel self-attention (4096 × 4096 per head) never has to exist for all heads at once.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+
+use super::blocks::conv2d;
+
+/// Upper bound on one slice of attention scores, in bytes (float32).
+const SCORE_SLICE_BYTES: usize = 256 << 20;
+
+/// Multi-head scaled dot-product attention on `[B, N, H·D]` projections.
+fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, inner) = q.dims3()?;
+    let m = k.dim(1)?;
+    let d = inner / heads;
+    let dtype = q.dtype();
+    let split = |x: &Tensor, len: usize| -> Result<Tensor> {
+        x.reshape((b, len, heads, d))?.transpose(1, 2)?.reshape((b * heads, len, d))?.to_dtype(DType::F32)
+    };
+    let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
+    let scale = (d as f64).powf(-0.5);
+    let k_t = k.t()?;
+    let rows = b * heads;
+    let slice = (SCORE_SLICE_BYTES / (n * m * 4).max(1)).clamp(1, rows);
+    let mut outs = Vec::with_capacity(rows.div_ceil(slice));
+    for start in (0..rows).step_by(slice) {
+        let len = slice.min(rows - start);
+        let scores = (q.narrow(0, start, len)?.matmul(&k_t.narrow(0, start, len)?)? * scale)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        outs.push(probs.matmul(&v.narrow(0, start, len)?)?);
+    }
+    let out = if outs.len() == 1 { outs.pop().expect("one slice") } else { Tensor::cat(&outs, 0)? };
+    out.reshape((b, heads, n, d))?.transpose(1, 2)?.reshape((b, n, inner))?.to_dtype(dtype)
+}
+
+/// diffusers' `Attention` as used in transformer blocks: bias-free q/k/v, biased output.
+#[derive(Debug)]
+struct CrossAttention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+}
+
+impl CrossAttention {
+    fn new(query_dim: usize, context_dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            to_q: candle_nn::linear_no_bias(query_dim, query_dim, vb.pp("to_q"))?,
+            to_k: candle_nn::linear_no_bias(context_dim, query_dim, vb.pp("to_k"))?,
+            to_v: candle_nn::linear_no_bias(context_dim, query_dim, vb.pp("to_v"))?,
+            to_out: candle_nn::linear(query_dim, query_dim, vb.pp("to_out").pp("0"))?,
+            heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let context = context.unwrap_or(x);
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        self.to_out.forward(&scaled_dot_product(&q, &k, &v, self.heads)?)
+    }
+}
+
+/// GEGLU feed-forward: `Linear(d, 8d)` split into value and gate, `value · gelu(gate)`
+/// (exact erf GELU, as `F.gelu`), then `Linear(4d, d)`.
+#[derive(Debug)]
+struct FeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.proj.forward(x)?;
+        let half = h.dim(2)? / 2;
+        let value = h.narrow(2, 0, half)?;
+        let gate = h.narrow(2, half, half)?;
+        self.out.forward(&(value * gate.gelu_erf()?)?)
+    }
+}
+
+/// diffusers' `BasicTransformerBlock`: self-attention, cross-attention, GEGLU, each pre-normed
+/// (LayerNorm, eps 1e-5) and residual.
+#[derive(Debug)]
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: CrossAttention,
+    norm2: LayerNorm,
+    attn2: CrossAttention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    fn new(dim: usize, context_dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: CrossAttention::new(dim, dim, heads, vb.pp("attn1"))?,
+            norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: CrossAttention::new(dim, context_dim, heads, vb.pp("attn2"))?,
+            norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff: FeedForward::new(dim, vb.pp("ff"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
+        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
+        self.ff.forward(&self.norm3.forward(&x)?)? + &x
+    }
+}
+
+/// The projection in and out of a spatial transformer: 1×1 conv or linear.
+#[derive(Debug)]
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// diffusers' `Transformer2DModel` (continuous input): GroupNorm (eps 1e-6), projection in,
+/// transformer blocks over the `H·W` tokens, projection out, residual.
+#[derive(Debug)]
+pub struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+/// Shape of a [`SpatialTransformer`].
+#[derive(Clone, Copy, Debug)]
+pub struct SpatialTransformerSpec {
+    /// Channels (= heads × head dim).
+    pub channels: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Width of the text embeddings.
+    pub context_dim: usize,
+    /// GroupNorm groups.
+    pub groups: usize,
+    /// Linear (true) or 1×1-conv (false) projections.
+    pub linear_projection: bool,
+}
+
+impl SpatialTransformer {
+    /// Loads the transformer from `vb`.
+    pub fn new(spec: SpatialTransformerSpec, vb: VarBuilder) -> Result<Self> {
+        let c = spec.channels;
+        let projection = |name: &str| -> Result<Projection> {
+            Ok(if spec.linear_projection {
+                Projection::Linear(candle_nn::linear(c, c, vb.pp(name))?)
+            } else {
+                Projection::Conv(conv2d(c, c, 1, 0, 1, vb.pp(name))?)
+            })
+        };
+        let blocks = (0..spec.layers)
+            .map(|i| BasicTransformerBlock::new(c, spec.context_dim, spec.heads, vb.pp("transformer_blocks").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: candle_nn::group_norm(spec.groups, c, 1e-6, vb.pp("norm"))?,
+            proj_in: projection("proj_in")?,
+            blocks,
+            proj_out: projection("proj_out")?,
+        })
+    }
+
+    /// `x` is `[B, C, H, W]`, `context` the text embeddings `[B, 77, context_dim]`.
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let normed = self.norm.forward(x)?;
+        let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
+            Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?)?,
+        };
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        let to_image = |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous();
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_image(&tokens)?)?,
+            Projection::Linear(lin) => to_image(&lin.forward(&tokens)?)?,
+        };
+        out + x
+    }
+}
+
+/// The VAE mid-block self-attention: GroupNorm (eps 1e-6), one head over all channels, biased
+/// projections, residual. Accepts both the current (`to_q`…) and the legacy
+/// (`query`/`key`/`value`/`proj_attn`, possibly 1×1-conv shaped) tensor names.
+#[derive(Debug)]
+pub struct VaeAttention {
+    group_norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+}
+
+impl VaeAttention {
+    /// Loads `attentions.0` from `vb`.
+    pub fn new(channels: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        let legacy = !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight");
+        let names = if legacy { ["query", "key", "value", "proj_attn"] } else { ["to_q", "to_k", "to_v", "to_out.0"] };
+        let linear = |name: &str| -> Result<Linear> {
+            let vb = vb.pp(name);
+            let weight = vb.get_unchecked("weight")?;
+            let weight = match weight.rank() {
+                4 => weight.squeeze(3)?.squeeze(2)?,
+                _ => weight,
+            };
+            if weight.dims() != [channels, channels] {
+                candle_core::bail!("{}: expected a {channels}×{channels} weight, found {:?}", vb.prefix(), weight.dims());
+            }
+            Ok(Linear::new(weight, Some(vb.get(channels, "bias")?)))
+        };
+        Ok(Self {
+            group_norm: candle_nn::group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
+            to_q: linear(names[0])?,
+            to_k: linear(names[1])?,
+            to_v: linear(names[2])?,
+            to_out: linear(names[3])?,
+        })
+    }
+
+    /// `x` is `[B, C, H, W]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let tokens = self.group_norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let q = self.to_q.forward(&tokens)?;
+        let k = self.to_k.forward(&tokens)?;
+        let v = self.to_v.forward(&tokens)?;
+        let out = self.to_out.forward(&scaled_dot_product(&q, &k, &v, 1)?)?;
+        out.transpose(1, 2)?.reshape((b, c, h, w))? + x
+    }
+}

@@ -1,0 +1,117 @@
+//! Convolutional building blocks shared by the UNet and the VAE: resnets, down- and
+//! up-samplers (diffusers' `ResnetBlock2D`, `Downsample2D`, `Upsample2D`).
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+
+/// A `k×k` convolution with bias, `padding` on every side and `stride`.
+pub fn conv2d(in_c: usize, out_c: usize, k: usize, padding: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig { padding, stride, ..Default::default() };
+    candle_nn::conv2d(in_c, out_c, k, cfg, vb)
+}
+
+/// diffusers' `ResnetBlock2D` with the default time-embedding handling (added after conv1).
+#[derive(Debug)]
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+/// Shape of a [`ResnetBlock2D`].
+#[derive(Clone, Copy, Debug)]
+pub struct ResnetSpec {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Output channels.
+    pub out_channels: usize,
+    /// Width of the time embedding, `None` in the VAE.
+    pub temb_channels: Option<usize>,
+    /// GroupNorm groups.
+    pub groups: usize,
+    /// GroupNorm epsilon.
+    pub eps: f64,
+    /// The output is divided by this.
+    pub output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    /// Loads the block from `vb`.
+    pub fn new(spec: ResnetSpec, vb: VarBuilder) -> Result<Self> {
+        let ResnetSpec { in_channels, out_channels, temb_channels, groups, eps, output_scale_factor } = spec;
+        let norm1 = candle_nn::group_norm(groups, in_channels, eps, vb.pp("norm1"))?;
+        let conv1 = conv2d(in_channels, out_channels, 3, 1, 1, vb.pp("conv1"))?;
+        let time_emb_proj = temb_channels.map(|t| candle_nn::linear(t, out_channels, vb.pp("time_emb_proj"))).transpose()?;
+        let norm2 = candle_nn::group_norm(groups, out_channels, eps, vb.pp("norm2"))?;
+        let conv2 = conv2d(out_channels, out_channels, 3, 1, 1, vb.pp("conv2"))?;
+        let conv_shortcut =
+            (in_channels != out_channels).then(|| conv2d(in_channels, out_channels, 1, 0, 1, vb.pp("conv_shortcut"))).transpose()?;
+        Ok(Self { norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut, output_scale_factor })
+    }
+
+    /// `x` is `[B, C, H, W]`; `temb` the per-sample time embedding `[B, T]` (UNet only).
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+            let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+            h = h.broadcast_add(&t)?;
+        }
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (shortcut + h)?;
+        if self.output_scale_factor == 1.0 { Ok(out) } else { out / self.output_scale_factor }
+    }
+}
+
+/// diffusers' `Downsample2D` with a convolution. `padding = 0` means the VAE encoder's
+/// asymmetric zero pad (right and bottom by one) before a stride-2, unpadded convolution.
+#[derive(Debug)]
+pub struct Downsample2D {
+    conv: Conv2d,
+    pad_bottom_right: bool,
+}
+
+impl Downsample2D {
+    /// Loads `downsamplers.0` (its `conv`).
+    pub fn new(channels: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
+        let conv = conv2d(channels, channels, 3, padding, 2, vb.pp("conv"))?;
+        Ok(Self { conv, pad_bottom_right: padding == 0 })
+    }
+
+    /// Halves the spatial size (rounding up).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.pad_bottom_right {
+            let x = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
+            self.conv.forward(&x)
+        } else {
+            self.conv.forward(x)
+        }
+    }
+}
+
+/// diffusers' `Upsample2D` with a convolution: nearest-neighbour resize, then a 3×3 conv.
+#[derive(Debug)]
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    /// Loads `upsamplers.0` (its `conv`).
+    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { conv: conv2d(channels, channels, 3, 1, 1, vb.pp("conv"))? })
+    }
+
+    /// Resizes to `size` (the skip connection's size in the UNet; twice the input otherwise).
+    pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+    }
+}

@@ -1,0 +1,12 @@
+//! The networks, written on candle-nn to mirror diffusers module by module.
+//!
+//! Module and tensor names follow diffusers' state dicts exactly, so a checkpoint's weights
+//! load by name. Where candle-transformers' Stable Diffusion modules deviate from diffusers
+//! (tanh-GELU in GEGLU, `norm_num_groups` ignored in resnets, no VAE mean, presets only) the
+//! modules here are our own; the CLIP text transformer is candle-transformers' (exact).
+
+pub mod attention;
+pub mod blocks;
+pub mod clip;
+pub mod unet;
+pub mod vae;
