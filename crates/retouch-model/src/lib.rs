@@ -8,7 +8,8 @@
 //! * [`scheduler`]: Euler-ancestral, Euler and DDIM as diffusers computes them.
 //! * [`rng`]: torch's CPU generator, so seeds reproduce diffusers' noise.
 //! * [`pipeline`]: the batched edit, implementing [`retouch_core::editor::Editor`].
-//! * [`device`]: CPU or CUDA.
+//! * [`device`]: CPU or CUDA; [`compute_cap`] guards CUDA builds against GPUs they have no
+//!   kernels for.
 
 pub mod config;
 pub mod device;
@@ -21,8 +22,7 @@ pub mod source;
 pub mod tokenizer;
 pub mod weights;
 
-#[cfg(feature = "cuda")]
-mod compute_cap;
+pub mod compute_cap;
 
 pub use device::DeviceSpec;
 pub use error::ModelError;

@@ -38,7 +38,9 @@ impl MidBlock {
                 vae_resnet(channels, channels, groups, vb.pp("resnets").pp(0))?,
                 vae_resnet(channels, channels, groups, vb.pp("resnets").pp(1))?,
             ],
-            attention: with_attention.then(|| VaeAttention::new(channels, groups, vb.pp("attentions").pp(0))).transpose()?,
+            attention: with_attention
+                .then(|| VaeAttention::new(channels, groups, vb.pp("attentions").pp(0)))
+                .transpose()?,
         })
     }
 
@@ -70,17 +72,36 @@ impl Encoder {
             let in_c = out_c;
             out_c = block_c;
             let resnets = (0..c.layers_per_block)
-                .map(|j| vae_resnet(if j == 0 { in_c } else { out_c }, out_c, c.norm_num_groups, vb.pp("resnets").pp(j)))
+                .map(|j| {
+                    vae_resnet(
+                        if j == 0 { in_c } else { out_c },
+                        out_c,
+                        c.norm_num_groups,
+                        vb.pp("resnets").pp(j),
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
-            let down = (i + 1 < channels.len()).then(|| Downsample2D::new(out_c, 0, vb.pp("downsamplers").pp(0))).transpose()?;
+            let down = (i + 1 < channels.len())
+                .then(|| Downsample2D::new(out_c, 0, vb.pp("downsamplers").pp(0)))
+                .transpose()?;
             blocks.push((resnets, down));
         }
         let last = *channels.last().expect("config has at least one block");
         Ok(Self {
             conv_in: conv2d(c.in_channels, channels[0], 3, 1, 1, vb.pp("conv_in"))?,
             blocks,
-            mid: MidBlock::new(last, c.norm_num_groups, c.mid_block_add_attention, vb.pp("mid_block"))?,
-            norm_out: candle_nn::group_norm(c.norm_num_groups, last, VAE_EPS, vb.pp("conv_norm_out"))?,
+            mid: MidBlock::new(
+                last,
+                c.norm_num_groups,
+                c.mid_block_add_attention,
+                vb.pp("mid_block"),
+            )?,
+            norm_out: candle_nn::group_norm(
+                c.norm_num_groups,
+                last,
+                VAE_EPS,
+                vb.pp("conv_norm_out"),
+            )?,
             conv_out: conv2d(last, 2 * c.latent_channels, 3, 1, 1, vb.pp("conv_out"))?,
         })
     }
@@ -119,17 +140,36 @@ impl Decoder {
             let prev = out_c;
             out_c = block_c;
             let resnets = (0..=c.layers_per_block)
-                .map(|j| vae_resnet(if j == 0 { prev } else { out_c }, out_c, c.norm_num_groups, vb.pp("resnets").pp(j)))
+                .map(|j| {
+                    vae_resnet(
+                        if j == 0 { prev } else { out_c },
+                        out_c,
+                        c.norm_num_groups,
+                        vb.pp("resnets").pp(j),
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
-            let up = (i + 1 < reversed.len()).then(|| Upsample2D::new(out_c, vb.pp("upsamplers").pp(0))).transpose()?;
+            let up = (i + 1 < reversed.len())
+                .then(|| Upsample2D::new(out_c, vb.pp("upsamplers").pp(0)))
+                .transpose()?;
             blocks.push((resnets, up));
         }
         let first = c.block_out_channels[0];
         Ok(Self {
             conv_in: conv2d(c.latent_channels, reversed[0], 3, 1, 1, vb.pp("conv_in"))?,
-            mid: MidBlock::new(reversed[0], c.norm_num_groups, c.mid_block_add_attention, vb.pp("mid_block"))?,
+            mid: MidBlock::new(
+                reversed[0],
+                c.norm_num_groups,
+                c.mid_block_add_attention,
+                vb.pp("mid_block"),
+            )?,
             blocks,
-            norm_out: candle_nn::group_norm(c.norm_num_groups, first, VAE_EPS, vb.pp("conv_norm_out"))?,
+            norm_out: candle_nn::group_norm(
+                c.norm_num_groups,
+                first,
+                VAE_EPS,
+                vb.pp("conv_norm_out"),
+            )?,
             conv_out: conv2d(first, c.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
         })
     }
@@ -165,8 +205,14 @@ impl AutoencoderKl {
         Ok(Self {
             config: config.clone(),
             encoder: Encoder::new(config, vb.pp("encoder"))?,
-            quant_conv: config.use_quant_conv.then(|| conv2d(2 * l, 2 * l, 1, 0, 1, vb.pp("quant_conv"))).transpose()?,
-            post_quant_conv: config.use_post_quant_conv.then(|| conv2d(l, l, 1, 0, 1, vb.pp("post_quant_conv"))).transpose()?,
+            quant_conv: config
+                .use_quant_conv
+                .then(|| conv2d(2 * l, 2 * l, 1, 0, 1, vb.pp("quant_conv")))
+                .transpose()?,
+            post_quant_conv: config
+                .use_post_quant_conv
+                .then(|| conv2d(l, l, 1, 0, 1, vb.pp("post_quant_conv")))
+                .transpose()?,
             decoder: Decoder::new(config, vb.pp("decoder"))?,
         })
     }
