@@ -114,9 +114,5 @@ pub trait Editor: Send {
     ///
     /// # Errors
     /// [`EditError`], classified for retries.
-    fn edit(
-        &self,
-        batch: &EditBatch,
-        observer: &mut dyn EditObserver,
-    ) -> Result<Vec<EditedImage>, EditError>;
+    fn edit(&self, batch: &EditBatch, observer: &mut dyn EditObserver) -> Result<Vec<EditedImage>, EditError>;
 }

@@ -33,10 +33,7 @@ pub struct DecodeLimits {
 impl Default for DecodeLimits {
     fn default() -> Self {
         // 64 MP covers every phone and most DSLR photos; 64 MiB any sane encoding of them.
-        Self {
-            max_pixels: 64_000_000,
-            max_bytes: 64 << 20,
-        }
+        Self { max_pixels: 64_000_000, max_bytes: 64 << 20 }
     }
 }
 
@@ -73,40 +70,23 @@ pub struct DecodedImage {
 /// [`ImageError::Invalid`] for anything undecodable.
 pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<DecodedImage, ImageError> {
     if bytes.len() as u64 > limits.max_bytes {
-        return Err(ImageError::TooLarge(format!(
-            "{} bytes exceeds the limit of {}",
-            bytes.len(),
-            limits.max_bytes
-        )));
+        return Err(ImageError::TooLarge(format!("{} bytes exceeds the limit of {}", bytes.len(), limits.max_bytes)));
     }
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| ImageError::Invalid(e.to_string()))?;
+    let reader =
+        ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| ImageError::Invalid(e.to_string()))?;
     if reader.format().is_none() {
         return Err(ImageError::Invalid("unrecognised image format".into()));
     }
-    let mut decoder = reader
-        .into_decoder()
-        .map_err(|e| ImageError::Invalid(e.to_string()))?;
+    let mut decoder = reader.into_decoder().map_err(|e| ImageError::Invalid(e.to_string()))?;
     let (w, h) = decoder.dimensions();
     if u64::from(w) * u64::from(h) > limits.max_pixels {
-        return Err(ImageError::TooLarge(format!(
-            "{w}×{h} exceeds the limit of {} pixels",
-            limits.max_pixels
-        )));
+        return Err(ImageError::TooLarge(format!("{w}×{h} exceeds the limit of {} pixels", limits.max_pixels)));
     }
-    let orientation = decoder
-        .orientation()
-        .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut image =
-        DynamicImage::from_decoder(decoder).map_err(|e| ImageError::Invalid(e.to_string()))?;
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| ImageError::Invalid(e.to_string()))?;
     image.apply_orientation(orientation);
     let had_alpha = image.color().has_alpha();
-    let image = if had_alpha {
-        flatten_onto_white(&image)
-    } else {
-        image.to_rgb8()
-    };
+    let image = if had_alpha { flatten_onto_white(&image) } else { image.to_rgb8() };
     Ok(DecodedImage { image, had_alpha })
 }
 
@@ -129,12 +109,7 @@ pub fn flatten_onto_white(image: &DynamicImage) -> RgbImage {
 ///
 /// # Errors
 /// [`ImageError::TooSmall`] when a side would become 0.
-pub fn target_size(
-    width: u32,
-    height: u32,
-    max_side: u32,
-    multiple: u32,
-) -> Result<(u32, u32), ImageError> {
+pub fn target_size(width: u32, height: u32, max_side: u32, multiple: u32) -> Result<(u32, u32), ImageError> {
     let long = width.max(height);
     let (w, h) = if long > max_side {
         let scale = f64::from(max_side) / f64::from(long);
@@ -158,28 +133,16 @@ pub fn target_size(
 /// [`ImageError::TooSmall`] as [`target_size`].
 pub fn fit(image: RgbImage, max_side: u32, multiple: u32) -> Result<RgbImage, ImageError> {
     let (tw, th) = target_size(image.width(), image.height(), max_side, multiple)?;
-    if (tw, th) == image.dimensions() {
-        Ok(image)
-    } else {
-        Ok(resize_lanczos(&image, tw, th))
-    }
+    if (tw, th) == image.dimensions() { Ok(image) } else { Ok(resize_lanczos(&image, tw, th)) }
 }
 
 /// Decodes and fits in one call: what every entry point does with an input image.
 ///
 /// # Errors
 /// As [`decode`] and [`fit`].
-pub fn prepare(
-    bytes: &[u8],
-    limits: DecodeLimits,
-    max_side: u32,
-    multiple: u32,
-) -> Result<DecodedImage, ImageError> {
+pub fn prepare(bytes: &[u8], limits: DecodeLimits, max_side: u32, multiple: u32) -> Result<DecodedImage, ImageError> {
     let decoded = decode(bytes, limits)?;
-    Ok(DecodedImage {
-        image: fit(decoded.image, max_side, multiple)?,
-        had_alpha: decoded.had_alpha,
-    })
+    Ok(DecodedImage { image: fit(decoded.image, max_side, multiple)?, had_alpha: decoded.had_alpha })
 }
 
 /// Encodes an RGB image.
@@ -191,8 +154,7 @@ pub fn encode(image: &RgbImage, format: OutputFormat, quality: u8) -> Result<Vec
     let result = match format {
         OutputFormat::Png => image.write_to(&mut out, image::ImageFormat::Png),
         OutputFormat::Webp => image.write_to(&mut out, image::ImageFormat::WebP),
-        OutputFormat::Jpeg => image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
-            .encode_image(image),
+        OutputFormat::Jpeg => image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality).encode_image(image),
     };
     result.map_err(|e| ImageError::Encode(e.to_string()))?;
     Ok(out.into_inner())
@@ -214,11 +176,7 @@ fn sinc(x: f64) -> f64 {
 }
 
 fn lanczos(x: f64) -> f64 {
-    if (-LANCZOS_SUPPORT..LANCZOS_SUPPORT).contains(&x) {
-        sinc(x) * sinc(x / 3.0)
-    } else {
-        0.0
-    }
+    if (-LANCZOS_SUPPORT..LANCZOS_SUPPORT).contains(&x) { sinc(x) * sinc(x / 3.0) } else { 0.0 }
 }
 
 /// One output pixel's taps: the first input index and fixed-point weights.
@@ -239,26 +197,17 @@ fn coefficients(in_size: usize, out_size: usize) -> Vec<Taps> {
             let inv = 1.0 / filter_scale;
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-            let raw: Vec<f64> = (xmin..xmax)
-                .map(|x| lanczos((x as f64 - center + 0.5) * inv))
-                .collect();
+            let raw: Vec<f64> = (xmin..xmax).map(|x| lanczos((x as f64 - center + 0.5) * inv)).collect();
             let total: f64 = raw.iter().sum();
             let weights = raw
                 .iter()
                 .map(|&w| {
                     let w = if total != 0.0 { w / total } else { w };
                     let scaled = w * f64::from(1u32 << PRECISION_BITS);
-                    if w < 0.0 {
-                        (scaled - 0.5) as i32
-                    } else {
-                        (scaled + 0.5) as i32
-                    }
+                    if w < 0.0 { (scaled - 0.5) as i32 } else { (scaled + 0.5) as i32 }
                 })
                 .collect();
-            Taps {
-                start: xmin,
-                weights,
-            }
+            Taps { start: xmin, weights }
         })
         .collect()
 }
@@ -300,16 +249,12 @@ pub fn resize_lanczos(image: &RgbImage, width: u32, height: u32) -> RgbImage {
         }
         (tmp, out_w)
     } else {
-        (
-            src[first_row * in_w * 3..last_row * in_w * 3].to_vec(),
-            in_w,
-        )
+        (src[first_row * in_w * 3..last_row * in_w * 3].to_vec(), in_w)
     };
 
     if out_h == in_h {
         // Only the horizontal pass was needed; the row window is the whole image.
-        return RgbImage::from_raw(width, height, tmp)
-            .expect("buffer sized for the output; this is a bug");
+        return RgbImage::from_raw(width, height, tmp).expect("buffer sized for the output; this is a bug");
     }
     let mut out = vec![0u8; out_w * out_h * 3];
     for (y, taps) in vertical.iter().enumerate() {
@@ -339,10 +284,7 @@ mod tests {
         assert_eq!(target_size(75, 53, 512, 8).expect("floors"), (72, 48));
         assert_eq!(target_size(200, 120, 64, 8).expect("scales"), (64, 32)); // 120·0.32 = 38.4 → 38 → 32
         assert_eq!(target_size(4000, 3000, 512, 8).expect("photo"), (512, 384));
-        assert!(matches!(
-            target_size(5, 100, 512, 8),
-            Err(ImageError::TooSmall(_))
-        ));
+        assert!(matches!(target_size(5, 100, 512, 8), Err(ImageError::TooSmall(_))));
     }
 
     #[test]
@@ -374,11 +316,7 @@ mod tests {
         for &b in data {
             crc ^= u32::from(b);
             for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xEDB8_8320
-                } else {
-                    crc >> 1
-                };
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
             }
         }
         !crc
@@ -387,9 +325,7 @@ mod tests {
     /// A PNG whose (valid, correctly checksummed) header claims `w`×`h` pixels.
     pub(crate) fn png_claiming(w: u32, h: u32) -> Vec<u8> {
         let mut png = Vec::new();
-        RgbImage::new(4, 4)
-            .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
-            .expect("encode");
+        RgbImage::new(4, 4).write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png).expect("encode");
         png[16..20].copy_from_slice(&w.to_be_bytes());
         png[20..24].copy_from_slice(&h.to_be_bytes());
         let crc = crc32(&png[12..29]);
@@ -410,17 +346,11 @@ mod tests {
             .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
             .expect("encode");
         png.truncate(png.len() / 2);
-        assert!(matches!(
-            decode(&png, DecodeLimits::default()),
-            Err(ImageError::Invalid(_))
-        ));
+        assert!(matches!(decode(&png, DecodeLimits::default()), Err(ImageError::Invalid(_))));
     }
 
     #[test]
     fn garbage_is_invalid() {
-        assert!(matches!(
-            decode(b"not an image at all", DecodeLimits::default()),
-            Err(ImageError::Invalid(_))
-        ));
+        assert!(matches!(decode(b"not an image at all", DecodeLimits::default()), Err(ImageError::Invalid(_))));
     }
 }

@@ -6,7 +6,15 @@
 //! * [`imaging`]: the input policy (decode with limits, EXIF orientation, alpha onto white,
 //!   Lanczos resize to a multiple of 8) and output encoding.
 //! * [`editor`]: the model seam, a synchronous [`editor::Editor`] owned by one thread.
+//! * [`job`]: the job protocol v1 — [`job::EditJob`], [`job::JobResult`] — and validation.
+//! * [`error`]: the protocol's error kinds and [`error::JobError`] with its retry class.
+//! * [`store`]: the object-storage seam ([`store::ObjectStore`]).
+//! * [`queue`]: the broker seam ([`queue::JobSource`], [`queue::Delivery`], [`queue::ResultSink`]).
 
 pub mod editor;
+pub mod error;
 pub mod imaging;
+pub mod job;
 pub mod params;
+pub mod queue;
+pub mod store;

@@ -71,15 +71,10 @@ impl fmt::Display for SchedulerKind {
 impl FromStr for SchedulerKind {
     type Err = ParamError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| ParamError {
-                field: "scheduler",
-                message: format!(
-                    "unknown scheduler {s:?}; expected one of euler-ancestral, euler, ddim"
-                ),
-            })
+        Self::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| ParamError {
+            field: "scheduler",
+            message: format!("unknown scheduler {s:?}; expected one of euler-ancestral, euler, ddim"),
+        })
     }
 }
 
@@ -211,43 +206,27 @@ impl EditParams {
     pub fn resolve(&self, seed: impl FnOnce() -> u64) -> Result<ResolvedParams, ParamError> {
         let steps = self.steps.unwrap_or(DEFAULT_STEPS);
         if !(1..=MAX_STEPS).contains(&steps) {
-            return Err(ParamError {
-                field: "steps",
-                message: format!("must be 1–{MAX_STEPS}, got {steps}"),
-            });
+            return Err(ParamError { field: "steps", message: format!("must be 1–{MAX_STEPS}, got {steps}") });
         }
         let finite = |field: &'static str, v: f32| {
             if v.is_finite() && (0.0..=100.0).contains(&v) {
                 Ok(v)
             } else {
-                Err(ParamError {
-                    field,
-                    message: format!("must be a number in 0–100, got {v}"),
-                })
+                Err(ParamError { field, message: format!("must be a number in 0–100, got {v}") })
             }
         };
-        let guidance_scale = finite(
-            "guidance_scale",
-            self.guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE),
-        )?;
-        let image_guidance_scale = finite(
-            "image_guidance_scale",
-            self.image_guidance_scale
-                .unwrap_or(DEFAULT_IMAGE_GUIDANCE_SCALE),
-        )?;
+        let guidance_scale = finite("guidance_scale", self.guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE))?;
+        let image_guidance_scale =
+            finite("image_guidance_scale", self.image_guidance_scale.unwrap_or(DEFAULT_IMAGE_GUIDANCE_SCALE))?;
         let max_side = self.max_side.unwrap_or(DEFAULT_MAX_SIDE);
         if !(8..=MAX_MAX_SIDE).contains(&max_side) {
             return Err(ParamError {
-                field: "max_side",
-                message: format!("must be 8–{MAX_MAX_SIDE}, got {max_side}"),
+                field: "max_side", message: format!("must be 8–{MAX_MAX_SIDE}, got {max_side}")
             });
         }
         let quality = self.quality.unwrap_or(DEFAULT_QUALITY);
         if !(1..=100).contains(&quality) {
-            return Err(ParamError {
-                field: "quality",
-                message: format!("must be 1–100, got {quality}"),
-            });
+            return Err(ParamError { field: "quality", message: format!("must be 1–100, got {quality}") });
         }
         Ok(ResolvedParams {
             steps,
@@ -268,9 +247,7 @@ mod tests {
 
     #[test]
     fn defaults_match_diffusers_and_the_cli_contract() {
-        let p = EditParams::default()
-            .resolve(|| 7)
-            .expect("defaults are valid");
+        let p = EditParams::default().resolve(|| 7).expect("defaults are valid");
         assert_eq!(p.steps, 20);
         assert_eq!(p.guidance_scale, 7.5);
         assert_eq!(p.image_guidance_scale, 1.5);
@@ -282,42 +259,22 @@ mod tests {
 
     #[test]
     fn out_of_range_values_name_their_field() {
-        let e = EditParams {
-            steps: Some(0),
-            ..Default::default()
-        }
-        .resolve(|| 0)
-        .expect_err("0 steps");
+        let e = EditParams { steps: Some(0), ..Default::default() }.resolve(|| 0).expect_err("0 steps");
         assert_eq!(e.field, "steps");
-        let e = EditParams {
-            guidance_scale: Some(f32::NAN),
-            ..Default::default()
-        }
-        .resolve(|| 0)
-        .expect_err("NaN");
+        let e = EditParams { guidance_scale: Some(f32::NAN), ..Default::default() }.resolve(|| 0).expect_err("NaN");
         assert_eq!(e.field, "guidance_scale");
-        let e = EditParams {
-            max_side: Some(4096),
-            ..Default::default()
-        }
-        .resolve(|| 0)
-        .expect_err("too big");
+        let e = EditParams { max_side: Some(4096), ..Default::default() }.resolve(|| 0).expect_err("too big");
         assert_eq!(e.field, "max_side");
     }
 
     #[test]
     fn protocol_json_rejects_unknown_keys_and_schedulers() {
-        let e = serde_json::from_str::<EditParams>(r#"{"stpes": 3}"#)
-            .expect_err("typo")
-            .to_string();
+        let e = serde_json::from_str::<EditParams>(r#"{"stpes": 3}"#).expect_err("typo").to_string();
         assert!(e.contains("stpes"), "{e}");
-        let e = serde_json::from_str::<EditParams>(r#"{"scheduler": "pndm"}"#)
-            .expect_err("pndm")
-            .to_string();
+        let e = serde_json::from_str::<EditParams>(r#"{"scheduler": "pndm"}"#).expect_err("pndm").to_string();
         assert!(e.contains("pndm"), "{e}");
         let p: EditParams =
-            serde_json::from_str(r#"{"scheduler": "euler-ancestral", "format": "webp"}"#)
-                .expect("valid");
+            serde_json::from_str(r#"{"scheduler": "euler-ancestral", "format": "webp"}"#).expect("valid");
         assert_eq!(p.scheduler, Some(SchedulerKind::EulerAncestral));
     }
 }

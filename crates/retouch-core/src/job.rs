@@ -1,0 +1,343 @@
+//! The job protocol, version 1: the edit job and its result, as JSON.
+//!
+//! Other programs publish jobs and consume results, so these shapes are a contract
+//! (`docs/protocol.md`, `docs/schemas/*.json`). Parsing is strict: an unknown key is an
+//! invalid job whose error names the key.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ErrorKind, JobError};
+use crate::params::{EditParams, OutputFormat, ResolvedParams};
+
+/// Protocol version carried by results.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// An edit job as published to `retouch.jobs`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EditJob {
+    /// Caller-chosen id: 1–128 characters of `[A-Za-z0-9._:-]`. Names the default output and
+    /// seeds the noise when `params.seed` is absent.
+    pub job_id: String,
+    /// Input image location, `s3://bucket/key`.
+    pub source: String,
+    /// The edit, in plain language.
+    pub instruction: String,
+    /// Output location; default `<output_prefix>/<job_id>.<ext>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    /// Campaign the job belongs to: `[A-Za-z0-9_-]{1,64}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub campaign_id: Option<String>,
+    /// Edit parameters; absent ones take `retouch edit`'s defaults.
+    #[serde(default)]
+    pub params: EditParams,
+    /// Free-form string pairs echoed in the result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// An `s3://bucket/key` (or, in local mode, `file:///path`) location, split.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ObjectUrl {
+    /// `s3` or `file`.
+    pub scheme: String,
+    /// Bucket (empty for `file`).
+    pub bucket: String,
+    /// Key (the path for `file`).
+    pub key: String,
+}
+
+impl ObjectUrl {
+    /// Parses `s3://bucket/key` or `file:///absolute/path`.
+    ///
+    /// # Errors
+    /// A message saying what is wrong.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, key) = rest.split_once('/').ok_or_else(|| format!("{url:?}: expected s3://bucket/key"))?;
+            let bucket_ok = (3..=63).contains(&bucket.len())
+                && bucket.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+            if !bucket_ok {
+                return Err(format!("{url:?}: invalid bucket name {bucket:?}"));
+            }
+            if key.is_empty() || key.len() > 1024 {
+                return Err(format!("{url:?}: the key must be 1–1024 bytes"));
+            }
+            Ok(Self { scheme: "s3".into(), bucket: bucket.into(), key: key.into() })
+        } else if let Some(path) = url.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(format!("{url:?}: expected file:///absolute/path"));
+            }
+            Ok(Self { scheme: "file".into(), bucket: String::new(), key: path.into() })
+        } else {
+            Err(format!("{url:?}: expected s3://bucket/key"))
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.scheme.as_str() {
+            "file" => write!(f, "file://{}", self.key),
+            scheme => write!(f, "{scheme}://{}/{}", self.bucket, self.key),
+        }
+    }
+}
+
+fn valid_id(s: &str, max: usize, extra: &str) -> bool {
+    (1..=max).contains(&s.len()) && s.chars().all(|c| c.is_ascii_alphanumeric() || extra.contains(c))
+}
+
+/// A job that passed validation, with its parameters resolved.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidJob {
+    /// The job as received.
+    pub job: EditJob,
+    /// Parameters with defaults; the seed derived from the job id when absent.
+    pub params: ResolvedParams,
+    /// Where the input is.
+    pub source: ObjectUrl,
+    /// Where the output goes.
+    pub output: ObjectUrl,
+}
+
+/// The seed of a job without one: stable across retries and workers (FNV-1a of the job id,
+/// low 32 bits, which is all torch's CPU generator uses).
+pub fn derived_seed(job_id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in job_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h & 0xffff_ffff
+}
+
+fn invalid(message: impl Into<String>) -> JobError {
+    JobError::new(ErrorKind::InvalidJob, message)
+}
+
+/// Parses a job body.
+///
+/// # Errors
+/// [`ErrorKind::InvalidJob`] for anything but a JSON object of the protocol's shape; serde's
+/// message names an unknown or missing key.
+pub fn parse_job(body: &[u8]) -> Result<EditJob, JobError> {
+    serde_json::from_slice(body).map_err(|e| invalid(format!("not a valid job: {e}")))
+}
+
+impl EditJob {
+    /// Checks the fields the type does not enforce and resolves the parameters. Outputs
+    /// default to `<output_prefix>/<job_id>.<ext>`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidJob`] naming the offending field.
+    pub fn validate(self, output_prefix: &str) -> Result<ValidJob, JobError> {
+        if !valid_id(&self.job_id, 128, "._:-") {
+            return Err(invalid(format!("job_id {:?}: must be 1–128 characters of [A-Za-z0-9._:-]", self.job_id)));
+        }
+        if let Some(c) = &self.campaign_id
+            && !valid_id(c, 64, "_-")
+        {
+            return Err(invalid(format!("campaign_id {c:?}: must be 1–64 characters of [A-Za-z0-9_-]")));
+        }
+        if self.instruction.trim().is_empty() {
+            return Err(invalid("instruction: must not be empty"));
+        }
+        if self.instruction.len() > 4096 {
+            return Err(invalid("instruction: longer than 4096 bytes"));
+        }
+        let source = ObjectUrl::parse(&self.source).map_err(|e| invalid(format!("source: {e}")))?;
+        let job_id = self.job_id.clone();
+        let params = self
+            .params
+            .resolve(|| derived_seed(&job_id))
+            .map_err(|e| invalid(format!("params.{}: {}", e.field, e.message)))?;
+        let output = match &self.output {
+            Some(url) => ObjectUrl::parse(url).map_err(|e| invalid(format!("output: {e}")))?,
+            None => default_output(output_prefix, &self.job_id, params.format)
+                .map_err(|e| invalid(format!("no output given and the default prefix is unusable: {e}")))?,
+        };
+        Ok(ValidJob { job: self, params, source, output })
+    }
+}
+
+/// `<prefix>/<job_id>.<ext>`.
+///
+/// # Errors
+/// When `prefix` is not an `s3://bucket[/path]` (or `file:///dir`) prefix.
+pub fn default_output(prefix: &str, job_id: &str, format: OutputFormat) -> Result<ObjectUrl, String> {
+    let prefix = prefix.trim_end_matches('/');
+    ObjectUrl::parse(&format!("{prefix}/{job_id}.{}", format.extension()))
+}
+
+/// Per-stage durations of a job, in seconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    /// From publication (AMQP `timestamp`) to delivery, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_wait: Option<f64>,
+    /// Downloading the input.
+    #[serde(default)]
+    pub fetch: f64,
+    /// Decoding and resizing the input.
+    #[serde(default)]
+    pub decode: f64,
+    /// The model's share: the batch's inference time.
+    #[serde(default)]
+    pub inference: f64,
+    /// Encoding the output.
+    #[serde(default)]
+    pub encode: f64,
+    /// Uploading the output.
+    #[serde(default)]
+    pub upload: f64,
+    /// From delivery to the result.
+    #[serde(default)]
+    pub total: f64,
+}
+
+/// `status` of a result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// The output exists.
+    Succeeded,
+    /// The job will not produce an output (this attempt was final).
+    Failed,
+}
+
+impl Status {
+    /// The routing-key word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// The error object of a failed result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResultError {
+    /// One of the protocol's error kinds.
+    pub kind: ErrorKind,
+    /// Human-readable cause.
+    pub message: String,
+    /// Whether the same job could succeed later (it was still given up on: this was the last
+    /// attempt).
+    pub retryable: bool,
+}
+
+/// A result as published to `retouch.results` (and `reply_to`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    /// Protocol version (1).
+    pub version: u32,
+    /// The job's id (for an unparsable job: the AMQP `message_id`, or empty).
+    pub job_id: String,
+    /// The job's campaign.
+    pub campaign_id: Option<String>,
+    /// Outcome.
+    pub status: Status,
+    /// The input location, when known.
+    pub source: Option<String>,
+    /// Output location (on success).
+    pub output: Option<String>,
+    /// Output width in pixels.
+    pub width: Option<u32>,
+    /// Output height in pixels.
+    pub height: Option<u32>,
+    /// Seed used.
+    pub seed: Option<u64>,
+    /// Delivery attempt, from 1.
+    pub attempt: u32,
+    /// The output already existed from an earlier delivery of this job; nothing was redone.
+    pub duplicate: bool,
+    /// Worker identity (host name by default).
+    pub worker: String,
+    /// Model the worker runs.
+    pub model: String,
+    /// Stage durations.
+    pub timings: Timings,
+    /// Why it failed.
+    pub error: Option<ResultError>,
+    /// The job's metadata, echoed.
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+impl JobResult {
+    /// The `retouch.results` routing key: `<status>.<campaign_id or "none">`.
+    pub fn routing_key(&self) -> String {
+        format!("{}.{}", self.status.as_str(), self.campaign_id.as_deref().unwrap_or("none"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(json: &str) -> Result<ValidJob, JobError> {
+        parse_job(json.as_bytes())?.validate("s3://outputs/edits")
+    }
+
+    #[test]
+    fn minimal_job_gets_defaults_and_a_derived_seed() {
+        let v = job(r#"{"job_id":"a-1","source":"s3://inputs/x.png","instruction":"make it snowy"}"#).expect("valid");
+        assert_eq!(v.output.to_string(), "s3://outputs/edits/a-1.png");
+        assert_eq!(v.params.seed, derived_seed("a-1"));
+        assert_eq!(v.params.steps, 20);
+        assert!(v.params.seed < 1 << 32);
+    }
+
+    #[test]
+    fn invalid_jobs_name_the_problem() {
+        for (body, needle) in [
+            (r#"not json"#, "not a valid job"),
+            (r#"{"source":"s3://inputs/x.png","instruction":"x"}"#, "job_id"),
+            (r#"{"job_id":"a","source":"s3://inputs/x.png","instruction":"x","colour":"red"}"#, "colour"),
+            (r#"{"job_id":"a","source":"s3://inputs/x.png","instruction":"x","params":{"scheduler":"pndm"}}"#, "pndm"),
+            (r#"{"job_id":"a b","source":"s3://inputs/x.png","instruction":"x"}"#, "job_id"),
+            (r#"{"job_id":"a","source":"http://x/y.png","instruction":"x"}"#, "source"),
+            (r#"{"job_id":"a","source":"s3://inputs/x.png","instruction":"  "}"#, "instruction"),
+            (r#"{"job_id":"a","source":"s3://inputs/x.png","instruction":"x","campaign_id":"c/1"}"#, "campaign_id"),
+            (r#"{"job_id":"a","source":"s3://inputs/x.png","instruction":"x","params":{"steps":0}}"#, "params.steps"),
+        ] {
+            let e = job(body).expect_err(body);
+            assert_eq!(e.kind, ErrorKind::InvalidJob, "{body}");
+            assert!(e.message.contains(needle), "{body}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn result_routing_key_and_json_shape() {
+        let r = JobResult {
+            version: PROTOCOL_VERSION,
+            job_id: "a".into(),
+            campaign_id: None,
+            status: Status::Failed,
+            source: None,
+            output: None,
+            width: None,
+            height: None,
+            seed: None,
+            attempt: 1,
+            duplicate: false,
+            worker: "w".into(),
+            model: "m".into(),
+            timings: Timings::default(),
+            error: Some(ResultError {
+                kind: ErrorKind::SourceNotFound,
+                message: "no such key".into(),
+                retryable: false,
+            }),
+            metadata: None,
+        };
+        assert_eq!(r.routing_key(), "failed.none");
+        let v = serde_json::to_value(&r).expect("json");
+        assert_eq!(v["error"]["kind"], "source_not_found");
+        assert_eq!(v["status"], "failed");
+    }
+}
