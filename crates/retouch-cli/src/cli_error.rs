@@ -21,9 +21,5 @@ pub fn bad_input(message: impl Into<String>) -> anyhow::Error {
 
 /// 2 when any error in the chain is a [`BadInput`], else 1.
 pub fn exit_code(error: &anyhow::Error) -> u8 {
-    if error.chain().any(|e| e.is::<BadInput>()) {
-        2
-    } else {
-        1
-    }
+    if error.chain().any(|e| e.is::<BadInput>()) { 2 } else { 1 }
 }

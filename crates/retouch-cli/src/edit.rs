@@ -17,11 +17,7 @@ use crate::progress::StepBar;
 #[derive(clap::Args, Debug)]
 pub struct EditArgs {
     /// Checkpoint: a diffusers directory or hf:OWNER/NAME[@REVISION].
-    #[arg(
-        long,
-        env = "RETOUCH_MODEL",
-        default_value = "hf:timbrooks/instruct-pix2pix"
-    )]
+    #[arg(long, env = "RETOUCH_MODEL", default_value = "hf:timbrooks/instruct-pix2pix")]
     pub model: String,
     /// Weight variant to load, e.g. fp16 for `*.fp16.safetensors`.
     #[arg(long)]
@@ -53,48 +49,26 @@ pub struct EditArgs {
 ///
 /// # Errors
 /// Bad input (exit 2) for a missing directory or unparsable source; otherwise model errors.
-pub fn load_model(
-    model: &str,
-    variant: Option<&str>,
-    device: &str,
-) -> anyhow::Result<InstructPix2Pix> {
-    let device: DeviceSpec = device
-        .parse()
-        .map_err(|e: ModelError| bad_input(e.to_string()))?;
-    let source: ModelSource = model
-        .parse()
-        .map_err(|e: ModelError| bad_input(e.to_string()))?;
+pub fn load_model(model: &str, variant: Option<&str>, device: &str) -> anyhow::Result<InstructPix2Pix> {
+    let device: DeviceSpec = device.parse().map_err(|e: ModelError| bad_input(e.to_string()))?;
+    let source: ModelSource = model.parse().map_err(|e: ModelError| bad_input(e.to_string()))?;
     let dir = source.resolve(variant).map_err(|e| match e {
-        ModelError::MissingFile(path) => bad_input(format!(
-            "--model {model}: no diffusers checkpoint here ({} is missing)",
-            path.display()
-        )),
+        ModelError::MissingFile(path) => {
+            bad_input(format!("--model {model}: no diffusers checkpoint here ({} is missing)", path.display()))
+        }
         other => anyhow::Error::new(other).context(format!("cannot fetch model {source}")),
     })?;
-    let options = LoadOptions {
-        device,
-        variant: variant.map(str::to_string),
-        dtype: None,
-    };
-    InstructPix2Pix::load(&dir, &source.to_string(), &options)
-        .with_context(|| format!("cannot load model {source}"))
+    let options = LoadOptions { device, variant: variant.map(str::to_string), dtype: None };
+    InstructPix2Pix::load(&dir, &source.to_string(), &options).with_context(|| format!("cannot load model {source}"))
 }
 
 fn read_init_latents(path: &PathBuf) -> anyhow::Result<Vec<f32>> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| bad_input(format!("--init-latents {}: {e}", path.display())))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-        bad_input(format!(
-            "--init-latents {}: not a safetensors file: {e}",
-            path.display()
-        ))
-    })?;
-    let view = st.tensor("latents").map_err(|_| {
-        bad_input(format!(
-            "--init-latents {}: no tensor named `latents`",
-            path.display()
-        ))
-    })?;
+    let bytes = std::fs::read(path).map_err(|e| bad_input(format!("--init-latents {}: {e}", path.display())))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad_input(format!("--init-latents {}: not a safetensors file: {e}", path.display())))?;
+    let view = st
+        .tensor("latents")
+        .map_err(|_| bad_input(format!("--init-latents {}: no tensor named `latents`", path.display())))?;
     if view.dtype() != safetensors::Dtype::F32 || view.shape().len() != 4 || view.shape()[0] != 1 {
         return Err(bad_input(format!(
             "--init-latents {}: `latents` must be f32 [1, 4, H/8, W/8], found {:?} {:?}",
@@ -103,11 +77,7 @@ fn read_init_latents(path: &PathBuf) -> anyhow::Result<Vec<f32>> {
             view.shape()
         )));
     }
-    Ok(view
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
+    Ok(view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }
 
 /// Runs `retouch edit`.
@@ -116,10 +86,7 @@ fn read_init_latents(path: &PathBuf) -> anyhow::Result<Vec<f32>> {
 /// Bad input (exit 2) for unreadable or invalid inputs; model and I/O failures otherwise.
 pub fn run(args: EditArgs) -> anyhow::Result<()> {
     let format = OutputFormat::from_path(&args.output.to_string_lossy()).ok_or_else(|| {
-        bad_input(format!(
-            "--output {}: unknown extension; use .png, .jpg/.jpeg or .webp",
-            args.output.display()
-        ))
+        bad_input(format!("--output {}: unknown extension; use .png, .jpg/.jpeg or .webp", args.output.display()))
     })?;
     let mut params = args.params.to_params();
     params.quality = Some(args.quality);
@@ -127,17 +94,10 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
     let params = params
         .resolve(|| u64::from(rand::random::<u32>()))
         .map_err(|e| bad_input(format!("--{}: {}", e.field.replace('_', "-"), e.message)))?;
-    let bytes = std::fs::read(&args.image)
-        .map_err(|e| bad_input(format!("--image {}: {e}", args.image.display())))?;
-    let init_latents = args
-        .init_latents
-        .as_ref()
-        .map(read_init_latents)
-        .transpose()?;
+    let bytes = std::fs::read(&args.image).map_err(|e| bad_input(format!("--image {}: {e}", args.image.display())))?;
+    let init_latents = args.init_latents.as_ref().map(read_init_latents).transpose()?;
     if params.guidance_scale <= 1.0 || params.image_guidance_scale < 1.0 {
-        tracing::info!(
-            "guidance is off (guidance_scale ≤ 1 or image_guidance_scale < 1): one UNet branch per step"
-        );
+        tracing::info!("guidance is off (guidance_scale ≤ 1 or image_guidance_scale < 1): one UNet branch per step");
     }
     eprintln!("seed: {}", params.seed);
 
@@ -146,8 +106,8 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
     let load_seconds = load_started.elapsed().as_secs_f64();
 
     let multiple = model.info().size_multiple;
-    let prepared = imaging::prepare(&bytes, DecodeLimits::default(), params.max_side, multiple)
-        .map_err(|e| match e {
+    let prepared =
+        imaging::prepare(&bytes, DecodeLimits::default(), params.max_side, multiple).map_err(|e| match e {
             ImageError::Encode(_) => anyhow::Error::new(e),
             other => bad_input(format!("--image {}: {other}", args.image.display())),
         })?;
@@ -195,8 +155,7 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
     }
 
     let encoded = imaging::encode(&output.image, format, params.quality)?;
-    std::fs::write(&args.output, encoded)
-        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    std::fs::write(&args.output, encoded).with_context(|| format!("cannot write {}", args.output.display()))?;
     println!(
         "{} → {} ({}×{}, {} steps, {}, seed {}) in {:.2} s: load {:.2} s, edit {:.2} s ({:.3} s/step)",
         args.image.display(),

@@ -5,6 +5,7 @@
 //! command line or its inputs are wrong (missing file, not an image, unknown scheduler…), 1
 //! otherwise.
 
+mod bench;
 mod cli_error;
 mod edit;
 mod logging;
@@ -29,6 +30,10 @@ struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
 
+    /// CPU threads for inference [default: all cores]. Same as RAYON_NUM_THREADS.
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -37,13 +42,24 @@ struct Cli {
 enum Command {
     /// Edit one image.
     Edit(Box<edit::EditArgs>),
+    /// Time the model's stages (text encoding, VAE, one UNet call, whole edit) on this machine.
+    Bench(Box<bench::BenchArgs>),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(threads) = cli.threads {
+        // candle's CPU kernels size their thread pools from RAYON_NUM_THREADS when first used.
+        // SAFETY: no other thread exists yet (nothing has been spawned before this point).
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string());
+        }
+    }
     logging::init(cli.log_format, cli.verbose);
     let result = match cli.command {
         Command::Edit(args) => edit::run(*args),
+        Command::Bench(args) => bench::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

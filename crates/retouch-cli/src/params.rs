@@ -4,8 +4,7 @@
 use retouch_core::params::{EditParams, SchedulerKind};
 
 fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
-    s.parse()
-        .map_err(|e: retouch_core::params::ParamError| e.message)
+    s.parse().map_err(|e: retouch_core::params::ParamError| e.message)
 }
 
 /// `--steps`, `--guidance-scale`, `--image-guidance-scale`, `--seed`, `--scheduler`, `--max-side`.

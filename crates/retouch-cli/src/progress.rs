@@ -18,11 +18,9 @@ impl StepBar {
             bar.set_draw_target(ProgressDrawTarget::hidden());
         }
         bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {pos}/{len} steps {per_sec} eta {eta}",
-            )
-            .expect("static template")
-            .progress_chars("=> "),
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps {per_sec} eta {eta}")
+                .expect("static template")
+                .progress_chars("=> "),
         );
         bar.set_prefix(label.to_string());
         Self { bar }

@@ -41,26 +41,16 @@ pub fn check(device: &candle_core::Device, n: usize) -> Result<(), crate::ModelE
         .cuda_stream()
         .context()
         .compute_capability()
-        .map_err(|e| {
-            crate::ModelError::Device(format!("cuda:{n}: cannot read the compute capability: {e}"))
-        })?;
+        .map_err(|e| crate::ModelError::Device(format!("cuda:{n}: cannot read the compute capability: {e}")))?;
     let runtime = (major * 10 + minor) as u32;
     match compiled() {
-        Some(built) => compatible(built, runtime)
-            .map_err(|m| crate::ModelError::Device(format!("cuda:{n}: {m}")))?,
-        None => tracing::warn!(
-            runtime,
-            "the build did not record CUDA_COMPUTE_CAP; cannot check kernel compatibility"
-        ),
+        Some(built) => compatible(built, runtime).map_err(|m| crate::ModelError::Device(format!("cuda:{n}: {m}")))?,
+        None => tracing::warn!(runtime, "the build did not record CUDA_COMPUTE_CAP; cannot check kernel compatibility"),
     }
     if let Some(built) = compiled()
         && runtime / 10 > built / 10
     {
-        tracing::info!(
-            built,
-            runtime,
-            "kernels are JIT-compiled from PTX for this newer GPU on first use"
-        );
+        tracing::info!(built, runtime, "kernels are JIT-compiled from PTX for this newer GPU on first use");
     }
     Ok(())
 }
@@ -75,9 +65,6 @@ mod tests {
         assert!(compatible(80, 90).is_ok());
         assert!(compatible(80, 86).is_ok());
         let e = compatible(90, 86).expect_err("an A10 cannot run sm_90 PTX");
-        assert!(
-            e.contains("8.6") && e.contains("9.0") && e.contains("CUDA_COMPUTE_CAP=86"),
-            "{e}"
-        );
+        assert!(e.contains("8.6") && e.contains("9.0") && e.contains("CUDA_COMPUTE_CAP=86"), "{e}");
     }
 }

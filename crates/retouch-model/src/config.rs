@@ -21,22 +21,13 @@ pub(crate) fn read_json_object(path: &Path) -> Result<Map<String, Value>, ModelE
         if source.kind() == std::io::ErrorKind::NotFound {
             ModelError::MissingFile(path.to_path_buf())
         } else {
-            ModelError::Io {
-                path: path.to_path_buf(),
-                source,
-            }
+            ModelError::Io { path: path.to_path_buf(), source }
         }
     })?;
     match serde_json::from_str::<Value>(&text) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(ModelError::InvalidConfig {
-            path: path.to_path_buf(),
-            message: "not a JSON object".into(),
-        }),
-        Err(e) => Err(ModelError::InvalidConfig {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        }),
+        Ok(_) => Err(ModelError::InvalidConfig { path: path.to_path_buf(), message: "not a JSON object".into() }),
+        Err(e) => Err(ModelError::InvalidConfig { path: path.to_path_buf(), message: e.to_string() }),
     }
 }
 
@@ -49,19 +40,11 @@ pub(crate) struct ConfigReader<'a> {
 
 impl<'a> ConfigReader<'a> {
     pub(crate) fn new(component: &'static str, map: &'a Map<String, Value>) -> Self {
-        Self {
-            component,
-            map,
-            seen: RefCell::new(BTreeSet::new()),
-        }
+        Self { component, map, seen: RefCell::new(BTreeSet::new()) }
     }
 
     pub(crate) fn err(&self, key: &str, message: impl Into<String>) -> ModelError {
-        ModelError::UnsupportedConfig {
-            component: self.component,
-            key: key.to_string(),
-            message: message.into(),
-        }
+        ModelError::UnsupportedConfig { component: self.component, key: key.to_string(), message: message.into() }
     }
 
     /// The value of `key`, `None` when absent or null.
@@ -83,27 +66,21 @@ impl<'a> ConfigReader<'a> {
     pub(crate) fn usize(&self, key: &str, default: Option<usize>) -> Result<usize, ModelError> {
         match self.get(key) {
             None => default.ok_or_else(|| self.err(key, "is required")),
-            Some(v) => as_usize(v).ok_or_else(|| {
-                self.err(key, format!("expected a non-negative integer, found {v}"))
-            }),
+            Some(v) => as_usize(v).ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}"))),
         }
     }
 
     pub(crate) fn f64(&self, key: &str, default: f64) -> Result<f64, ModelError> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
+            Some(v) => v.as_f64().ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
         }
     }
 
     pub(crate) fn bool(&self, key: &str, default: bool) -> Result<bool, ModelError> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| self.err(key, format!("expected a boolean, found {v}"))),
+            Some(v) => v.as_bool().ok_or_else(|| self.err(key, format!("expected a boolean, found {v}"))),
         }
     }
 
@@ -122,9 +99,7 @@ impl<'a> ConfigReader<'a> {
             Some(Value::Array(items)) => items
                 .iter()
                 .map(|v| {
-                    v.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| self.err(key, format!("expected strings, found {v}")))
+                    v.as_str().map(str::to_string).ok_or_else(|| self.err(key, format!("expected strings, found {v}")))
                 })
                 .collect(),
             Some(v) => Err(self.err(key, format!("expected a list of strings, found {v}"))),
@@ -132,29 +107,16 @@ impl<'a> ConfigReader<'a> {
     }
 
     /// An integer applied to every block, or one integer per block.
-    pub(crate) fn per_block(
-        &self,
-        key: &str,
-        blocks: usize,
-        default: Option<usize>,
-    ) -> Result<Vec<usize>, ModelError> {
+    pub(crate) fn per_block(&self, key: &str, blocks: usize, default: Option<usize>) -> Result<Vec<usize>, ModelError> {
         match self.get(key) {
-            None => default
-                .map(|d| vec![d; blocks])
-                .ok_or_else(|| self.err(key, "is required")),
+            None => default.map(|d| vec![d; blocks]).ok_or_else(|| self.err(key, "is required")),
             Some(Value::Array(items)) => {
                 if items.len() != blocks {
-                    return Err(self.err(
-                        key,
-                        format!("has {} entries for {blocks} blocks", items.len()),
-                    ));
+                    return Err(self.err(key, format!("has {} entries for {blocks} blocks", items.len())));
                 }
                 items
                     .iter()
-                    .map(|v| {
-                        as_usize(v)
-                            .ok_or_else(|| self.err(key, format!("expected integers, found {v}")))
-                    })
+                    .map(|v| as_usize(v).ok_or_else(|| self.err(key, format!("expected integers, found {v}"))))
                     .collect()
             }
             Some(v) => as_usize(v)
@@ -172,30 +134,17 @@ impl<'a> ConfigReader<'a> {
     }
 
     /// The key must be absent (taking `default`) or one of `supported`.
-    pub(crate) fn one_of(
-        &self,
-        key: &str,
-        default: &str,
-        supported: &[&str],
-    ) -> Result<String, ModelError> {
+    pub(crate) fn one_of(&self, key: &str, default: &str, supported: &[&str]) -> Result<String, ModelError> {
         let value = self.string(key, default)?;
         if supported.contains(&value.as_str()) {
             Ok(value)
         } else {
-            Err(self.err(
-                key,
-                format!("{value:?} is not supported (supported: {supported:?})"),
-            ))
+            Err(self.err(key, format!("{value:?} is not supported (supported: {supported:?})")))
         }
     }
 
     /// A boolean option of which only `expected` is implemented.
-    pub(crate) fn bool_is(
-        &self,
-        key: &str,
-        default: bool,
-        expected: bool,
-    ) -> Result<(), ModelError> {
+    pub(crate) fn bool_is(&self, key: &str, default: bool, expected: bool) -> Result<(), ModelError> {
         if self.bool(key, default)? == expected {
             Ok(())
         } else {
@@ -206,26 +155,15 @@ impl<'a> ConfigReader<'a> {
     /// Fails on any key not read or ignored, except `_`-prefixed metadata.
     pub(crate) fn finish(self) -> Result<(), ModelError> {
         let seen = self.seen.borrow();
-        match self
-            .map
-            .keys()
-            .find(|k| !k.starts_with('_') && !seen.contains(k.as_str()))
-        {
-            Some(unknown) => Err(self.err(
-                unknown,
-                "unknown key; refusing to guess how it changes the network",
-            )),
+        match self.map.keys().find(|k| !k.starts_with('_') && !seen.contains(k.as_str())) {
+            Some(unknown) => Err(self.err(unknown, "unknown key; refusing to guess how it changes the network")),
             None => Ok(()),
         }
     }
 }
 
 fn as_usize(v: &Value) -> Option<usize> {
-    v.as_u64().map(|n| n as usize).or_else(|| {
-        v.as_f64()
-            .filter(|f| *f >= 0.0 && f.fract() == 0.0)
-            .map(|f| f as usize)
-    })
+    v.as_u64().map(|n| n as usize).or_else(|| v.as_f64().filter(|f| *f >= 0.0 && f.fract() == 0.0).map(|f| f as usize))
 }
 
 /// One down block of the UNet and the up block that mirrors its resolution.
@@ -287,47 +225,28 @@ impl UNetConfig {
         r.ignore(&["sample_size", "dropout", "addition_embed_type_num_heads"]);
         let down_types = r.strings(
             "down_block_types",
-            &[
-                "CrossAttnDownBlock2D",
-                "CrossAttnDownBlock2D",
-                "CrossAttnDownBlock2D",
-                "DownBlock2D",
-            ],
+            &["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
         )?;
         let up_types = r.strings(
             "up_block_types",
-            &[
-                "UpBlock2D",
-                "CrossAttnUpBlock2D",
-                "CrossAttnUpBlock2D",
-                "CrossAttnUpBlock2D",
-            ],
+            &["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
         )?;
         let n = down_types.len();
         if n == 0 || up_types.len() != n {
-            return Err(r.err(
-                "up_block_types",
-                format!("{} up blocks for {n} down blocks", up_types.len()),
-            ));
+            return Err(r.err("up_block_types", format!("{} up blocks for {n} down blocks", up_types.len())));
         }
         let block_out_channels = r.per_block("block_out_channels", n, None)?;
         if !matches!(r.get("block_out_channels"), Some(Value::Array(_))) {
             return Err(r.err("block_out_channels", "expected a list"));
         }
         let layers_per_block = r.per_block("layers_per_block", n, Some(2))?;
-        let head_source = if r.get("num_attention_heads").is_some() {
-            "num_attention_heads"
-        } else {
-            "attention_head_dim"
-        };
+        let head_source =
+            if r.get("num_attention_heads").is_some() { "num_attention_heads" } else { "attention_head_dim" };
         let heads = r.per_block(head_source, n, Some(8))?;
         r.ignore(&["attention_head_dim", "num_attention_heads"]);
         let transformer_layers = match r.get("transformer_layers_per_block") {
             Some(Value::Array(items)) if items.iter().any(Value::is_array) => {
-                return Err(r.err(
-                    "transformer_layers_per_block",
-                    "nested lists are not supported",
-                ));
+                return Err(r.err("transformer_layers_per_block", "nested lists are not supported"));
             }
             _ => r.per_block("transformer_layers_per_block", n, Some(1))?,
         };
@@ -335,10 +254,7 @@ impl UNetConfig {
         if let Some(v) = r.get("cross_attention_dim")
             && !v.is_number()
         {
-            return Err(r.err(
-                "cross_attention_dim",
-                "per-block cross-attention widths are not supported",
-            ));
+            return Err(r.err("cross_attention_dim", "per-block cross-attention widths are not supported"));
         }
         let cross_attention_dim = r.usize("cross_attention_dim", Some(1280))?;
         match r.get("only_cross_attention") {
@@ -382,11 +298,7 @@ impl UNetConfig {
             });
         }
 
-        r.one_of(
-            "mid_block_type",
-            "UNetMidBlock2DCrossAttn",
-            &["UNetMidBlock2DCrossAttn"],
-        )?;
+        r.one_of("mid_block_type", "UNetMidBlock2DCrossAttn", &["UNetMidBlock2DCrossAttn"])?;
         r.bool_is("mid_block_only_cross_attention", false, false)?;
         r.one_of("act_fn", "silu", &["silu", "swish"])?;
         r.one_of("resnet_time_scale_shift", "default", &["default"])?;
@@ -446,28 +358,19 @@ impl UNetConfig {
     }
 
     fn check_divisibility(&self) -> Result<(), ModelError> {
-        let err = |key: &str, message: String| ModelError::UnsupportedConfig {
-            component: "unet",
-            key: key.into(),
-            message,
-        };
+        let err =
+            |key: &str, message: String| ModelError::UnsupportedConfig { component: "unet", key: key.into(), message };
         for b in &self.down_blocks {
             if b.out_channels % self.norm_num_groups != 0 {
                 return Err(err(
                     "norm_num_groups",
-                    format!(
-                        "{} does not divide {} channels",
-                        self.norm_num_groups, b.out_channels
-                    ),
+                    format!("{} does not divide {} channels", self.norm_num_groups, b.out_channels),
                 ));
             }
             if b.transformer_layers.is_some() && (b.heads == 0 || b.out_channels % b.heads != 0) {
                 return Err(err(
                     "attention_head_dim",
-                    format!(
-                        "{} heads do not divide {} channels",
-                        b.heads, b.out_channels
-                    ),
+                    format!("{} heads do not divide {} channels", b.heads, b.out_channels),
                 ));
             }
         }
@@ -518,16 +421,10 @@ impl VaeConfig {
         let down = r.strings("down_block_types", &["DownEncoderBlock2D"])?;
         let up = r.strings("up_block_types", &["UpDecoderBlock2D"])?;
         if let Some(bad) = down.iter().find(|t| *t != "DownEncoderBlock2D") {
-            return Err(r.err(
-                "down_block_types",
-                format!("block type {bad:?} is not supported"),
-            ));
+            return Err(r.err("down_block_types", format!("block type {bad:?} is not supported")));
         }
         if let Some(bad) = up.iter().find(|t| *t != "UpDecoderBlock2D") {
-            return Err(r.err(
-                "up_block_types",
-                format!("block type {bad:?} is not supported"),
-            ));
+            return Err(r.err("up_block_types", format!("block type {bad:?} is not supported")));
         }
         let block_out_channels = match r.get("block_out_channels") {
             Some(Value::Array(_)) => r.per_block("block_out_channels", down.len(), None)?,
@@ -556,11 +453,7 @@ impl VaeConfig {
             block_out_channels,
         };
         r.finish()?;
-        if let Some(c) = config
-            .block_out_channels
-            .iter()
-            .find(|c| *c % config.norm_num_groups != 0)
-        {
+        if let Some(c) = config.block_out_channels.iter().find(|c| *c % config.norm_num_groups != 0) {
             return Err(r_err(
                 "vae",
                 "norm_num_groups",
@@ -577,11 +470,7 @@ impl VaeConfig {
 }
 
 fn r_err(component: &'static str, key: &str, message: String) -> ModelError {
-    ModelError::UnsupportedConfig {
-        component,
-        key: key.into(),
-        message,
-    }
+    ModelError::UnsupportedConfig { component, key: key.into(), message }
 }
 
 /// The CLIP text encoder config (transformers `CLIPTextConfig`).
@@ -621,10 +510,7 @@ impl TextEncoderConfig {
         r.one_of("hidden_act", "quick_gelu", &["quick_gelu"])?;
         let eps = r.f64("layer_norm_eps", 1e-5)?;
         if (eps - 1e-5).abs() > 1e-12 {
-            return Err(r.err(
-                "layer_norm_eps",
-                format!("{eps} is not supported (only 1e-5)"),
-            ));
+            return Err(r.err("layer_norm_eps", format!("{eps} is not supported (only 1e-5)")));
         }
         Ok(Self {
             vocab_size: r.usize("vocab_size", Some(49408))?,
@@ -671,29 +557,17 @@ mod tests {
     fn rejects_unknown_block_types_and_keys_by_name() {
         let mut m = sd15_unet();
         m["down_block_types"][0] = Value::String("SimpleCrossAttnDownBlock2D".into());
-        let e = UNetConfig::from_json(&m)
-            .expect_err("must fail")
-            .to_string();
-        assert!(
-            e.contains("down_block_types") && e.contains("SimpleCrossAttnDownBlock2D"),
-            "{e}"
-        );
+        let e = UNetConfig::from_json(&m).expect_err("must fail").to_string();
+        assert!(e.contains("down_block_types") && e.contains("SimpleCrossAttnDownBlock2D"), "{e}");
 
         let mut m = sd15_unet();
-        m.insert(
-            "addition_embed_type".into(),
-            Value::String("text_time".into()),
-        );
-        let e = UNetConfig::from_json(&m)
-            .expect_err("must fail")
-            .to_string();
+        m.insert("addition_embed_type".into(), Value::String("text_time".into()));
+        let e = UNetConfig::from_json(&m).expect_err("must fail").to_string();
         assert!(e.contains("addition_embed_type"), "{e}");
 
         let mut m = sd15_unet();
         m.insert("brand_new_option".into(), Value::Bool(true));
-        let e = UNetConfig::from_json(&m)
-            .expect_err("must fail")
-            .to_string();
+        let e = UNetConfig::from_json(&m).expect_err("must fail").to_string();
         assert!(e.contains("brand_new_option"), "{e}");
     }
 }

@@ -27,11 +27,7 @@ impl FromStr for DeviceSpec {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(Self::Cuda)
-                .ok_or_else(|| {
-                    ModelError::Device(format!(
-                        "unknown device {s:?}; expected cpu, cuda or cuda:N"
-                    ))
-                }),
+                .ok_or_else(|| ModelError::Device(format!("unknown device {s:?}; expected cpu, cuda or cuda:N"))),
         }
     }
 }
@@ -68,8 +64,7 @@ fn open_cuda(_: usize) -> Result<Device, ModelError> {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(n: usize) -> Result<Device, ModelError> {
-    let device = Device::new_cuda(n)
-        .map_err(|e| ModelError::Device(format!("cannot open cuda:{n}: {e}")))?;
+    let device = Device::new_cuda(n).map_err(|e| ModelError::Device(format!("cannot open cuda:{n}: {e}")))?;
     crate::compute_cap::check(&device, n)?;
     Ok(device)
 }

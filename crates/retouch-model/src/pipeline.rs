@@ -23,9 +23,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
-use retouch_core::editor::{
-    EditBatch, EditError, EditErrorKind, EditObserver, EditRequest, EditedImage, Editor, ModelInfo,
-};
+use retouch_core::editor::{EditBatch, EditError, EditErrorKind, EditObserver, EditedImage, Editor, ModelInfo};
 use serde_json::{Map, Value};
 
 use crate::config::{TextEncoderConfig, UNetConfig, VaeConfig, read_json_object};
@@ -65,9 +63,7 @@ pub struct InstructPix2Pix {
 
 impl std::fmt::Debug for InstructPix2Pix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InstructPix2Pix")
-            .field("info", &self.info)
-            .finish_non_exhaustive()
+        f.debug_struct("InstructPix2Pix").field("info", &self.info).finish_non_exhaustive()
     }
 }
 
@@ -86,11 +82,7 @@ impl InstructPix2Pix {
     pub fn load(dir: &Path, name: &str, options: &LoadOptions) -> Result<Self, ModelError> {
         let started = Instant::now();
         let device = options.device.open()?;
-        let dtype = options.dtype.unwrap_or(if device.is_cpu() {
-            DType::F32
-        } else {
-            DType::F16
-        });
+        let dtype = options.dtype.unwrap_or(if device.is_cpu() { DType::F32 } else { DType::F16 });
         let variant = options.variant.as_deref();
 
         let index = read_json_object(&dir.join("model_index.json"))?;
@@ -99,14 +91,10 @@ impl InstructPix2Pix {
         }
 
         let scheduler_config = read_json_object(&dir.join("scheduler/scheduler_config.json"))?;
-        let default_scheduler = scheduler_config
-            .get("_class_name")
-            .and_then(Value::as_str)
-            .and_then(SchedulerKind::from_diffusers_class);
+        let default_scheduler =
+            scheduler_config.get("_class_name").and_then(Value::as_str).and_then(SchedulerKind::from_diffusers_class);
 
-        let te_config = TextEncoderConfig::from_json(&read_json_object(
-            &dir.join("text_encoder/config.json"),
-        )?)?;
+        let te_config = TextEncoderConfig::from_json(&read_json_object(&dir.join("text_encoder/config.json"))?)?;
         let unet_config = UNetConfig::from_json(&read_json_object(&dir.join("unet/config.json"))?)?;
         let vae_config = VaeConfig::from_json(&read_json_object(&dir.join("vae/config.json"))?)?;
         let latent = vae_config.latent_channels;
@@ -126,10 +114,7 @@ impl InstructPix2Pix {
             return Err(ModelError::UnsupportedConfig {
                 component: "unet",
                 key: "out_channels".into(),
-                message: format!(
-                    "{} output channels for {latent} latent channels",
-                    unet_config.out_channels
-                ),
+                message: format!("{} output channels for {latent} latent channels", unet_config.out_channels),
             });
         }
         if unet_config.cross_attention_dim != te_config.hidden_size {
@@ -143,26 +128,16 @@ impl InstructPix2Pix {
             });
         }
 
-        let tokenizer =
-            ClipTokenizer::from_dir(&dir.join("tokenizer"), te_config.max_position_embeddings)?;
+        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"), te_config.max_position_embeddings)?;
         let te_files = find_weight_files(&dir.join("text_encoder"), "model", variant)
             .or_else(|_| find_weight_files(&dir.join("text_encoder"), "pytorch_model", variant))?;
-        let text_encoder = load_component(
-            "text_encoder",
-            &te_files,
-            dtype,
-            &device,
-            TEXT_ENCODER_IGNORABLE,
-            |vb| TextEncoder::new(&te_config, vb),
-        )?;
+        let text_encoder = load_component("text_encoder", &te_files, dtype, &device, TEXT_ENCODER_IGNORABLE, |vb| {
+            TextEncoder::new(&te_config, vb)
+        })?;
         let unet_files = find_weight_files(&dir.join("unet"), "diffusion_pytorch_model", variant)?;
-        let unet = load_component("unet", &unet_files, dtype, &device, &[], |vb| {
-            UNet::new(&unet_config, vb)
-        })?;
+        let unet = load_component("unet", &unet_files, dtype, &device, &[], |vb| UNet::new(&unet_config, vb))?;
         let vae_files = find_weight_files(&dir.join("vae"), "diffusion_pytorch_model", variant)?;
-        let vae = load_component("vae", &vae_files, dtype, &device, &[], |vb| {
-            AutoencoderKl::new(&vae_config, vb)
-        })?;
+        let vae = load_component("vae", &vae_files, dtype, &device, &[], |vb| AutoencoderKl::new(&vae_config, vb))?;
 
         let info = ModelInfo {
             name: name.to_string(),
@@ -173,16 +148,7 @@ impl InstructPix2Pix {
         };
         tracing::info!(model = name, device = %options.device, dtype = %info.dtype,
             seconds = started.elapsed().as_secs_f64(), "model loaded");
-        Ok(Self {
-            info,
-            device,
-            dtype,
-            tokenizer,
-            text_encoder,
-            unet,
-            vae,
-            scheduler_config,
-        })
+        Ok(Self { info, device, dtype, tokenizer, text_encoder, unet, vae, scheduler_config })
     }
 
     /// The scheduler config shipped with the checkpoint.
@@ -190,76 +156,95 @@ impl InstructPix2Pix {
         &self.scheduler_config
     }
 
-    /// Replaces scheduler config keys (as `X.from_config(config, **overrides)`), e.g.
-    /// `timestep_spacing`.
-    pub fn override_scheduler_config(&mut self, overrides: &Map<String, Value>) {
-        for (k, v) in overrides {
-            self.scheduler_config.insert(k.clone(), v.clone());
-        }
-    }
-
     /// The tokenizer (exposed for the CLI's truncation warning and for tests).
     pub fn tokenizer(&self) -> &ClipTokenizer {
         &self.tokenizer
     }
 
-    /// Prompt embeddings `[1, 77, hidden]` for one instruction.
-    fn encode_prompt(&self, text: &str) -> Result<(Tensor, bool), ModelError> {
+    /// The denoising network (exposed for benchmarks).
+    pub fn unet(&self) -> &UNet {
+        &self.unet
+    }
+
+    /// The weights' dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Prompt embeddings `[1, 77, hidden]` for one instruction, and whether it was truncated.
+    ///
+    /// # Errors
+    /// Tokenizer or compute failures.
+    pub fn encode_prompt(&self, text: &str) -> Result<(Tensor, bool), ModelError> {
         let tokens = self.tokenizer.encode(text)?;
         let ids = Tensor::new(tokens.ids.as_slice(), &self.device)?.unsqueeze(0)?;
         Ok((self.text_encoder.forward(&ids)?, tokens.truncated))
     }
 
-    /// `[N, 3, H, W]` in [-1, 1], as `VaeImageProcessor` makes it (`x/255`, `2x − 1`, f32).
-    fn pixels(&self, requests: &[EditRequest]) -> Result<Tensor, ModelError> {
-        let (w, h) = requests[0].image.dimensions();
+    /// The VAE posterior means (unscaled) `[N, 4, H/f, W/f]` of same-size images, fed as
+    /// `VaeImageProcessor` makes them (`x/255`, `2x − 1`, f32).
+    ///
+    /// # Errors
+    /// Compute failures.
+    pub fn encode_images(&self, images: &[&RgbImage]) -> Result<Tensor, ModelError> {
+        let (w, h) =
+            images.first().map(|i| i.dimensions()).ok_or_else(|| ModelError::InvalidInput("no images".into()))?;
         let (w, h) = (w as usize, h as usize);
-        let mut data = Vec::with_capacity(requests.len() * 3 * h * w);
-        for r in requests {
-            let raw = r.image.as_raw();
+        let mut data = Vec::with_capacity(images.len() * 3 * h * w);
+        for image in images {
+            let raw = image.as_raw();
             for c in 0..3 {
-                data.extend(
-                    raw.iter()
-                        .skip(c)
-                        .step_by(3)
-                        .map(|&v| 2.0 * (f32::from(v) / 255.0) - 1.0),
-                );
+                data.extend(raw.iter().skip(c).step_by(3).map(|&v| 2.0 * (f32::from(v) / 255.0) - 1.0));
             }
         }
-        Ok(Tensor::from_vec(
-            data,
-            (requests.len(), 3, h, w),
-            &self.device,
-        )?)
+        let pixels = Tensor::from_vec(data, (images.len(), 3, h, w), &self.device)?.to_dtype(self.dtype)?;
+        Ok(self.vae.encode_mean(&pixels)?)
+    }
+
+    /// Decodes final latents `[N, 4, h, w]` (before the scaling-factor division) into images,
+    /// post-processed as diffusers does.
+    ///
+    /// # Errors
+    /// Compute failures.
+    pub fn decode(&self, latents: &Tensor) -> Result<Vec<RgbImage>, ModelError> {
+        let scaled = (latents / self.vae.config().scaling_factor)?.to_dtype(self.dtype)?;
+        let decoded = self.vae.decode(&scaled)?.to_dtype(DType::F32)?;
+        let (n, _, h, w) = decoded.dims4()?;
+        let values = decoded.flatten_all()?.to_vec1::<f32>()?;
+        let plane = h * w;
+        Ok((0..n)
+            .map(|i| {
+                let item = &values[i * 3 * plane..(i + 1) * 3 * plane];
+                let mut buf = vec![0u8; 3 * plane];
+                for c in 0..3 {
+                    for p in 0..plane {
+                        buf[p * 3 + c] = to_u8(item[c * plane + p]);
+                    }
+                }
+                RgbImage::from_raw(w as u32, h as u32, buf).expect("buffer sized for the image; this is a bug")
+            })
+            .collect())
     }
 
     fn check_batch(&self, batch: &EditBatch) -> Result<(usize, usize), ModelError> {
-        let first = batch
-            .requests
-            .first()
-            .ok_or_else(|| ModelError::InvalidInput("empty batch".into()))?;
+        let first = batch.requests.first().ok_or_else(|| ModelError::InvalidInput("empty batch".into()))?;
         let (w, h) = first.image.dimensions();
         let f = self.info.size_multiple;
         if w == 0 || h == 0 || w % f != 0 || h % f != 0 {
-            return Err(ModelError::InvalidInput(format!(
-                "image size {w}×{h} is not a positive multiple of {f}"
-            )));
+            return Err(ModelError::InvalidInput(format!("image size {w}×{h} is not a positive multiple of {f}")));
         }
-        if let Some(other) = batch
-            .requests
-            .iter()
-            .find(|r| r.image.dimensions() != (w, h))
-        {
+        if let Some(other) = batch.requests.iter().find(|r| r.image.dimensions() != (w, h)) {
             let (ow, oh) = other.image.dimensions();
-            return Err(ModelError::InvalidInput(format!(
-                "batch mixes sizes {w}×{h} and {ow}×{oh}"
-            )));
+            return Err(ModelError::InvalidInput(format!("batch mixes sizes {w}×{h} and {ow}×{oh}")));
         }
         for r in &batch.requests {
             if !(r.guidance_scale.is_finite() && r.image_guidance_scale.is_finite()) {
-                return Err(ModelError::InvalidInput(
-                    "guidance scales must be finite".into(),
-                ));
+                return Err(ModelError::InvalidInput("guidance scales must be finite".into()));
             }
         }
         Ok(((h / f) as usize, (w / f) as usize))
@@ -270,9 +255,19 @@ impl InstructPix2Pix {
     /// # Errors
     /// [`ModelError::InvalidInput`] for an inconsistent batch, [`ModelError::Cancelled`] when
     /// the observer cancels, [`ModelError::Compute`] when a tensor operation fails.
-    pub fn run(
+    pub fn run(&self, batch: &EditBatch, observer: &mut dyn EditObserver) -> Result<Vec<EditedImage>, ModelError> {
+        self.run_with_scheduler_config(batch, &self.scheduler_config, observer)
+    }
+
+    /// [`Self::run`] with another scheduler config in place of the checkpoint's (as
+    /// `X.from_config(config)`); the parity tests use it for `timestep_spacing` variants.
+    ///
+    /// # Errors
+    /// As [`Self::run`].
+    pub fn run_with_scheduler_config(
         &self,
         batch: &EditBatch,
+        scheduler_config: &Map<String, Value>,
         observer: &mut dyn EditObserver,
     ) -> Result<Vec<EditedImage>, ModelError> {
         let (lh, lw) = self.check_batch(batch)?;
@@ -283,10 +278,7 @@ impl InstructPix2Pix {
                 self.scheduler_config.get("_class_name").and_then(Value::as_str).unwrap_or("(none)")
             ))
         })?;
-        let schedule = Schedule::new(
-            &SchedulerConfig::from_diffusers(kind, &self.scheduler_config)?,
-            batch.steps as usize,
-        )?;
+        let schedule = Schedule::new(&SchedulerConfig::from_diffusers(kind, scheduler_config)?, batch.steps as usize)?;
         let latent_c = self.vae.config().latent_channels;
         let numel = latent_c * lh * lw;
 
@@ -301,15 +293,10 @@ impl InstructPix2Pix {
         }
 
         // 2. Image latents (unscaled posterior mean).
-        let image_latents = self
-            .vae
-            .encode_mean(&self.pixels(requests)?.to_dtype(self.dtype)?)?;
+        let image_latents = self.encode_images(&requests.iter().map(|r| &r.image).collect::<Vec<_>>())?;
 
         // 3. Initial noise, one generator per image.
-        let mut generators: Vec<TorchGenerator> = requests
-            .iter()
-            .map(|r| TorchGenerator::new(r.seed))
-            .collect();
+        let mut generators: Vec<TorchGenerator> = requests.iter().map(|r| TorchGenerator::new(r.seed)).collect();
         let mut initial = Vec::with_capacity(requests.len() * numel);
         for (r, g) in requests.iter().zip(generators.iter_mut()) {
             match &r.init_latents {
@@ -323,15 +310,12 @@ impl InstructPix2Pix {
                 None => initial.extend(g.randn(numel)),
             }
         }
-        let mut latents =
-            (Tensor::from_vec(initial, (requests.len(), latent_c, lh, lw), &self.device)?
-                * f64::from(schedule.init_noise_sigma()))?;
+        let mut latents = (Tensor::from_vec(initial, (requests.len(), latent_c, lh, lw), &self.device)?
+            * f64::from(schedule.init_noise_sigma()))?;
 
         // 4. Denoising. The conditioning rows never change across steps.
-        let guided: Vec<bool> = requests
-            .iter()
-            .map(|r| r.guidance_scale > 1.0 && r.image_guidance_scale >= 1.0)
-            .collect();
+        let guided: Vec<bool> =
+            requests.iter().map(|r| r.guidance_scale > 1.0 && r.image_guidance_scale >= 1.0).collect();
         let mut contexts = Vec::new();
         let mut conditions = Vec::new();
         for (i, &g) in guided.iter().enumerate() {
@@ -357,9 +341,7 @@ impl InstructPix2Pix {
                 let x = latents.narrow(0, i, 1)?;
                 rows.extend(std::iter::repeat_n(x, if g { 3 } else { 1 }));
             }
-            let x = schedule
-                .scale_model_input(&Tensor::cat(&rows, 0)?, step)?
-                .to_dtype(self.dtype)?;
+            let x = schedule.scale_model_input(&Tensor::cat(&rows, 0)?, step)?.to_dtype(self.dtype)?;
             let x = Tensor::cat(&[&x, &condition], 1)?;
             let eps_rows = self.unet.forward(&x, t, &context)?.to_dtype(DType::F32)?;
 
@@ -370,8 +352,7 @@ impl InstructPix2Pix {
                     let text = eps_rows.narrow(0, row, 1)?;
                     let image = eps_rows.narrow(0, row + 1, 1)?;
                     let uncond = eps_rows.narrow(0, row + 2, 1)?;
-                    let guided_eps = ((&uncond
-                        + ((&text - &image)? * f64::from(r.guidance_scale))?)?
+                    let guided_eps = ((&uncond + ((&text - &image)? * f64::from(r.guidance_scale))?)?
                         + ((&image - &uncond)? * f64::from(r.image_guidance_scale))?)?;
                     eps.push(guided_eps);
                     row += 3;
@@ -395,28 +376,12 @@ impl InstructPix2Pix {
         }
 
         // 5. Decode and post-process.
-        let scaled = (latents / self.vae.config().scaling_factor)?.to_dtype(self.dtype)?;
-        let decoded = self.vae.decode(&scaled)?.to_dtype(DType::F32)?;
-        let (_, _, h, w) = decoded.dims4()?;
-        let values = decoded.flatten_all()?.to_vec1::<f32>()?;
-        let plane = h * w;
-        let images = (0..requests.len())
-            .map(|i| {
-                let item = &values[i * 3 * plane..(i + 1) * 3 * plane];
-                let mut buf = vec![0u8; 3 * plane];
-                for c in 0..3 {
-                    for p in 0..plane {
-                        buf[p * 3 + c] = to_u8(item[c * plane + p]);
-                    }
-                }
-                EditedImage {
-                    image: RgbImage::from_raw(w as u32, h as u32, buf)
-                        .expect("buffer sized for the image; this is a bug"),
-                    instruction_truncated: truncated[i],
-                }
-            })
-            .collect();
-        Ok(images)
+        let images = self.decode(&latents)?;
+        Ok(images
+            .into_iter()
+            .zip(truncated)
+            .map(|(image, instruction_truncated)| EditedImage { image, instruction_truncated })
+            .collect())
     }
 }
 
@@ -424,11 +389,7 @@ impl InstructPix2Pix {
 /// to even (numpy's rule).
 fn to_u8(x: f32) -> u8 {
     let v = (x / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0;
-    if v.is_nan() {
-        0
-    } else {
-        v.round_ties_even() as u8
-    }
+    if v.is_nan() { 0 } else { v.round_ties_even() as u8 }
 }
 
 impl Editor for InstructPix2Pix {
@@ -436,16 +397,10 @@ impl Editor for InstructPix2Pix {
         &self.info
     }
 
-    fn edit(
-        &self,
-        batch: &EditBatch,
-        observer: &mut dyn EditObserver,
-    ) -> Result<Vec<EditedImage>, EditError> {
+    fn edit(&self, batch: &EditBatch, observer: &mut dyn EditObserver) -> Result<Vec<EditedImage>, EditError> {
         self.run(batch, observer).map_err(|e| EditError {
             kind: match e {
-                ModelError::InvalidInput(_) | ModelError::UnsupportedConfig { .. } => {
-                    EditErrorKind::InvalidInput
-                }
+                ModelError::InvalidInput(_) | ModelError::UnsupportedConfig { .. } => EditErrorKind::InvalidInput,
                 ModelError::Cancelled => EditErrorKind::Cancelled,
                 _ => EditErrorKind::Model,
             },

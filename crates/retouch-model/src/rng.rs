@@ -38,9 +38,7 @@ pub struct TorchGenerator {
 
 impl std::fmt::Debug for TorchGenerator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TorchGenerator")
-            .field("index", &self.index)
-            .finish_non_exhaustive()
+        f.debug_struct("TorchGenerator").field("index", &self.index).finish_non_exhaustive()
     }
 }
 
@@ -52,15 +50,9 @@ impl TorchGenerator {
         state[0] = (seed & 0xffff_ffff) as u32;
         for j in 1..N {
             let prev = state[j - 1];
-            state[j] = 1_812_433_253u32
-                .wrapping_mul(prev ^ (prev >> 30))
-                .wrapping_add(j as u32);
+            state[j] = 1_812_433_253u32.wrapping_mul(prev ^ (prev >> 30)).wrapping_add(j as u32);
         }
-        Self {
-            state,
-            index: N,
-            next_double_normal: None,
-        }
+        Self { state, index: N, next_double_normal: None }
     }
 
     fn twist(&mut self) {
@@ -182,20 +174,13 @@ mod tests {
         let first = g.randn(4 * 64 * 64);
         close(
             &first[..8],
-            &[
-                -1.1258398, -1.1523602, -0.2505786, -0.4338788, 0.8487104, 0.6920092, -0.3160128,
-                -2.1152194,
-            ],
+            &[-1.1258398, -1.1523602, -0.2505786, -0.4338788, 0.8487104, 0.6920092, -0.3160128, -2.1152194],
             1e-6,
         );
         let sum: f64 = first.iter().map(|&v| f64::from(v)).sum();
         assert!((sum - -124.112700).abs() < 1e-3, "sum {sum}");
         let second = g.randn(4 * 64 * 64);
-        close(
-            &second[..4],
-            &[-0.5518361, 1.5398073, 1.0035588, -0.7947894],
-            1e-6,
-        );
+        close(&second[..4], &[-0.5518361, 1.5398073, 1.0035588, -0.7947894], 1e-6);
 
         let mut g = TorchGenerator::new(0);
         close(&g.randn(4), &[1.5410, -0.2934, -2.1788, 0.5684], 1e-4);
@@ -203,9 +188,6 @@ mod tests {
 
     #[test]
     fn seeds_use_low_32_bits() {
-        assert_eq!(
-            TorchGenerator::new(7).randn(64),
-            TorchGenerator::new((1 << 32) + 7).randn(64)
-        );
+        assert_eq!(TorchGenerator::new(7).randn(64), TorchGenerator::new((1 << 32) + 7).randn(64));
     }
 }

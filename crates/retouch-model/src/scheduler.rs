@@ -52,11 +52,7 @@ pub struct SchedulerConfig {
 }
 
 fn config_err(key: &str, message: impl Into<String>) -> ModelError {
-    ModelError::UnsupportedConfig {
-        component: "scheduler",
-        key: key.to_string(),
-        message: message.into(),
-    }
+    ModelError::UnsupportedConfig { component: "scheduler", key: key.to_string(), message: message.into() }
 }
 
 impl SchedulerConfig {
@@ -67,24 +63,17 @@ impl SchedulerConfig {
     /// A key that changes the maths to something not implemented here (v-prediction,
     /// thresholding, Karras sigmas, zero-SNR rescaling, an unknown beta schedule, …) is
     /// [`ModelError::UnsupportedConfig`] naming the key.
-    pub fn from_diffusers(
-        kind: SchedulerKind,
-        config: &Map<String, Value>,
-    ) -> Result<Self, ModelError> {
+    pub fn from_diffusers(kind: SchedulerKind, config: &Map<String, Value>) -> Result<Self, ModelError> {
         let num = |key: &str, default: f64| -> Result<f64, ModelError> {
             match config.get(key) {
                 None | Some(Value::Null) => Ok(default),
-                Some(v) => v
-                    .as_f64()
-                    .ok_or_else(|| config_err(key, format!("expected a number, found {v}"))),
+                Some(v) => v.as_f64().ok_or_else(|| config_err(key, format!("expected a number, found {v}"))),
             }
         };
         let boolean = |key: &str, default: bool| -> Result<bool, ModelError> {
             match config.get(key) {
                 None | Some(Value::Null) => Ok(default),
-                Some(v) => v
-                    .as_bool()
-                    .ok_or_else(|| config_err(key, format!("expected a boolean, found {v}"))),
+                Some(v) => v.as_bool().ok_or_else(|| config_err(key, format!("expected a boolean, found {v}"))),
             }
         };
         let string = |key: &str, default: &str| -> Result<String, ModelError> {
@@ -98,54 +87,31 @@ impl SchedulerConfig {
             if supported.contains(&actual.as_str()) {
                 Ok(())
             } else {
-                Err(config_err(
-                    key,
-                    format!("{actual:?} is not supported (supported: {supported:?})"),
-                ))
+                Err(config_err(key, format!("{actual:?} is not supported (supported: {supported:?})")))
             }
         };
 
         let num_train_timesteps = num("num_train_timesteps", 1000.0)?;
         if !(num_train_timesteps >= 2.0 && num_train_timesteps.fract() == 0.0) {
-            return Err(config_err(
-                "num_train_timesteps",
-                format!("{num_train_timesteps} is not an integer ≥ 2"),
-            ));
+            return Err(config_err("num_train_timesteps", format!("{num_train_timesteps} is not an integer ≥ 2")));
         }
         let num_train_timesteps = num_train_timesteps as usize;
-        require(
-            "prediction_type",
-            string("prediction_type", "epsilon")?,
-            &["epsilon"],
-        )?;
+        require("prediction_type", string("prediction_type", "epsilon")?, &["epsilon"])?;
         if boolean("rescale_betas_zero_snr", false)? {
-            return Err(config_err(
-                "rescale_betas_zero_snr",
-                "true is not supported",
-            ));
+            return Err(config_err("rescale_betas_zero_snr", "true is not supported"));
         }
-        let default_spacing = if kind == SchedulerKind::Ddim {
-            "leading"
-        } else {
-            "linspace"
-        };
+        let default_spacing = if kind == SchedulerKind::Ddim { "leading" } else { "linspace" };
         let spacing = match string("timestep_spacing", default_spacing)?.as_str() {
             "linspace" => TimestepSpacing::Linspace,
             "leading" => TimestepSpacing::Leading,
             "trailing" => TimestepSpacing::Trailing,
             other => {
-                return Err(config_err(
-                    "timestep_spacing",
-                    format!("{other:?} is not supported"),
-                ));
+                return Err(config_err("timestep_spacing", format!("{other:?} is not supported")));
             }
         };
         let steps_offset = num("steps_offset", 0.0)?;
         if !(steps_offset >= 0.0 && steps_offset.fract() == 0.0) {
-            return Err(config_err(
-                "steps_offset",
-                format!("{steps_offset} is not a non-negative integer"),
-            ));
+            return Err(config_err("steps_offset", format!("{steps_offset} is not a non-negative integer")));
         }
 
         let betas = match config.get("trained_betas") {
@@ -154,28 +120,19 @@ impl SchedulerConfig {
                 let beta_end = num("beta_end", 0.02)? as f32;
                 match string("beta_schedule", "linear")?.as_str() {
                     "linear" => torch_linspace_f32(beta_start, beta_end, num_train_timesteps),
-                    "scaled_linear" => {
-                        torch_linspace_f32(beta_start.sqrt(), beta_end.sqrt(), num_train_timesteps)
-                            .into_iter()
-                            .map(|b| b * b)
-                            .collect()
-                    }
+                    "scaled_linear" => torch_linspace_f32(beta_start.sqrt(), beta_end.sqrt(), num_train_timesteps)
+                        .into_iter()
+                        .map(|b| b * b)
+                        .collect(),
                     "squaredcos_cap_v2" => cosine_betas(num_train_timesteps),
                     other => {
-                        return Err(config_err(
-                            "beta_schedule",
-                            format!("{other:?} is not supported"),
-                        ));
+                        return Err(config_err("beta_schedule", format!("{other:?} is not supported")));
                     }
                 }
             }
             Some(Value::Array(values)) => {
-                let betas: Option<Vec<f32>> = values
-                    .iter()
-                    .map(|v| v.as_f64().map(|b| b as f32))
-                    .collect();
-                let betas = betas
-                    .ok_or_else(|| config_err("trained_betas", "expected a list of numbers"))?;
+                let betas: Option<Vec<f32>> = values.iter().map(|v| v.as_f64().map(|b| b as f32)).collect();
+                let betas = betas.ok_or_else(|| config_err("trained_betas", "expected a list of numbers"))?;
                 if betas.len() != num_train_timesteps {
                     return Err(config_err(
                         "trained_betas",
@@ -185,10 +142,7 @@ impl SchedulerConfig {
                 betas
             }
             Some(v) => {
-                return Err(config_err(
-                    "trained_betas",
-                    format!("expected a list, found {v}"),
-                ));
+                return Err(config_err("trained_betas", format!("expected a list, found {v}")));
             }
         };
 
@@ -205,30 +159,14 @@ impl SchedulerConfig {
                 set_alpha_to_one = boolean("set_alpha_to_one", true)?;
             }
             SchedulerKind::Euler => {
-                require(
-                    "interpolation_type",
-                    string("interpolation_type", "linear")?,
-                    &["linear"],
-                )?;
-                for key in [
-                    "use_karras_sigmas",
-                    "use_exponential_sigmas",
-                    "use_beta_sigmas",
-                ] {
+                require("interpolation_type", string("interpolation_type", "linear")?, &["linear"])?;
+                for key in ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"] {
                     if boolean(key, false)? {
                         return Err(config_err(key, "true is not supported"));
                     }
                 }
-                require(
-                    "timestep_type",
-                    string("timestep_type", "discrete")?,
-                    &["discrete"],
-                )?;
-                require(
-                    "final_sigmas_type",
-                    string("final_sigmas_type", "zero")?,
-                    &["zero"],
-                )?;
+                require("timestep_type", string("timestep_type", "discrete")?, &["discrete"])?;
+                require("final_sigmas_type", string("final_sigmas_type", "zero")?, &["zero"])?;
                 for key in ["sigma_min", "sigma_max"] {
                     if !matches!(config.get(key), None | Some(Value::Null)) {
                         return Err(config_err(key, "only null is supported"));
@@ -272,23 +210,13 @@ fn torch_linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     let step = (end - start) / (steps - 1) as f32;
     let halfway = steps / 2;
     (0..steps)
-        .map(|i| {
-            if i < halfway {
-                start + step * i as f32
-            } else {
-                end - step * (steps - i - 1) as f32
-            }
-        })
+        .map(|i| if i < halfway { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 })
         .collect()
 }
 
 /// `betas_for_alpha_bar` with the cosine transform (`squaredcos_cap_v2`), max beta 0.999.
 fn cosine_betas(n: usize) -> Vec<f32> {
-    let alpha_bar = |t: f64| {
-        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
-            .cos()
-            .powi(2)
-    };
+    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
     (0..n)
         .map(|i| {
             let t1 = i as f64 / n as f64;
@@ -340,9 +268,7 @@ impl Schedule {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self, ModelError> {
         let t = config.num_train_timesteps;
         if steps == 0 || steps > t {
-            return Err(ModelError::InvalidInput(format!(
-                "steps must be between 1 and {t}, got {steps}"
-            )));
+            return Err(ModelError::InvalidInput(format!("steps must be between 1 and {t}, got {steps}")));
         }
         let alphas_cumprod = config.alphas_cumprod();
         let euler_family = config.kind != SchedulerKind::Ddim;
@@ -359,10 +285,7 @@ impl Schedule {
             }
             TimestepSpacing::Leading => {
                 let ratio = t / steps;
-                (0..steps)
-                    .rev()
-                    .map(|i| (i * ratio + config.steps_offset) as f64)
-                    .collect()
+                (0..steps).rev().map(|i| (i * ratio + config.steps_offset) as f64).collect()
             }
             TimestepSpacing::Trailing => np_arange_down(t as f64, t as f64 / steps as f64)
                 .into_iter()
@@ -376,24 +299,14 @@ impl Schedule {
         }
 
         let sigmas = if euler_family {
-            let table: Vec<f32> = alphas_cumprod
-                .iter()
-                .map(|&a| ((1.0 - a) / a).sqrt())
-                .collect();
-            let mut s: Vec<f32> = timesteps
-                .iter()
-                .map(|&x| interp(x, &table) as f32)
-                .collect();
+            let table: Vec<f32> = alphas_cumprod.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect();
+            let mut s: Vec<f32> = timesteps.iter().map(|&x| interp(x, &table) as f32).collect();
             s.push(0.0);
             s
         } else {
             Vec::new()
         };
-        let final_alpha_cumprod = if config.set_alpha_to_one {
-            1.0
-        } else {
-            alphas_cumprod[0]
-        };
+        let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
         let init_noise_sigma = if euler_family {
             let max = sigmas.iter().copied().fold(f32::MIN, f32::max);
             match config.spacing {
@@ -460,28 +373,18 @@ impl Schedule {
     ///
     /// # Errors
     /// Tensor errors only.
-    pub fn step(
-        &self,
-        eps: &Tensor,
-        index: usize,
-        sample: &Tensor,
-        noise: Option<&Tensor>,
-    ) -> CandleResult<Tensor> {
+    pub fn step(&self, eps: &Tensor, index: usize, sample: &Tensor, noise: Option<&Tensor>) -> CandleResult<Tensor> {
         match self.kind {
             SchedulerKind::EulerAncestral => {
                 let sigma = self.sigmas[index];
                 let sigma_to = self.sigmas[index + 1];
                 let x0 = (sample - (eps * f64::from(sigma))?)?;
-                let sigma_up = (sigma_to * sigma_to * (sigma * sigma - sigma_to * sigma_to)
-                    / (sigma * sigma))
-                    .sqrt();
+                let sigma_up = (sigma_to * sigma_to * (sigma * sigma - sigma_to * sigma_to) / (sigma * sigma)).sqrt();
                 let sigma_down = (sigma_to * sigma_to - sigma_up * sigma_up).sqrt();
                 let derivative = ((sample - &x0)? / f64::from(sigma))?;
                 let dt = sigma_down - sigma;
                 let prev = (sample + (derivative * f64::from(dt))?)?;
-                let noise = noise.ok_or_else(|| {
-                    candle_core::Error::Msg("Euler-ancestral step needs noise".into())
-                })?;
+                let noise = noise.ok_or_else(|| candle_core::Error::Msg("Euler-ancestral step needs noise".into()))?;
                 prev + (noise * f64::from(sigma_up))?
             }
             SchedulerKind::Euler => {
@@ -499,8 +402,7 @@ impl Schedule {
                     None => self.final_alpha_cumprod,
                 };
                 let beta_t = 1.0 - alpha_t;
-                let mut x0 =
-                    ((sample - (eps * f64::from(beta_t.sqrt()))?)? / f64::from(alpha_t.sqrt()))?;
+                let mut x0 = ((sample - (eps * f64::from(beta_t.sqrt()))?)? / f64::from(alpha_t.sqrt()))?;
                 if let Some(range) = self.clip_sample {
                     x0 = x0.clamp(-range, range)?;
                 }
@@ -545,17 +447,13 @@ mod tests {
 
     #[test]
     fn euler_ancestral_linspace_matches_reference_table() {
-        let cfg = SchedulerConfig::from_diffusers(SchedulerKind::EulerAncestral, &timbrooks())
-            .expect("config");
+        let cfg = SchedulerConfig::from_diffusers(SchedulerKind::EulerAncestral, &timbrooks()).expect("config");
         let s = Schedule::new(&cfg, 20).expect("schedule");
         let ts = s.timesteps();
         for (a, b) in ts[..4].iter().zip([999.0, 946.42108, 893.84210, 841.26318]) {
             assert!((a - b).abs() < 1e-3, "{a} vs {b}");
         }
-        for (a, b) in s.sigmas()[..4]
-            .iter()
-            .zip([14.61464691, 10.74685001, 8.08153629, 6.20495176])
-        {
+        for (a, b) in s.sigmas()[..4].iter().zip([14.61464691, 10.74685001, 8.08153629, 6.20495176]) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
         assert_eq!(*s.sigmas().last().expect("nonempty"), 0.0);
@@ -564,8 +462,7 @@ mod tests {
 
     #[test]
     fn ddim_defaults_to_leading_with_offset() {
-        let cfg =
-            SchedulerConfig::from_diffusers(SchedulerKind::Ddim, &timbrooks()).expect("config");
+        let cfg = SchedulerConfig::from_diffusers(SchedulerKind::Ddim, &timbrooks()).expect("config");
         assert_eq!(cfg.spacing, TimestepSpacing::Leading);
         let s = Schedule::new(&cfg, 10).expect("schedule");
         assert_eq!(s.timesteps()[..3], [901.0, 801.0, 701.0]);
@@ -574,12 +471,8 @@ mod tests {
     #[test]
     fn unsupported_keys_are_named() {
         let mut cfg = timbrooks();
-        cfg.insert(
-            "prediction_type".into(),
-            Value::String("v_prediction".into()),
-        );
-        let err =
-            SchedulerConfig::from_diffusers(SchedulerKind::Euler, &cfg).expect_err("must fail");
+        cfg.insert("prediction_type".into(), Value::String("v_prediction".into()));
+        let err = SchedulerConfig::from_diffusers(SchedulerKind::Euler, &cfg).expect_err("must fail");
         assert!(err.to_string().contains("prediction_type"), "{err}");
     }
 }

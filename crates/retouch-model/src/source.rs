@@ -41,19 +41,12 @@ impl FromStr for ModelSource {
             Some(_) => return Err(ModelError::Hub(format!("{s:?}: empty revision after '@'"))),
             None => (rest, "main"),
         };
-        let valid_part = |p: &str| {
-            !p.is_empty()
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        };
+        let valid_part = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         match repo.split_once('/') {
-            Some((owner, name)) if valid_part(owner) && valid_part(name) => Ok(Self::Hub {
-                repo: repo.to_string(),
-                revision: revision.to_string(),
-            }),
-            _ => Err(ModelError::Hub(format!(
-                "{s:?}: expected hf:OWNER/NAME[@REVISION]"
-            ))),
+            Some((owner, name)) if valid_part(owner) && valid_part(name) => {
+                Ok(Self::Hub { repo: repo.to_string(), revision: revision.to_string() })
+            }
+            _ => Err(ModelError::Hub(format!("{s:?}: expected hf:OWNER/NAME[@REVISION]"))),
         }
     }
 }
@@ -79,10 +72,7 @@ const REQUIRED: &[&str] = &[
     "vae/config.json",
 ];
 /// Files read when present.
-const OPTIONAL: &[&str] = &[
-    "tokenizer/tokenizer_config.json",
-    "tokenizer/special_tokens_map.json",
-];
+const OPTIONAL: &[&str] = &["tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json"];
 /// `(directory, weight file stems)` in preference order.
 const WEIGHTS: &[(&str, &[&str])] = &[
     ("text_encoder", &["model", "pytorch_model"]),
@@ -121,26 +111,15 @@ struct CacheOnly {
 
 impl Fetch for CacheOnly {
     fn fetch(&self, file: &str) -> Result<PathBuf, String> {
-        if let Some(p) = Cache::new(self.root.clone())
-            .repo(self.repo.clone())
-            .get(file)
-        {
+        if let Some(p) = Cache::new(self.root.clone()).repo(self.repo.clone()).get(file) {
             return Ok(p);
         }
         // A commit hash has no ref file: its snapshot directory is named after it.
-        let snapshot = self
-            .root
-            .join(self.repo.folder_name())
-            .join("snapshots")
-            .join(&self.revision)
-            .join(file);
+        let snapshot = self.root.join(self.repo.folder_name()).join("snapshots").join(&self.revision).join(file);
         if snapshot.exists() {
             return Ok(snapshot);
         }
-        Err(format!(
-            "{file} is not in the Hub cache at {} (HF_HUB_OFFLINE is set)",
-            self.root.display()
-        ))
+        Err(format!("{file} is not in the Hub cache at {} (HF_HUB_OFFLINE is set)", self.root.display()))
     }
 }
 
@@ -166,28 +145,15 @@ impl ModelSource {
         match self {
             Self::Local(dir) => {
                 let index = dir.join("model_index.json");
-                if index.is_file() {
-                    Ok(dir.clone())
-                } else {
-                    Err(ModelError::MissingFile(index))
-                }
+                if index.is_file() { Ok(dir.clone()) } else { Err(ModelError::MissingFile(index)) }
             }
             Self::Hub { repo, revision } => {
                 let hub_repo = Repo::with_revision(repo.clone(), RepoType::Model, revision.clone());
                 let root = hub_cache_dir();
                 if hub_offline() {
-                    fetch_checkpoint(
-                        &CacheOnly {
-                            root,
-                            repo: hub_repo,
-                            revision: revision.clone(),
-                        },
-                        variant,
-                    )
+                    fetch_checkpoint(&CacheOnly { root, repo: hub_repo, revision: revision.clone() }, variant)
                 } else {
-                    let token = std::env::var("HF_TOKEN")
-                        .ok()
-                        .or_else(|| Cache::new(root.clone()).token());
+                    let token = std::env::var("HF_TOKEN").ok().or_else(|| Cache::new(root.clone()).token());
                     let api = ApiBuilder::from_cache(Cache::new(root))
                         .with_token(token)
                         .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -222,12 +188,7 @@ fn fetch_checkpoint(fetch: &dyn Fetch, variant: Option<&str>) -> Result<PathBuf,
 }
 
 /// Fetches one component's weights: single safetensors file, sharded safetensors, then `.bin`.
-fn fetch_weights(
-    fetch: &dyn Fetch,
-    dir: &str,
-    stems: &[&str],
-    variant: Option<&str>,
-) -> Result<(), ModelError> {
+fn fetch_weights(fetch: &dyn Fetch, dir: &str, stems: &[&str], variant: Option<&str>) -> Result<(), ModelError> {
     let mut first_error = None;
     for ext in ["safetensors", "bin"] {
         for stem in stems {
@@ -249,17 +210,13 @@ fn fetch_weights(
                     .map(|m| m.values().filter_map(|v| v.as_str()).collect())
                     .unwrap_or_default();
                 for shard in shards {
-                    fetch
-                        .fetch(&format!("{dir}/{shard}"))
-                        .map_err(ModelError::Hub)?;
+                    fetch.fetch(&format!("{dir}/{shard}")).map_err(ModelError::Hub)?;
                 }
                 return Ok(());
             }
         }
     }
-    Err(ModelError::Hub(
-        first_error.unwrap_or_else(|| format!("no weights for {dir}")),
-    ))
+    Err(ModelError::Hub(first_error.unwrap_or_else(|| format!("no weights for {dir}"))))
 }
 
 #[cfg(test)]
@@ -269,35 +226,16 @@ mod tests {
     #[test]
     fn parses_sources() {
         assert_eq!(
-            "hf:timbrooks/instruct-pix2pix"
-                .parse::<ModelSource>()
-                .expect("valid"),
-            ModelSource::Hub {
-                repo: "timbrooks/instruct-pix2pix".into(),
-                revision: "main".into()
-            }
+            "hf:timbrooks/instruct-pix2pix".parse::<ModelSource>().expect("valid"),
+            ModelSource::Hub { repo: "timbrooks/instruct-pix2pix".into(), revision: "main".into() }
         );
         assert_eq!(
-            "hf:timbrooks/instruct-pix2pix@fp16"
-                .parse::<ModelSource>()
-                .expect("valid"),
-            ModelSource::Hub {
-                repo: "timbrooks/instruct-pix2pix".into(),
-                revision: "fp16".into()
-            }
+            "hf:timbrooks/instruct-pix2pix@fp16".parse::<ModelSource>().expect("valid"),
+            ModelSource::Hub { repo: "timbrooks/instruct-pix2pix".into(), revision: "fp16".into() }
         );
-        assert_eq!(
-            "models/tiny".parse::<ModelSource>().expect("valid"),
-            ModelSource::Local("models/tiny".into())
-        );
+        assert_eq!("models/tiny".parse::<ModelSource>().expect("valid"), ModelSource::Local("models/tiny".into()));
         assert!("hf:nope".parse::<ModelSource>().is_err());
         assert!("hf:a/b@".parse::<ModelSource>().is_err());
-        assert_eq!(
-            "hf:a/b@v2"
-                .parse::<ModelSource>()
-                .expect("valid")
-                .to_string(),
-            "hf:a/b@v2"
-        );
+        assert_eq!("hf:a/b@v2".parse::<ModelSource>().expect("valid").to_string(), "hf:a/b@v2");
     }
 }

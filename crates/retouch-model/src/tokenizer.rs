@@ -34,10 +34,7 @@ pub struct ClipTokenizer {
 
 impl std::fmt::Debug for ClipTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClipTokenizer")
-            .field("max_length", &self.max_length)
-            .field("pad_id", &self.pad_id)
-            .finish()
+        f.debug_struct("ClipTokenizer").field("max_length", &self.max_length).field("pad_id", &self.pad_id).finish()
     }
 }
 
@@ -72,8 +69,8 @@ impl ClipTokenizer {
                 }
             })
         };
-        let vocab: serde_json::Map<String, Value> = serde_json::from_str(&read("vocab.json")?)
-            .map_err(|e| tok_err(format!("vocab.json: {e}")))?;
+        let vocab: serde_json::Map<String, Value> =
+            serde_json::from_str(&read("vocab.json")?).map_err(|e| tok_err(format!("vocab.json: {e}")))?;
         let merges: Vec<String> = read("merges.txt")?
             .lines()
             .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
@@ -137,15 +134,9 @@ impl ClipTokenizer {
         });
         let inner: tokenizers::Tokenizer = spec.to_string().parse().map_err(tok_err)?;
         if model_max < 2 {
-            return Err(tok_err(format!(
-                "model_max_length {model_max} leaves no room for BOS and EOS"
-            )));
+            return Err(tok_err(format!("model_max_length {model_max} leaves no room for BOS and EOS")));
         }
-        Ok(Self {
-            inner,
-            max_length: model_max,
-            pad_id,
-        })
+        Ok(Self { inner, max_length: model_max, pad_id })
     }
 
     /// The padded length (77).
@@ -169,10 +160,6 @@ impl ClipTokenizer {
         ids.extend_from_slice(&all[1..1 + token_count.min(room)]);
         ids.push(all[all.len() - 1]);
         ids.resize(self.max_length, self.pad_id);
-        Ok(TokenizedPrompt {
-            ids,
-            truncated,
-            token_count,
-        })
+        Ok(TokenizedPrompt { ids, truncated, token_count })
     }
 }

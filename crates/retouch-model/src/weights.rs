@@ -30,10 +30,7 @@ impl Store {
     fn names(&self) -> BTreeSet<String> {
         match self {
             Store::Safetensors(st) => st.tensors().into_iter().map(|(name, _)| name).collect(),
-            Store::Pickle(files) => files
-                .iter()
-                .flat_map(|f| f.tensor_infos().keys().cloned())
-                .collect(),
+            Store::Pickle(files) => files.iter().flat_map(|f| f.tensor_infos().keys().cloned()).collect(),
         }
     }
 
@@ -46,10 +43,7 @@ impl Store {
                         return t.to_device(dev);
                     }
                 }
-                Err(candle_core::Error::CannotFindTensor {
-                    path: name.to_string(),
-                }
-                .bt())
+                Err(candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())
             }
         }
     }
@@ -66,14 +60,7 @@ struct Ledger {
 struct LedgerBackend(Arc<Ledger>);
 
 impl SimpleBackend for LedgerBackend {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
+    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let tensor = self.get_unchecked(name, dtype, dev)?;
         if tensor.shape() != &s {
             return Err(candle_core::Error::UnexpectedShape {
@@ -88,11 +75,7 @@ impl SimpleBackend for LedgerBackend {
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let tensor = self.0.store.load(name, dev)?.to_dtype(dtype)?;
-        self.0
-            .used
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string());
+        self.0.used.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
         Ok(tensor)
     }
 
@@ -145,24 +128,13 @@ pub fn load_component<T>(
         WeightFiles::Pickle(paths) => Store::Pickle(
             paths
                 .iter()
-                .map(|p| {
-                    PthTensors::new(p, None)
-                        .map_err(|e| weights_err(format!("{}: {e}", p.display())))
-                })
+                .map(|p| PthTensors::new(p, None).map_err(|e| weights_err(format!("{}: {e}", p.display()))))
                 .collect::<Result<_, _>>()?,
         ),
     };
     let names = store.names();
-    let ledger = Arc::new(Ledger {
-        store,
-        names,
-        used: Mutex::new(BTreeSet::new()),
-    });
-    let vb = VarBuilder::from_backend(
-        Box::new(LedgerBackend(ledger.clone())),
-        dtype,
-        device.clone(),
-    );
+    let ledger = Arc::new(Ledger { store, names, used: Mutex::new(BTreeSet::new()) });
+    let vb = VarBuilder::from_backend(Box::new(LedgerBackend(ledger.clone())), dtype, device.clone());
     let network = build(vb).map_err(|e| weights_err(e.to_string()))?;
 
     let used = ledger.used.lock().unwrap_or_else(|p| p.into_inner());
@@ -177,12 +149,7 @@ pub fn load_component<T>(
             "{} tensor(s) in {} are not used by the network built from its config, e.g. {}; \
              the config does not describe these weights",
             unused.len(),
-            files
-                .paths()
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
+            files.paths().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
             shown.join(", ")
         )));
     }
@@ -194,11 +161,7 @@ pub fn load_component<T>(
 ///
 /// # Errors
 /// [`ModelError::MissingFile`] when none exists.
-pub fn find_weight_files(
-    dir: &Path,
-    stem: &str,
-    variant: Option<&str>,
-) -> Result<WeightFiles, ModelError> {
+pub fn find_weight_files(dir: &Path, stem: &str, variant: Option<&str>) -> Result<WeightFiles, ModelError> {
     let name = |ext: &str| match variant {
         Some(v) => format!("{stem}.{v}.{ext}"),
         None => format!("{stem}.{ext}"),
@@ -206,20 +169,12 @@ pub fn find_weight_files(
     for (ext, pickle) in [("safetensors", false), ("bin", true)] {
         let single = dir.join(name(ext));
         if single.is_file() {
-            return Ok(if pickle {
-                WeightFiles::Pickle(vec![single])
-            } else {
-                WeightFiles::Safetensors(vec![single])
-            });
+            return Ok(if pickle { WeightFiles::Pickle(vec![single]) } else { WeightFiles::Safetensors(vec![single]) });
         }
         let index = dir.join(format!("{}.index.json", name(ext)));
         if index.is_file() {
             let shards = shard_files(&index)?;
-            return Ok(if pickle {
-                WeightFiles::Pickle(shards)
-            } else {
-                WeightFiles::Safetensors(shards)
-            });
+            return Ok(if pickle { WeightFiles::Pickle(shards) } else { WeightFiles::Safetensors(shards) });
         }
     }
     Err(ModelError::MissingFile(dir.join(name("safetensors"))))
@@ -227,14 +182,8 @@ pub fn find_weight_files(
 
 fn shard_files(index: &Path) -> Result<Vec<PathBuf>, ModelError> {
     let map = crate::config::read_json_object(index)?;
-    let invalid = |message: &str| ModelError::InvalidConfig {
-        path: index.to_path_buf(),
-        message: message.into(),
-    };
-    let weight_map = map
-        .get("weight_map")
-        .and_then(|v| v.as_object())
-        .ok_or_else(|| invalid("no weight_map"))?;
+    let invalid = |message: &str| ModelError::InvalidConfig { path: index.to_path_buf(), message: message.into() };
+    let weight_map = map.get("weight_map").and_then(|v| v.as_object()).ok_or_else(|| invalid("no weight_map"))?;
     let dir = index.parent().unwrap_or(Path::new("."));
     let files: BTreeSet<&str> = weight_map.values().filter_map(|v| v.as_str()).collect();
     if files.is_empty() {
@@ -244,11 +193,7 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>, ModelError> {
         .into_iter()
         .map(|f| {
             let p = dir.join(f);
-            if p.is_file() {
-                Ok(p)
-            } else {
-                Err(ModelError::MissingFile(p))
-            }
+            if p.is_file() { Ok(p) } else { Err(ModelError::MissingFile(p)) }
         })
         .collect()
 }

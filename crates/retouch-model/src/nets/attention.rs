@@ -21,10 +21,7 @@ fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Resul
     let d = inner / heads;
     let dtype = q.dtype();
     let split = |x: &Tensor, len: usize| -> Result<Tensor> {
-        x.reshape((b, len, heads, d))?
-            .transpose(1, 2)?
-            .reshape((b * heads, len, d))?
-            .to_dtype(DType::F32)
+        x.reshape((b, len, heads, d))?.transpose(1, 2)?.reshape((b * heads, len, d))?.to_dtype(DType::F32)
     };
     let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
     let scale = (d as f64).powf(-0.5);
@@ -34,22 +31,12 @@ fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Resul
     let mut outs = Vec::with_capacity(rows.div_ceil(slice));
     for start in (0..rows).step_by(slice) {
         let len = slice.min(rows - start);
-        let scores = (q
-            .narrow(0, start, len)?
-            .matmul(&k_t.narrow(0, start, len)?)?
-            * scale)?;
+        let scores = (q.narrow(0, start, len)?.matmul(&k_t.narrow(0, start, len)?)? * scale)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         outs.push(probs.matmul(&v.narrow(0, start, len)?)?);
     }
-    let out = if outs.len() == 1 {
-        outs.pop().expect("one slice")
-    } else {
-        Tensor::cat(&outs, 0)?
-    };
-    out.reshape((b, heads, n, d))?
-        .transpose(1, 2)?
-        .reshape((b, n, inner))?
-        .to_dtype(dtype)
+    let out = if outs.len() == 1 { outs.pop().expect("one slice") } else { Tensor::cat(&outs, 0)? };
+    out.reshape((b, heads, n, d))?.transpose(1, 2)?.reshape((b, n, inner))?.to_dtype(dtype)
 }
 
 /// diffusers' `Attention` as used in transformer blocks: bias-free q/k/v, biased output.
@@ -78,8 +65,7 @@ impl CrossAttention {
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
-        self.to_out
-            .forward(&scaled_dot_product(&q, &k, &v, self.heads)?)
+        self.to_out.forward(&scaled_dot_product(&q, &k, &v, self.heads)?)
     }
 }
 
@@ -135,10 +121,7 @@ impl BasicTransformerBlock {
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self
-            .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context))?
-            + &x)?;
+        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
         self.ff.forward(&self.norm3.forward(&x)?)? + &x
     }
 }
@@ -189,14 +172,7 @@ impl SpatialTransformer {
             })
         };
         let blocks = (0..spec.layers)
-            .map(|i| {
-                BasicTransformerBlock::new(
-                    c,
-                    spec.context_dim,
-                    spec.heads,
-                    vb.pp("transformer_blocks").pp(i),
-                )
-            })
+            .map(|i| BasicTransformerBlock::new(c, spec.context_dim, spec.heads, vb.pp("transformer_blocks").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             norm: candle_nn::group_norm(spec.groups, c, 1e-6, vb.pp("norm"))?,
@@ -243,11 +219,7 @@ impl VaeAttention {
     /// Loads `attentions.0` from `vb`.
     pub fn new(channels: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         let legacy = !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight");
-        let names = if legacy {
-            ["query", "key", "value", "proj_attn"]
-        } else {
-            ["to_q", "to_k", "to_v", "to_out.0"]
-        };
+        let names = if legacy { ["query", "key", "value", "proj_attn"] } else { ["to_q", "to_k", "to_v", "to_out.0"] };
         let linear = |name: &str| -> Result<Linear> {
             let vb = vb.pp(name);
             let weight = vb.get_unchecked("weight")?;
@@ -276,12 +248,7 @@ impl VaeAttention {
     /// `x` is `[B, C, H, W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let tokens = self
-            .group_norm
-            .forward(x)?
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let tokens = self.group_norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
         let q = self.to_q.forward(&tokens)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;

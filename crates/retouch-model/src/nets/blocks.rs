@@ -5,19 +5,8 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 
 /// A `k×k` convolution with bias, `padding` on every side and `stride`.
-pub fn conv2d(
-    in_c: usize,
-    out_c: usize,
-    k: usize,
-    padding: usize,
-    stride: usize,
-    vb: VarBuilder,
-) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
+pub fn conv2d(in_c: usize, out_c: usize, k: usize, padding: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig { padding, stride, ..Default::default() };
     candle_nn::conv2d(in_c, out_c, k, cfg, vb)
 }
 
@@ -53,33 +42,17 @@ pub struct ResnetSpec {
 impl ResnetBlock2D {
     /// Loads the block from `vb`.
     pub fn new(spec: ResnetSpec, vb: VarBuilder) -> Result<Self> {
-        let ResnetSpec {
-            in_channels,
-            out_channels,
-            temb_channels,
-            groups,
-            eps,
-            output_scale_factor,
-        } = spec;
+        let ResnetSpec { in_channels, out_channels, temb_channels, groups, eps, output_scale_factor } = spec;
         let norm1 = candle_nn::group_norm(groups, in_channels, eps, vb.pp("norm1"))?;
         let conv1 = conv2d(in_channels, out_channels, 3, 1, 1, vb.pp("conv1"))?;
-        let time_emb_proj = temb_channels
-            .map(|t| candle_nn::linear(t, out_channels, vb.pp("time_emb_proj")))
-            .transpose()?;
+        let time_emb_proj =
+            temb_channels.map(|t| candle_nn::linear(t, out_channels, vb.pp("time_emb_proj"))).transpose()?;
         let norm2 = candle_nn::group_norm(groups, out_channels, eps, vb.pp("norm2"))?;
         let conv2 = conv2d(out_channels, out_channels, 3, 1, 1, vb.pp("conv2"))?;
         let conv_shortcut = (in_channels != out_channels)
             .then(|| conv2d(in_channels, out_channels, 1, 0, 1, vb.pp("conv_shortcut")))
             .transpose()?;
-        Ok(Self {
-            norm1,
-            conv1,
-            time_emb_proj,
-            norm2,
-            conv2,
-            conv_shortcut,
-            output_scale_factor,
-        })
+        Ok(Self { norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut, output_scale_factor })
     }
 
     /// `x` is `[B, C, H, W]`; `temb` the per-sample time embedding `[B, T]` (UNet only).
@@ -95,11 +68,7 @@ impl ResnetBlock2D {
             None => x.clone(),
         };
         let out = (shortcut + h)?;
-        if self.output_scale_factor == 1.0 {
-            Ok(out)
-        } else {
-            out / self.output_scale_factor
-        }
+        if self.output_scale_factor == 1.0 { Ok(out) } else { out / self.output_scale_factor }
     }
 }
 
@@ -115,10 +84,7 @@ impl Downsample2D {
     /// Loads `downsamplers.0` (its `conv`).
     pub fn new(channels: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
         let conv = conv2d(channels, channels, 3, padding, 2, vb.pp("conv"))?;
-        Ok(Self {
-            conv,
-            pad_bottom_right: padding == 0,
-        })
+        Ok(Self { conv, pad_bottom_right: padding == 0 })
     }
 
     /// Halves the spatial size (rounding up).
@@ -141,9 +107,7 @@ pub struct Upsample2D {
 impl Upsample2D {
     /// Loads `upsamplers.0` (its `conv`).
     pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            conv: conv2d(channels, channels, 3, 1, 1, vb.pp("conv"))?,
-        })
+        Ok(Self { conv: conv2d(channels, channels, 3, 1, 1, vb.pp("conv"))? })
     }
 
     /// Resizes to `size` (the skip connection's size in the UNet; twice the input otherwise).

@@ -5,9 +5,7 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::clip::text_model::{
-    Activation, ClipTextConfig, ClipTextTransformer,
-};
+use candle_transformers::models::clip::text_model::{Activation, ClipTextConfig, ClipTextTransformer};
 
 use crate::config::TextEncoderConfig;
 
@@ -24,11 +22,7 @@ pub struct TextEncoder {
 impl TextEncoder {
     /// Builds the encoder from `vb` (the root of `text_encoder/model.safetensors`).
     pub fn new(config: &TextEncoderConfig, vb: VarBuilder) -> Result<Self> {
-        let vb = if vb.contains_tensor(&format!("text_model.{PROBE}")) {
-            vb.pp("text_model")
-        } else {
-            vb
-        };
+        let vb = if vb.contains_tensor(&format!("text_model.{PROBE}")) { vb.pp("text_model") } else { vb };
         let cfg = ClipTextConfig {
             vocab_size: config.vocab_size,
             embed_dim: config.hidden_size,
@@ -40,10 +34,7 @@ impl TextEncoder {
             num_attention_heads: config.num_attention_heads,
             projection_dim: config.hidden_size,
         };
-        Ok(Self {
-            inner: ClipTextTransformer::new(vb, &cfg)?,
-            config: config.clone(),
-        })
+        Ok(Self { inner: ClipTextTransformer::new(vb, &cfg)?, config: config.clone() })
     }
 
     /// The config the encoder was built from.

@@ -73,10 +73,7 @@ impl UNet {
             let mut attentions = Vec::new();
             for j in 0..block.layers {
                 let from = if j == 0 { in_c } else { out_c };
-                resnets.push(ResnetBlock2D::new(
-                    resnet(from, out_c, 1.0),
-                    vb.pp("resnets").pp(j),
-                )?);
+                resnets.push(ResnetBlock2D::new(resnet(from, out_c, 1.0), vb.pp("resnets").pp(j))?);
                 if let Some(layers) = block.transformer_layers {
                     attentions.push(SpatialTransformer::new(
                         transformer(out_c, block.heads, layers),
@@ -85,28 +82,16 @@ impl UNet {
                 }
             }
             let downsampler = (i + 1 < n)
-                .then(|| {
-                    Downsample2D::new(out_c, c.downsample_padding, vb.pp("downsamplers").pp(0))
-                })
+                .then(|| Downsample2D::new(out_c, c.downsample_padding, vb.pp("downsamplers").pp(0)))
                 .transpose()?;
-            down_blocks.push(DownBlock {
-                resnets,
-                attentions,
-                downsampler,
-            });
+            down_blocks.push(DownBlock { resnets, attentions, downsampler });
         }
 
         let last = c.down_blocks[n - 1].out_channels;
         let mid = vb.pp("mid_block");
         let mid_resnets = [
-            ResnetBlock2D::new(
-                resnet(last, last, c.mid_block_scale_factor),
-                mid.pp("resnets").pp(0),
-            )?,
-            ResnetBlock2D::new(
-                resnet(last, last, c.mid_block_scale_factor),
-                mid.pp("resnets").pp(1),
-            )?,
+            ResnetBlock2D::new(resnet(last, last, c.mid_block_scale_factor), mid.pp("resnets").pp(0))?,
+            ResnetBlock2D::new(resnet(last, last, c.mid_block_scale_factor), mid.pp("resnets").pp(1))?,
         ];
         let mid_attention = SpatialTransformer::new(
             transformer(last, c.mid_heads, c.mid_transformer_layers),
@@ -124,16 +109,9 @@ impl UNet {
             let mut resnets = Vec::new();
             let mut attentions = Vec::new();
             for j in 0..block.layers {
-                let res_skip = if j + 1 == block.layers {
-                    skip_in
-                } else {
-                    out_c
-                };
+                let res_skip = if j + 1 == block.layers { skip_in } else { out_c };
                 let res_in = if j == 0 { prev_out } else { out_c };
-                resnets.push(ResnetBlock2D::new(
-                    resnet(res_in + res_skip, out_c, 1.0),
-                    vb.pp("resnets").pp(j),
-                )?);
+                resnets.push(ResnetBlock2D::new(resnet(res_in + res_skip, out_c, 1.0), vb.pp("resnets").pp(j))?);
                 if let Some(layers) = block.transformer_layers {
                     attentions.push(SpatialTransformer::new(
                         transformer(out_c, block.heads, layers),
@@ -141,14 +119,8 @@ impl UNet {
                     )?);
                 }
             }
-            let upsampler = (i + 1 < n)
-                .then(|| Upsample2D::new(out_c, vb.pp("upsamplers").pp(0)))
-                .transpose()?;
-            up_blocks.push(UpBlock {
-                resnets,
-                attentions,
-                upsampler,
-            });
+            let upsampler = (i + 1 < n).then(|| Upsample2D::new(out_c, vb.pp("upsamplers").pp(0))).transpose()?;
+            up_blocks.push(UpBlock { resnets, attentions, upsampler });
             prev_out = out_c;
         }
 
@@ -161,12 +133,7 @@ impl UNet {
             mid_resnets,
             mid_attention,
             up_blocks,
-            conv_norm_out: candle_nn::group_norm(
-                c.norm_num_groups,
-                ch0,
-                c.norm_eps,
-                vb.pp("conv_norm_out"),
-            )?,
+            conv_norm_out: candle_nn::group_norm(c.norm_num_groups, ch0, c.norm_eps, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(ch0, c.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
         })
     }
@@ -183,15 +150,9 @@ impl UNet {
         let half = dim / 2;
         let ln_max_period = -(10000f64.ln() as f32);
         let denominator = (half as f64 - self.config.freq_shift) as f32;
-        let args: Vec<f32> = (0..half)
-            .map(|i| timestep * ((ln_max_period * i as f32) / denominator).exp())
-            .collect();
+        let args: Vec<f32> = (0..half).map(|i| timestep * ((ln_max_period * i as f32) / denominator).exp()).collect();
         let (sin, cos): (Vec<f32>, Vec<f32>) = args.iter().map(|a| (a.sin(), a.cos())).unzip();
-        let mut emb = if self.config.flip_sin_to_cos {
-            [cos, sin].concat()
-        } else {
-            [sin, cos].concat()
-        };
+        let mut emb = if self.config.flip_sin_to_cos { [cos, sin].concat() } else { [sin, cos].concat() };
         emb.resize(dim, 0.0);
         Tensor::from_vec(emb, (1, dim), device)
     }
@@ -201,19 +162,11 @@ impl UNet {
     pub fn forward(&self, sample: &Tensor, timestep: f32, context: &Tensor) -> Result<Tensor> {
         let b = sample.dim(0)?;
         let dtype = sample.dtype();
-        let t_emb = self
-            .time_projection(timestep, sample.device())?
-            .to_dtype(dtype)?;
-        let emb = self
-            .time_linear_2
-            .forward(&self.time_linear_1.forward(&t_emb)?.silu()?)?;
+        let t_emb = self.time_projection(timestep, sample.device())?.to_dtype(dtype)?;
+        let emb = self.time_linear_2.forward(&self.time_linear_1.forward(&t_emb)?.silu()?)?;
         let emb = emb.broadcast_as((b, emb.dim(1)?))?.contiguous()?;
 
-        let sample = if self.config.center_input_sample {
-            ((sample * 2.0)? - 1.0)?
-        } else {
-            sample.clone()
-        };
+        let sample = if self.config.center_input_sample { ((sample * 2.0)? - 1.0)? } else { sample.clone() };
         let mut x = self.conv_in.forward(&sample)?;
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
@@ -236,18 +189,14 @@ impl UNet {
 
         for block in &self.up_blocks {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                let skip = skips
-                    .pop()
-                    .expect("the UNet's skip stack matches its blocks; this is a bug");
+                let skip = skips.pop().expect("the UNet's skip stack matches its blocks; this is a bug");
                 x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, Some(&emb))?;
                 if let Some(attn) = block.attentions.get(j) {
                     x = attn.forward(&x, context)?;
                 }
             }
             if let Some(up) = &block.upsampler {
-                let next_skip = skips
-                    .last()
-                    .expect("an upsampler is followed by more skips; this is a bug");
+                let next_skip = skips.last().expect("an upsampler is followed by more skips; this is a bug");
                 let (_, _, h, w) = next_skip.dims4()?;
                 x = up.forward(&x, Some((h, w)))?;
             }

@@ -73,12 +73,7 @@ impl Encoder {
             out_c = block_c;
             let resnets = (0..c.layers_per_block)
                 .map(|j| {
-                    vae_resnet(
-                        if j == 0 { in_c } else { out_c },
-                        out_c,
-                        c.norm_num_groups,
-                        vb.pp("resnets").pp(j),
-                    )
+                    vae_resnet(if j == 0 { in_c } else { out_c }, out_c, c.norm_num_groups, vb.pp("resnets").pp(j))
                 })
                 .collect::<Result<Vec<_>>>()?;
             let down = (i + 1 < channels.len())
@@ -90,18 +85,8 @@ impl Encoder {
         Ok(Self {
             conv_in: conv2d(c.in_channels, channels[0], 3, 1, 1, vb.pp("conv_in"))?,
             blocks,
-            mid: MidBlock::new(
-                last,
-                c.norm_num_groups,
-                c.mid_block_add_attention,
-                vb.pp("mid_block"),
-            )?,
-            norm_out: candle_nn::group_norm(
-                c.norm_num_groups,
-                last,
-                VAE_EPS,
-                vb.pp("conv_norm_out"),
-            )?,
+            mid: MidBlock::new(last, c.norm_num_groups, c.mid_block_add_attention, vb.pp("mid_block"))?,
+            norm_out: candle_nn::group_norm(c.norm_num_groups, last, VAE_EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(last, 2 * c.latent_channels, 3, 1, 1, vb.pp("conv_out"))?,
         })
     }
@@ -141,35 +126,18 @@ impl Decoder {
             out_c = block_c;
             let resnets = (0..=c.layers_per_block)
                 .map(|j| {
-                    vae_resnet(
-                        if j == 0 { prev } else { out_c },
-                        out_c,
-                        c.norm_num_groups,
-                        vb.pp("resnets").pp(j),
-                    )
+                    vae_resnet(if j == 0 { prev } else { out_c }, out_c, c.norm_num_groups, vb.pp("resnets").pp(j))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let up = (i + 1 < reversed.len())
-                .then(|| Upsample2D::new(out_c, vb.pp("upsamplers").pp(0)))
-                .transpose()?;
+            let up = (i + 1 < reversed.len()).then(|| Upsample2D::new(out_c, vb.pp("upsamplers").pp(0))).transpose()?;
             blocks.push((resnets, up));
         }
         let first = c.block_out_channels[0];
         Ok(Self {
             conv_in: conv2d(c.latent_channels, reversed[0], 3, 1, 1, vb.pp("conv_in"))?,
-            mid: MidBlock::new(
-                reversed[0],
-                c.norm_num_groups,
-                c.mid_block_add_attention,
-                vb.pp("mid_block"),
-            )?,
+            mid: MidBlock::new(reversed[0], c.norm_num_groups, c.mid_block_add_attention, vb.pp("mid_block"))?,
             blocks,
-            norm_out: candle_nn::group_norm(
-                c.norm_num_groups,
-                first,
-                VAE_EPS,
-                vb.pp("conv_norm_out"),
-            )?,
+            norm_out: candle_nn::group_norm(c.norm_num_groups, first, VAE_EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(first, c.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
         })
     }

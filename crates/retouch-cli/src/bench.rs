@@ -1,0 +1,215 @@
+//! `retouch bench`: stage timings of the model on this machine, defined as
+//! `bench/diffusers_bench.py` defines them for diffusers, so the two tables compare directly.
+//!
+//! Stages (N = `--batch` images of S×S px, K = `--steps`):
+//! * `text_encode`: CLIP on the N instructions and the empty negative prompt;
+//! * `vae_encode`: VAE posterior mean of the N images;
+//! * `unet_call`: one UNet call at batch 3N (guidance on) with t = 999;
+//! * `vae_decode`: decode N latents to images;
+//! * `edit`: the whole batched edit, K Euler-ancestral steps.
+//!
+//! Each stage runs `--warmup` untimed times, then `--repeats` timed times; median, min and max
+//! are reported with the peak RSS of the process.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Tensor};
+use image::RgbImage;
+use retouch_core::editor::{EditBatch, EditRequest, NoProgress};
+use retouch_core::params::SchedulerKind;
+use serde_json::json;
+
+use crate::edit::load_model;
+
+/// Flags of `retouch bench`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Checkpoint: a diffusers directory or hf:OWNER/NAME[@REVISION].
+    #[arg(long, env = "RETOUCH_MODEL")]
+    pub model: String,
+    /// Image side in pixels (square inputs).
+    #[arg(long, default_value_t = 256)]
+    pub size: u32,
+    /// Denoising steps of the whole-edit stage.
+    #[arg(long, default_value_t = 10)]
+    pub steps: u32,
+    /// Images per batch (the UNet runs at 3× this).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Device: cpu or cuda[:N].
+    #[arg(long, env = "RETOUCH_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Weight variant (e.g. fp16).
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// Untimed runs per stage.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Timed runs per stage (the whole edit uses `--edit-repeats`).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Timed runs of the whole edit.
+    #[arg(long, default_value_t = 1)]
+    pub edit_repeats: usize,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Peak and current resident set size in MiB, from `/proc/self/status`.
+fn rss_mib() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+struct Stage {
+    name: &'static str,
+    seconds: Vec<f64>,
+}
+
+impl Stage {
+    fn median(&self) -> f64 {
+        let mut s = self.seconds.clone();
+        s.sort_by(f64::total_cmp);
+        s[s.len() / 2]
+    }
+}
+
+fn time<T>(
+    name: &'static str,
+    warmup: usize,
+    repeats: usize,
+    mut f: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<Stage> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut seconds = Vec::with_capacity(repeats);
+    for _ in 0..repeats.max(1) {
+        let t = Instant::now();
+        f()?;
+        seconds.push(t.elapsed().as_secs_f64());
+    }
+    eprintln!("{name}: median {:.4} s", {
+        let mut s = seconds.clone();
+        s.sort_by(f64::total_cmp);
+        s[s.len() / 2]
+    });
+    Ok(Stage { name, seconds })
+}
+
+/// A structured test image: gradients and a disc, so the VAE sees realistic statistics.
+fn test_image(size: u32, salt: u32) -> RgbImage {
+    RgbImage::from_fn(size, size, |x, y| {
+        let (cx, cy) = (size as i64 / 2, size as i64 / 3);
+        let inside = (x as i64 - cx).pow(2) + (y as i64 - cy).pow(2) < (size as i64 / 4).pow(2);
+        let v = |k: u32| ((x * k + y * (k + 1) + salt * 37) % 256) as u8;
+        if inside { image::Rgb([220, v(1), 40]) } else { image::Rgb([v(1), v(2), v(3)]) }
+    })
+}
+
+/// Runs `retouch bench`.
+///
+/// # Errors
+/// Model loading and compute failures.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let load_started = Instant::now();
+    let model = load_model(&args.model, args.variant.as_deref(), &args.device)?;
+    let load_seconds = load_started.elapsed().as_secs_f64();
+    let (_, rss_after_load) = rss_mib();
+    let n = args.batch.max(1);
+    let images: Vec<RgbImage> = (0..n as u32).map(|i| test_image(args.size, i)).collect();
+    let instructions: Vec<String> = (0..n).map(|i| format!("make it look like winter, variant {i}")).collect();
+    let (w, r) = (args.warmup, args.repeats);
+
+    let text = time("text_encode", w, r, || {
+        model.encode_prompt("")?;
+        for p in &instructions {
+            model.encode_prompt(p)?;
+        }
+        Ok(())
+    })?;
+    let image_refs: Vec<&RgbImage> = images.iter().collect();
+    let vae_encode = time("vae_encode", w, r, || Ok(model.encode_images(&image_refs)?))?;
+
+    let f = (args.size / 8) as usize;
+    let dev = model.device().clone();
+    let (emb, _) = model.encode_prompt(&instructions[0])?;
+    let context = emb.repeat((3 * n, 1, 1))?;
+    let x = Tensor::randn(0f32, 1.0, (3 * n, 8, f, f), &dev)?.to_dtype(model.dtype())?;
+    let unet = time("unet_call", w, r, || Ok(model.unet().forward(&x, 999.0, &context)?.to_dtype(DType::F32)?))?;
+
+    let latents = Tensor::randn(0f32, 1.0, (n, 4, f, f), &dev)?;
+    let vae_decode = time("vae_decode", w, r, || Ok(model.decode(&latents)?))?;
+
+    let batch = EditBatch {
+        steps: args.steps,
+        scheduler: Some(SchedulerKind::EulerAncestral),
+        requests: images
+            .iter()
+            .zip(&instructions)
+            .enumerate()
+            .map(|(i, (image, instruction))| EditRequest {
+                image: image.clone(),
+                instruction: instruction.clone(),
+                seed: i as u64,
+                guidance_scale: 7.5,
+                image_guidance_scale: 1.5,
+                init_latents: None,
+            })
+            .collect(),
+    };
+    let edit = time("edit", 0, args.edit_repeats, || Ok(model.run(&batch, &mut NoProgress)?))?;
+
+    let (peak, _) = rss_mib();
+    let stages = [text, vae_encode, unet, vae_decode, edit];
+    println!(
+        "retouch {} | {} | {}×{} px, batch {n}, {} steps, threads {}",
+        env!("CARGO_PKG_VERSION"),
+        args.device,
+        args.size,
+        args.size,
+        args.steps,
+        candle_core::utils::get_num_threads()
+    );
+    println!("{:<12} {:>10} {:>10} {:>10}", "stage", "median s", "min s", "max s");
+    for s in &stages {
+        let min = s.seconds.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = s.seconds.iter().copied().fold(0.0, f64::max);
+        println!("{:<12} {:>10.4} {:>10.4} {:>10.4}", s.name, s.median(), min, max);
+    }
+    println!("load {load_seconds:.2} s, RSS after load {rss_after_load:.0} MiB, peak RSS {peak:.0} MiB");
+
+    if let Some(path) = &args.json {
+        let report = json!({
+            "implementation": "retouch",
+            "version": env!("CARGO_PKG_VERSION"),
+            "model": args.model,
+            "device": args.device,
+            "size": args.size,
+            "steps": args.steps,
+            "batch": n,
+            "threads": candle_core::utils::get_num_threads(),
+            "load_seconds": load_seconds,
+            "rss_after_load_mb": rss_after_load,
+            "peak_rss_mb": peak,
+            "stages": stages.iter().map(|s| (s.name.to_string(), json!({
+                "median_s": s.median(),
+                "runs_s": s.seconds,
+            }))).collect::<serde_json::Map<_, _>>(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}

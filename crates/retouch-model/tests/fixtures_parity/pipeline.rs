@@ -1,0 +1,163 @@
+//! Whole edits against diffusers' outputs: every case within 2/255 on every pixel, and batch
+//! results identical to single-image results.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use image::RgbImage;
+use retouch_core::editor::{EditBatch, EditRequest, NoProgress};
+use retouch_core::imaging::{self, DecodeLimits};
+use retouch_core::params::SchedulerKind;
+use retouch_model::{InstructPix2Pix, LoadOptions};
+use serde_json::Value;
+
+use crate::{fixtures, read_json};
+
+/// The acceptance bound: |Δ| per uint8 channel value.
+const TOLERANCE: u8 = 2;
+
+fn load(model: &str, variant: Option<&str>) -> InstructPix2Pix {
+    let options = LoadOptions { variant: variant.map(str::to_string), ..Default::default() };
+    InstructPix2Pix::load(&fixtures().join(model), model, &options).unwrap_or_else(|e| panic!("{model}: {e}"))
+}
+
+fn prepared(path: &str, max_side: u32) -> RgbImage {
+    let bytes = std::fs::read(fixtures().join(path)).expect("input image");
+    imaging::prepare(&bytes, DecodeLimits::default(), max_side, 8).expect("prepare").image
+}
+
+fn init_latents(path: &str) -> Vec<f32> {
+    let tensors =
+        candle_core::safetensors::load(fixtures().join(path), &candle_core::Device::Cpu).expect("latents file");
+    tensors["latents"].flatten_all().and_then(|t| t.to_vec1()).expect("f32 latents")
+}
+
+fn batch_for(case: &Value) -> EditBatch {
+    let max_side = case["max_side"].as_u64().expect("max_side") as u32;
+    let strings = |key: &str| -> Vec<String> {
+        case[key].as_array().expect(key).iter().map(|v| v.as_str().expect("string").to_string()).collect()
+    };
+    let images = strings("images");
+    let instructions = strings("instructions");
+    let seeds: Vec<u64> = case["seeds"].as_array().expect("seeds").iter().map(|v| v.as_u64().expect("seed")).collect();
+    let latents = case["init_latents"].as_str().map(init_latents);
+    EditBatch {
+        steps: case["steps"].as_u64().expect("steps") as u32,
+        scheduler: Some(case["scheduler"].as_str().expect("scheduler").parse::<SchedulerKind>().expect("kind")),
+        requests: images
+            .iter()
+            .zip(&instructions)
+            .zip(&seeds)
+            .map(|((image, instruction), &seed)| EditRequest {
+                image: prepared(image, max_side),
+                instruction: instruction.clone(),
+                seed,
+                guidance_scale: case["guidance_scale"].as_f64().expect("gs") as f32,
+                image_guidance_scale: case["image_guidance_scale"].as_f64().expect("igs") as f32,
+                init_latents: latents.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn max_and_mean_diff(a: &RgbImage, b: &RgbImage) -> (u8, f64) {
+    assert_eq!(a.dimensions(), b.dimensions(), "output size");
+    let diffs: Vec<u8> = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).collect();
+    let mean = diffs.iter().map(|&d| f64::from(d)).sum::<f64>() / diffs.len() as f64;
+    (diffs.iter().copied().max().unwrap_or(0), mean)
+}
+
+fn run_case(model: &InstructPix2Pix, case: &Value, batch: &EditBatch) -> Vec<retouch_core::editor::EditedImage> {
+    let mut config = model.scheduler_config().clone();
+    for (k, v) in case["scheduler_overrides"].as_object().expect("overrides") {
+        config.insert(k.clone(), v.clone());
+    }
+    model.run_with_scheduler_config(batch, &config, &mut NoProgress).expect("edit runs")
+}
+
+#[test]
+fn every_case_is_within_two_levels_of_diffusers() {
+    let data = read_json("cases.json");
+    let cases = data["cases"].as_array().expect("cases");
+    let mut models: HashMap<(String, Option<String>), InstructPix2Pix> = HashMap::new();
+    let mut report = Vec::new();
+    let mut failures = Vec::new();
+    let mut worst = (0u8, String::new());
+    for case in cases {
+        let name = case["name"].as_str().expect("name");
+        let key = (case["model"].as_str().expect("model").to_string(), case["variant"].as_str().map(str::to_string));
+        let model = models.entry(key.clone()).or_insert_with(|| load(&key.0, key.1.as_deref()));
+        let batch = batch_for(case);
+        let outputs = run_case(model, case, &batch);
+        for (i, (out, expected)) in outputs.iter().zip(case["expected"].as_array().expect("expected")).enumerate() {
+            let golden = image::open(fixtures().join(expected.as_str().expect("path"))).expect("golden png").to_rgb8();
+            let (max, mean) = max_and_mean_diff(&out.image, &golden);
+            let truncated = case["truncated"][i].as_bool().expect("truncated");
+            report.push(format!(
+                "{name:>20}[{i}] {:>3}×{:<3} max |Δ| {max}  mean |Δ| {mean:.5}",
+                golden.width(),
+                golden.height()
+            ));
+            if max > TOLERANCE || out.instruction_truncated != truncated {
+                failures.push(format!(
+                    "{name}[{i}]: max |Δ| {max} (truncated {} vs {truncated})",
+                    out.instruction_truncated
+                ));
+            }
+            if max >= worst.0 {
+                worst = (max, format!("{name}[{i}]"));
+            }
+        }
+    }
+    eprintln!("{}\nworst: {} at {}", report.join("\n"), worst.0, worst.1);
+    assert!(cases.len() >= 25, "expected the full case list, found {}", cases.len());
+    assert!(failures.is_empty(), "cases beyond {TOLERANCE}/255:\n{}", failures.join("\n"));
+}
+
+fn run_alone(model: &InstructPix2Pix, batch: &EditBatch, request: &EditRequest) -> RgbImage {
+    let single = EditBatch { steps: batch.steps, scheduler: batch.scheduler, requests: vec![request.clone()] };
+    model.run(&single, &mut NoProgress).expect("single edit").remove(0).image
+}
+
+#[test]
+fn batched_results_equal_single_results_bit_for_bit() {
+    let model = load("models/tiny-sd15", None);
+    let a = prepared("images/a.png", 512);
+    let b = prepared("images/b.png", 512);
+    let c = prepared("images/c.png", 512);
+    let request = |image: &RgbImage, instruction: &str, seed: u64, gs: f32, igs: f32| EditRequest {
+        image: image.clone(),
+        instruction: instruction.into(),
+        seed,
+        guidance_scale: gs,
+        image_guidance_scale: igs,
+        init_latents: None,
+    };
+    // Mixed instructions, seeds and guidance, including one image with guidance off (one UNet
+    // row instead of three) in the middle of the batch.
+    let batch = EditBatch {
+        steps: 6,
+        scheduler: Some(SchedulerKind::EulerAncestral),
+        requests: vec![
+            request(&a, "make it snowy", 1, 7.5, 1.5),
+            request(&b, "turn the sofa red", 2, 1.0, 1.5),
+            request(&c, "add fireworks", 3, 4.0, 1.2),
+            request(&a, "make it snowy", 1, 7.5, 1.5),
+        ],
+    };
+    let batched = model.run(&batch, &mut NoProgress).expect("batch edit");
+    for (i, request) in batch.requests.iter().enumerate() {
+        let alone = run_alone(&model, &batch, request);
+        let (max, _) = max_and_mean_diff(&batched[i].image, &alone);
+        assert!(batched[i].image == alone, "image {i}: batched differs from alone (max |Δ| {max})");
+    }
+    assert!(batched[0].image == batched[3].image, "the same request twice in one batch must agree");
+}
+
+#[test]
+fn fp16_variant_and_missing_variant() {
+    let dir = fixtures().join("models/tiny-sd15");
+    let options = LoadOptions { variant: Some("int4".into()), ..Default::default() };
+    let err = InstructPix2Pix::load(Path::new(&dir), "tiny", &options).expect_err("no int4 files");
+    assert!(err.to_string().contains("int4"), "{err}");
+}
