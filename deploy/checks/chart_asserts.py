@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Assertions on the chart's rendered manifests (what kubernetes-validate cannot know).
+
+  chart_asserts.py RENDER_DIR
+
+RENDER_DIR holds `helm template` outputs named after their values file: default.yaml and
+<ci file name>.yaml (e.g. gpu-keda-values.yaml), rendered with
+`--api-versions keda.sh/v1alpha1 --api-versions monitoring.coreos.com/v1`.
+
+For every rendering: the worker's contract (exec args, worker.toml keys and types against
+config/worker.toml, grace period above shutdown_timeout, probes on /healthz and /readyz, the
+AMQP URL from a Secret), the security context of every container, and writable volumes for the
+cache and /tmp. Per file: GPU limits, KEDA/HPA wiring, the PrometheusRule equal to
+deploy/prometheus/alerts.yml, the PVC. Prints one line per file; exit 1 on any failure.
+"""
+
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER_TOML = ROOT / "config" / "worker.toml"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+
+
+def duration_s(text):
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    parts = re.findall(r"(\d+)(ms|s|m|h)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, f"bad duration {text!r}"
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+def worker_key_types():
+    text = WORKER_TOML.read_text()
+    types = {k: type(v) for k, v in tomllib.loads(text).items()}
+    for m in re.finditer(r"^# ([a-z0-9_]+) = (.+)$", text, re.M):
+        types.setdefault(m.group(1), type(tomllib.loads(f"x = {m.group(2)}")["x"]))
+    return types
+
+
+def load(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    by_kind = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    return by_kind
+
+
+def check_common(objs, key_types):
+    dep = objs["Deployment"][0]
+    pod = dep["spec"]["template"]["spec"]
+    worker = next(c for c in pod["containers"] if c["name"] == "worker")
+    assert worker["args"][:1] == ["worker"] and "command" not in worker, "worker must run the image entrypoint with args"
+
+    cm = next(c for c in objs["ConfigMap"] if c["metadata"]["name"].endswith("-config"))
+    config = tomllib.loads(cm["data"]["worker.toml"])
+    for k, v in config.items():
+        assert k in key_types, f"worker.toml key {k} unknown to the worker"
+        assert isinstance(v, key_types[k]), f"worker.toml {k} = {v!r} is not {key_types[k].__name__}"
+    assert "amqp_url" not in config, "amqp_url must come from the Secret, not the ConfigMap"
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace > duration_s(config["shutdown_timeout"]), "grace period must exceed shutdown_timeout"
+
+    env = {e["name"]: e for e in worker["env"]}
+    assert "secretKeyRef" in env["RETOUCH_AMQP_URL"]["valueFrom"], "RETOUCH_AMQP_URL must come from a Secret"
+    assert env["HF_HOME"]["value"].startswith(next(
+        m["mountPath"] for m in worker["volumeMounts"] if m["name"] == "model-cache")), "HF_HOME outside the cache volume"
+
+    sp = worker["startupProbe"]
+    assert sp["httpGet"]["path"] in ("/healthz", "/readyz")
+    assert sp["periodSeconds"] * sp["failureThreshold"] >= 600, "startup probe shorter than 10 minutes"
+    assert worker["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert worker["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    port = int(config["metrics_addr"].rsplit(":", 1)[1])
+    assert worker["ports"][0]["containerPort"] == port, "container port != metrics_addr"
+
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    for c in pod["containers"] + pod.get("initContainers", []):
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True, f"{c['name']}: root FS not read-only"
+        assert sc["allowPrivilegeEscalation"] is False, f"{c['name']}: privilege escalation allowed"
+        assert sc["capabilities"]["drop"] == ["ALL"], f"{c['name']}: capabilities not dropped"
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert "/tmp" in mounts, f"{c['name']}: no writable /tmp"
+    model_dir = config["model_cache_dir"]
+    cache_mount = next(m["mountPath"] for m in worker["volumeMounts"] if m["name"] == "model-cache")
+    assert model_dir.startswith(cache_mount), "model_cache_dir not on the cache volume"
+
+    for init in pod.get("initContainers", []):
+        if init["name"] == "fetch-model":
+            a = init["args"]
+            assert a[0] == "fetch-model" and a[a.index("--model") + 1] == config["model"]
+            assert a[a.index("--cache-dir") + 1] == model_dir
+
+    svc = objs["Service"][0]
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["ports"][0]["port"] == port
+    test = objs["Pod"][0]
+    assert test["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert "/healthz" in " ".join(test["spec"]["containers"][0]["command"])
+    sel = dep["spec"]["selector"]["matchLabels"]
+    assert not all(test["metadata"]["labels"].get(k) == v for k, v in sel.items()), "the test pod matches the worker selector"
+    return dep, worker, config
+
+
+def gpu_limit(worker):
+    return worker["resources"].get("limits", {}).get("nvidia.com/gpu")
+
+
+def main(render_dir):
+    render_dir = Path(render_dir)
+    key_types = worker_key_types()
+    rules = yaml.safe_load(ALERTS.read_text())
+    failed = 0
+    files = sorted(render_dir.glob("*.yaml"))
+    assert files, f"no renderings in {render_dir}"
+    for f in files:
+        try:
+            objs = load(f)
+            dep, worker, config = check_common(objs, key_types)
+            notes = []
+            name = f.stem
+            if name in ("default", "gpu-keda-values", "hpa-values", "pvc-values"):
+                assert gpu_limit(worker) == 1, "no nvidia.com/gpu limit"
+                assert config["device"].startswith("cuda")
+                tol = dep["spec"]["template"]["spec"]["tolerations"]
+                assert any(t.get("key") == "nvidia.com/gpu" for t in tol), "no GPU toleration"
+                notes.append("GPU limit + toleration")
+            if name == "minimal-values":
+                assert gpu_limit(worker) is None and config["device"] == "cpu"
+                secret = objs["Secret"][0]
+                assert "amqp-url" in secret["stringData"]
+                notes.append("CPU, chart Secret")
+            if name == "gpu-keda-values":
+                assert "replicas" not in dep["spec"], "KEDA owns replicas"
+                so = objs["ScaledObject"][0]
+                trig = so["spec"]["triggers"][0]
+                md = trig["metadata"]
+                assert trig["type"] == "rabbitmq" and md["protocol"] == "http" and md["mode"] == "QueueLength"
+                assert md["queueName"] == config["jobs_queue"]
+                assert isinstance(md["value"], str) and isinstance(md["activationValue"], str)
+                assert so["spec"]["minReplicaCount"] == 0 and "cooldownPeriod" in so["spec"]
+                assert "behavior" in so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]
+                ta = objs["TriggerAuthentication"][0]
+                assert ta["spec"]["secretTargetRef"][0]["parameter"] == "host"
+                assert trig["authenticationRef"]["name"] == ta["metadata"]["name"]
+                assert "HorizontalPodAutoscaler" not in objs
+                pr = objs["PrometheusRule"][0]
+                assert pr["spec"] == rules, "PrometheusRule differs from deploy/prometheus/alerts.yml"
+                assert objs["ServiceMonitor"][0]["spec"]["endpoints"][0]["port"] == "metrics"
+                env = {e["name"] for e in worker["env"]}
+                assert "AWS_ACCESS_KEY_ID" not in env, "awsCredentials=false still sets AWS keys"
+                notes.append("KEDA http/QueueLength, PrometheusRule == alerts.yml, ServiceMonitor, IRSA")
+            if name == "hpa-values":
+                assert "replicas" not in dep["spec"] and "ScaledObject" not in objs
+                assert objs["HorizontalPodAutoscaler"][0]["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+                pdb = objs["PodDisruptionBudget"][0]["spec"]
+                assert pdb["minAvailable"] == 1 and "maxUnavailable" not in pdb, "minAvailable must win"
+                notes.append("HPA, minAvailable PDB")
+            if name == "pvc-values":
+                pvc = objs["PersistentVolumeClaim"][0]
+                vol = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "model-cache")
+                assert vol["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+                assert "ServiceAccount" not in objs
+                notes.append("PVC cache, existing ServiceAccount")
+            if name == "default":
+                assert dep["spec"]["replicas"] == 1 and "ScaledObject" not in objs
+                assert "Secret" not in objs
+                notes.append("fixed replicas, existing Secret")
+            print(f"  ok    {f.name:26} {', '.join(notes)}")
+        except (AssertionError, KeyError, StopIteration, IndexError) as e:
+            failed += 1
+            print(f"  FAIL  {f.name:26} {type(e).__name__}: {e}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
