@@ -1,0 +1,175 @@
+//! Groups prepared jobs into model calls.
+//!
+//! Jobs are compatible when they share the processed size, the step count and the scheduler
+//! (one UNet call per step must serve them all). A group is dispatched when it holds
+//! `max_batch` jobs or its oldest job has waited `max_batch_wait`; groups leave in the order
+//! their oldest job arrived. The batcher owns the groups; it hands a batch over only when the
+//! dispatcher can take it (a channel of capacity 1), and keeps collecting meanwhile, so a
+//! busy model gets fuller batches.
+
+use std::time::Duration;
+
+use retouch_core::params::SchedulerKind;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// What must be equal for two jobs to share a model call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BatchKey {
+    /// Processed width and height.
+    pub size: (u32, u32),
+    /// Denoising steps.
+    pub steps: u32,
+    /// Sampler (already resolved to the checkpoint's default when the job named none).
+    pub scheduler: SchedulerKind,
+}
+
+/// Something the batcher can group.
+pub trait Batchable: Send + 'static {
+    /// Its compatibility key.
+    fn key(&self) -> BatchKey;
+}
+
+struct Group<T> {
+    key: BatchKey,
+    since: Instant,
+    items: Vec<T>,
+}
+
+/// The batcher's rules.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchPolicy {
+    /// Most items per batch.
+    pub max_batch: usize,
+    /// Longest wait for companions.
+    pub max_wait: Duration,
+}
+
+/// Runs until `input` closes (then flushes every group) or `stop` fires (then returns the
+/// undispatched items through `leftovers` for release).
+pub async fn run<T: Batchable>(
+    policy: BatchPolicy,
+    mut input: mpsc::Receiver<T>,
+    output: mpsc::Sender<Vec<T>>,
+    stop: CancellationToken,
+    leftovers: impl Fn(T) + Send,
+) {
+    let mut groups: Vec<Group<T>> = Vec::new();
+    let mut input_open = true;
+    loop {
+        let now = Instant::now();
+        let ready = groups
+            .iter()
+            .position(|g| g.items.len() >= policy.max_batch || now >= g.since + policy.max_wait || !input_open);
+        let next_deadline = groups.iter().map(|g| g.since + policy.max_wait).min();
+        if !input_open && groups.is_empty() {
+            return;
+        }
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            permit = output.reserve(), if ready.is_some() => {
+                let Ok(permit) = permit else { break };
+                let group = groups.remove(ready.expect("guarded by the select condition"));
+                permit.send(group.items);
+            }
+            item = input.recv(), if input_open => match item {
+                Some(item) => {
+                    let key = item.key();
+                    match groups.iter_mut().find(|g| g.key == key && g.items.len() < policy.max_batch) {
+                        Some(group) => group.items.push(item),
+                        None => groups.push(Group { key, since: Instant::now(), items: vec![item] }),
+                    }
+                }
+                None => input_open = false,
+            },
+            () = sleep_until_opt(next_deadline), if ready.is_none() && next_deadline.is_some() => {}
+        }
+    }
+    // Stopped: nothing queued here has started.
+    for group in groups {
+        group.items.into_iter().for_each(&leftovers);
+    }
+    input.close();
+    while let Some(item) = input.recv().await {
+        leftovers(item);
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Debug, PartialEq)]
+    struct Item(u32, u32);
+
+    impl Batchable for Item {
+        fn key(&self) -> BatchKey {
+            BatchKey { size: (self.0, self.0), steps: 10, scheduler: SchedulerKind::EulerAncestral }
+        }
+    }
+
+    fn policy(max_batch: usize, ms: u64) -> BatchPolicy {
+        BatchPolicy { max_batch, max_wait: Duration::from_millis(ms) }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn full_groups_leave_at_once_and_partial_ones_after_the_wait() {
+        let (tx, rx) = mpsc::channel(16);
+        let (out_tx, mut out_rx) = mpsc::channel(1);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(policy(2, 100), rx, out_tx, stop.clone(), |_| {}));
+        tx.send(Item(64, 1)).await.expect("send");
+        tx.send(Item(64, 2)).await.expect("send");
+        tx.send(Item(32, 3)).await.expect("send");
+        assert_eq!(out_rx.recv().await.expect("batch"), vec![Item(64, 1), Item(64, 2)]);
+        let before = Instant::now();
+        assert_eq!(out_rx.recv().await.expect("batch"), vec![Item(32, 3)]);
+        assert!(Instant::now() - before >= Duration::from_millis(99), "the partial group waited");
+        drop(tx);
+        task.await.expect("batcher ends when the input closes");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_the_input_flushes_without_waiting() {
+        let (tx, rx) = mpsc::channel(16);
+        let (out_tx, mut out_rx) = mpsc::channel(1);
+        let task = tokio::spawn(run(policy(4, 10_000), rx, out_tx, CancellationToken::new(), |_| {}));
+        tx.send(Item(8, 1)).await.expect("send");
+        drop(tx);
+        let started = Instant::now();
+        assert_eq!(out_rx.recv().await.expect("batch"), vec![Item(8, 1)]);
+        assert!(Instant::now() - started < Duration::from_millis(1));
+        task.await.expect("ends");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stop_returns_undispatched_items() {
+        let (tx, rx) = mpsc::channel(16);
+        let (out_tx, _out_rx) = mpsc::channel(1);
+        let stop = CancellationToken::new();
+        let released = Arc::new(Mutex::new(Vec::new()));
+        let sink = released.clone();
+        let task = tokio::spawn(run(policy(4, 10_000), rx, out_tx, stop.clone(), move |i: Item| {
+            sink.lock().expect("lock").push(i.1)
+        }));
+        tx.send(Item(8, 1)).await.expect("send");
+        tx.send(Item(16, 2)).await.expect("send");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        stop.cancel();
+        task.await.expect("ends");
+        let mut got = released.lock().expect("lock").clone();
+        got.sort_unstable();
+        assert_eq!(got, vec![1, 2]);
+    }
+}
