@@ -94,6 +94,20 @@ check_helm_template() {
   fi
   grep -q '^  replicas: 1$' "$out" || { echo "no replicas without the KEDA API"; return 1; }
   echo "CRD guard ok: gpu-keda without the APIs renders no KEDA/monitoring objects, replicas: 1"
+  # NOTES.txt is not part of `helm template` output: render it through a copy of the chart in
+  # which it is a named template, for every value set, so a NOTES error cannot reach installs.
+  cp -r "$CHART" "$WORK/notes-chart"
+  { echo '{{- define "checks.notes" -}}'; cat "$CHART/templates/NOTES.txt"; echo '{{- end -}}'; } \
+    >"$WORK/notes-chart/templates/_checks_notes.tpl"
+  rm "$WORK/notes-chart/templates/NOTES.txt"
+  echo 'notes: {{ include "checks.notes" . | toJson }}' >"$WORK/notes-chart/templates/checks-notes.yaml"
+  for set in "${VALUE_SETS[@]}"; do
+    mapfile -t args < <(values_args "$set")
+    "$HELM" template retouch "$WORK/notes-chart" "${CRD_APIS[@]}" "${args[@]}" \
+      --show-only templates/checks-notes.yaml >"$WORK/notes.out" || { echo "NOTES.txt failed: $set"; return 1; }
+    grep -q 'helm test retouch' "$WORK/notes.out" || { echo "NOTES.txt incomplete: $set"; return 1; }
+  done
+  echo "NOTES.txt renders for all ${#VALUE_SETS[@]} value sets"
 }
 
 # Each case: description | expected message fragment | helm arguments (no spaces inside one).
