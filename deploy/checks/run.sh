@@ -22,11 +22,14 @@
 #                   test rules, promtool check config of the laptop stack's prometheus.yml
 #  copies           chart copies of the rules and the dashboard are byte-identical
 #  hadolint         deploy/docker/Dockerfile.{cpu,cuda} with deploy/docker/hadolint.yaml
+
+# The check_* functions are called through run_check "check_${name//-/_}".
+# shellcheck disable=SC2317
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
-# shellcheck source=tools.sh
+# shellcheck source=deploy/checks/tools.sh
 source deploy/checks/tools.sh
 
 CHART=helm/retouch
@@ -59,7 +62,7 @@ for f in "$CHART"/ci/*.yaml; do VALUE_SETS+=("$f"); done
 
 # values_args SET: the -f arguments of a value set ("default" has none).
 values_args() { [ "$1" = default ] || printf '%s\n' -f "$1"; }
-set_name() { [ "$1" = default ] && echo default || basename "$1" .yaml; }
+set_name() { if [ "$1" = default ]; then echo default; else basename "$1" .yaml; fi; }
 
 # --- checks (each prints a few lines; non-zero on failure) -----------------------------------
 

