@@ -8,10 +8,12 @@
 //! * [`batcher`]: grouping compatible jobs into model calls.
 //! * [`backend`]: the model thread that owns the editor.
 //! * [`metrics`]: every Prometheus metric; [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! * [`local`]: the in-process queue, filesystem store and JSONL report of `retouch batch`.
 
 pub mod backend;
 pub mod batcher;
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod local;
 pub mod metrics;

@@ -1,0 +1,341 @@
+//! The engine's job life against in-process doubles: a fake editor (inverts images, records
+//! batch sizes, fails or panics on request), the local queue and filesystem store, and a store
+//! wrapper that injects transient failures. The real broker and S3 are covered end to end in
+//! `tests/` at the workspace root.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use image::{Rgb, RgbImage};
+use retouch_core::editor::{EditBatch, EditError, EditErrorKind, EditObserver, EditedImage, Editor, ModelInfo};
+use retouch_core::error::ErrorKind;
+use retouch_core::job::{JobResult, ObjectUrl, Status};
+use retouch_core::params::SchedulerKind;
+use retouch_core::queue::{DeliveryInfo, QueueCounters, QueueError, ResultSink};
+use retouch_core::store::{ObjectMeta, ObjectStore, StoreError};
+use retouch_worker::backend::Backend;
+use retouch_worker::batcher::BatchPolicy;
+use retouch_worker::engine::{self, EngineSettings};
+use retouch_worker::local::{FsStore, LocalQueue};
+use retouch_worker::metrics::Metrics;
+
+/// Inverts every image; records batch sizes; fails batches of several when asked; panics on
+/// the instruction "panic"; sleeps `step_delay` per request to make timing visible.
+struct FakeEditor {
+    info: ModelInfo,
+    batches: Arc<Mutex<Vec<usize>>>,
+    fail_multi: bool,
+    step_delay: Duration,
+}
+
+impl Editor for FakeEditor {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn edit(&self, batch: &EditBatch, observer: &mut dyn EditObserver) -> Result<Vec<EditedImage>, EditError> {
+        self.batches.lock().expect("lock").push(batch.requests.len());
+        if self.fail_multi && batch.requests.len() > 1 {
+            return Err(EditError { kind: EditErrorKind::Model, message: "out of memory".into() });
+        }
+        for step in 0..batch.steps as usize {
+            if observer.cancelled() {
+                return Err(EditError { kind: EditErrorKind::Cancelled, message: "cancelled".into() });
+            }
+            std::thread::sleep(self.step_delay);
+            observer.on_step(step + 1, batch.steps as usize, Duration::ZERO);
+        }
+        batch
+            .requests
+            .iter()
+            .map(|r| {
+                assert!(r.instruction != "panic", "the editor met a poisonous instruction");
+                let mut image = r.image.clone();
+                image.pixels_mut().for_each(|p| p.0 = p.0.map(|v| 255 - v));
+                Ok(EditedImage { image, instruction_truncated: false })
+            })
+            .collect()
+    }
+}
+
+/// Fails the first `failures` GETs with a transient error, then delegates.
+struct FlakyStore {
+    inner: FsStore,
+    failures: AtomicUsize,
+}
+
+impl ObjectStore for FlakyStore {
+    async fn get(&self, url: &ObjectUrl, max: u64) -> Result<Vec<u8>, StoreError> {
+        if self.failures.load(Ordering::SeqCst) > 0 {
+            self.failures.fetch_sub(1, Ordering::SeqCst);
+            return Err(StoreError::Transient("503 SlowDown".into()));
+        }
+        self.inner.get(url, max).await
+    }
+    async fn head(&self, url: &ObjectUrl) -> Result<Option<ObjectMeta>, StoreError> {
+        self.inner.head(url).await
+    }
+    async fn put(
+        &self,
+        url: &ObjectUrl,
+        body: Vec<u8>,
+        ct: &str,
+        meta: &BTreeMap<String, String>,
+    ) -> Result<(), StoreError> {
+        self.inner.put(url, body, ct, meta).await
+    }
+}
+
+#[derive(Default)]
+struct Results(Mutex<Vec<JobResult>>);
+
+impl ResultSink for Results {
+    async fn publish(&self, result: &JobResult, _info: &DeliveryInfo) -> Result<(), QueueError> {
+        self.0.lock().expect("lock").push(result.clone());
+        Ok(())
+    }
+}
+
+impl Results {
+    fn all(&self) -> Vec<JobResult> {
+        self.0.lock().expect("lock").clone()
+    }
+}
+
+struct World {
+    dir: PathBuf,
+    batches: Arc<Mutex<Vec<usize>>>,
+    backend: Arc<Backend>,
+    metrics: Arc<Metrics>,
+}
+
+fn world(name: &str, fail_multi: bool, step_delay: Duration) -> World {
+    let dir = std::env::temp_dir().join(format!("retouch-engine-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("in")).expect("mkdir");
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let metrics = Arc::new(Metrics::new(Arc::new(QueueCounters::default())));
+    let editor = FakeEditor {
+        info: ModelInfo {
+            name: "fake".into(),
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            size_multiple: 8,
+            default_scheduler: Some(SchedulerKind::EulerAncestral),
+        },
+        batches: batches.clone(),
+        fail_multi,
+        step_delay,
+    };
+    let backend = Arc::new(Backend::spawn(move || Ok(Box::new(editor) as Box<dyn Editor>), metrics.clone(), "test"));
+    World { dir, batches, backend, metrics }
+}
+
+fn settings(dir: &Path, max_batch: usize) -> EngineSettings {
+    EngineSettings {
+        output_prefix: format!("file://{}/out", dir.display()),
+        concurrency: 3 * max_batch,
+        batch: BatchPolicy { max_batch, max_wait: Duration::from_millis(50) },
+        job_timeout: Duration::from_secs(30),
+        shutdown_timeout: Duration::from_secs(5),
+        limits: retouch_core::imaging::DecodeLimits::default(),
+        retry_backoff: Duration::from_millis(10),
+        retry_backoff_max: Duration::from_millis(40),
+        worker_name: "test-worker".into(),
+    }
+}
+
+fn write_png(path: &Path, w: u32, h: u32, shade: u8) {
+    RgbImage::from_fn(w, h, |x, y| Rgb([shade, x as u8, y as u8])).save(path).expect("png");
+}
+
+fn job(id: &str, source: &Path, extra: &str) -> (String, Vec<u8>) {
+    let body =
+        format!(r#"{{"job_id":"{id}","source":"file://{}","instruction":"make it snowy"{extra}}}"#, source.display());
+    (id.to_string(), body.into_bytes())
+}
+
+async fn run(
+    w: &World,
+    queue: LocalQueue,
+    store: impl ObjectStore,
+    max_batch: usize,
+) -> (Arc<engine::Summary>, Arc<Results>) {
+    let sink = Arc::new(Results::default());
+    let summary = engine::run(
+        settings(&w.dir, max_batch),
+        queue,
+        Arc::new(store),
+        sink.clone(),
+        w.backend.clone(),
+        w.metrics.clone(),
+        std::future::pending(),
+    )
+    .await
+    .expect("engine runs");
+    (summary, sink)
+}
+
+#[tokio::test]
+async fn jobs_are_batched_by_size_and_produce_outputs_and_results() {
+    let w = world("batch", false, Duration::from_millis(1));
+    let mut jobs = Vec::new();
+    for i in 0..5 {
+        let (wd, ht) = if i < 4 { (64, 32) } else { (48, 48) };
+        let path = w.dir.join(format!("in/{i}.png"));
+        write_png(&path, wd, ht, i as u8 * 10);
+        jobs.push(job(&format!("job-{i}"), &path, ""));
+    }
+    let (summary, results) = run(&w, LocalQueue::new(jobs, 2), FsStore, 4).await;
+    assert_eq!(summary.succeeded.load(Ordering::Relaxed), 5);
+    let results = results.all();
+    assert_eq!(results.len(), 5);
+    for r in &results {
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+        let out =
+            image::open(r.output.as_deref().expect("output").trim_start_matches("file://")).expect("png").to_rgb8();
+        assert_eq!((out.width(), out.height()), (r.width.expect("w"), r.height.expect("h")));
+    }
+    let mut sizes = w.batches.lock().expect("lock").clone();
+    sizes.sort_unstable();
+    assert_eq!(sizes, vec![1, 4], "four 64×32 jobs share one call, the 48×48 one runs alone");
+    assert!(w.metrics.render().contains(r#"retouch_jobs_total{error_kind="none",outcome="succeeded"} 5"#));
+}
+
+#[tokio::test]
+async fn bad_jobs_fail_with_the_right_kind_and_are_dead_lettered() {
+    let w = world("bad", false, Duration::ZERO);
+    let good = w.dir.join("in/good.png");
+    write_png(&good, 16, 16, 1);
+    let not_image = w.dir.join("in/notes.png");
+    std::fs::write(&not_image, b"definitely not a png").expect("write");
+    let tiny = w.dir.join("in/tiny.png");
+    write_png(&tiny, 4, 4, 1);
+    let jobs = vec![
+        ("garbage".to_string(), b"{ not json".to_vec()),
+        job("unknown-key", &good, r#","colour":"red""#),
+        job("bad-scheduler", &good, r#","params":{"scheduler":"pndm"}"#),
+        job("missing", &w.dir.join("in/missing.png"), ""),
+        job("not-image", &not_image, ""),
+        job("too-small", &tiny, ""),
+        job("ok", &good, ""),
+    ];
+    let queue = LocalQueue::new(jobs, 3);
+    let (summary, results) = run(&w, queue.clone(), FsStore, 2).await;
+    assert_eq!(summary.failed.load(Ordering::Relaxed), 6);
+    assert_eq!(summary.succeeded.load(Ordering::Relaxed), 1);
+    let kinds: BTreeMap<String, ErrorKind> =
+        results.all().into_iter().filter_map(|r| r.error.map(|e| (r.job_id, e.kind))).collect();
+    assert_eq!(kinds["garbage"], ErrorKind::InvalidJob);
+    assert_eq!(kinds["unknown-key"], ErrorKind::InvalidJob);
+    assert_eq!(kinds["bad-scheduler"], ErrorKind::InvalidJob);
+    assert_eq!(kinds["missing"], ErrorKind::SourceNotFound);
+    assert_eq!(kinds["not-image"], ErrorKind::InvalidImage);
+    assert_eq!(kinds["too-small"], ErrorKind::InvalidImage);
+    let dead = queue.dead_letters();
+    assert_eq!(dead.len(), 6);
+    assert!(dead.iter().all(|d| d.attempt == 1), "permanent failures are not retried");
+    let unknown = dead.iter().find(|d| d.message_id == "unknown-key").expect("dead letter");
+    assert!(unknown.error.message.contains("colour"), "{}", unknown.error.message);
+    assert!(String::from_utf8_lossy(&unknown.body).contains("colour"), "the body is kept");
+}
+
+#[tokio::test]
+async fn transient_storage_failures_are_retried_then_succeed_or_dead_letter() {
+    let w = world("flaky", false, Duration::ZERO);
+    let src = w.dir.join("in/a.png");
+    write_png(&src, 16, 16, 7);
+    // Two failures, limit 3: the third delivery succeeds.
+    let store = FlakyStore { inner: FsStore, failures: AtomicUsize::new(2) };
+    let (summary, results) = run(&w, LocalQueue::new([job("a", &src, "")], 3), store, 1).await;
+    assert_eq!(summary.retried.load(Ordering::Relaxed), 2);
+    let r = results.all();
+    assert_eq!((r.len(), r[0].status, r[0].attempt), (1, Status::Succeeded, 3));
+
+    // Failing for good: 1 + limit deliveries, then a failure result and a dead letter.
+    let store = FlakyStore { inner: FsStore, failures: AtomicUsize::new(100) };
+    let queue = LocalQueue::new([job("b", &src, "")], 2);
+    let (summary, results) = run(&w, queue.clone(), store, 1).await;
+    assert_eq!(summary.retried.load(Ordering::Relaxed), 2);
+    let r = results.all();
+    assert_eq!(r.len(), 1);
+    let error = r[0].error.clone().expect("error");
+    assert_eq!((error.kind, error.retryable, r[0].attempt), (ErrorKind::Storage, true, 3));
+    assert_eq!(queue.dead_letters().len(), 1);
+}
+
+#[tokio::test]
+async fn a_redelivered_job_whose_output_exists_is_a_duplicate() {
+    let w = world("dup", false, Duration::ZERO);
+    let src = w.dir.join("in/a.png");
+    write_png(&src, 16, 16, 7);
+    let (_, first) = run(&w, LocalQueue::new([job("same", &src, "")], 2), FsStore, 1).await;
+    assert!(!first.all()[0].duplicate);
+    let calls = w.batches.lock().expect("lock").len();
+    let (summary, second) = run(&w, LocalQueue::new([job("same", &src, "")], 2), FsStore, 1).await;
+    let r = &second.all()[0];
+    assert!(r.duplicate && r.status == Status::Succeeded && r.width == Some(16), "{r:?}");
+    assert_eq!(summary.duplicate.load(Ordering::Relaxed), 1);
+    assert_eq!(w.batches.lock().expect("lock").len(), calls, "no inference for a duplicate");
+}
+
+#[tokio::test]
+async fn a_failing_batch_is_retried_one_job_at_a_time() {
+    let w = world("split", true, Duration::ZERO);
+    let mut jobs = Vec::new();
+    for i in 0..3 {
+        let path = w.dir.join(format!("in/{i}.png"));
+        write_png(&path, 16, 16, i);
+        jobs.push(job(&format!("j{i}"), &path, ""));
+    }
+    let (summary, _) = run(&w, LocalQueue::new(jobs, 2), FsStore, 3).await;
+    assert_eq!(summary.succeeded.load(Ordering::Relaxed), 3);
+    assert_eq!(w.batches.lock().expect("lock").clone(), vec![3, 1, 1, 1]);
+}
+
+#[tokio::test]
+async fn a_panicking_model_fails_the_job_not_the_worker() {
+    let w = world("panic", false, Duration::ZERO);
+    let src = w.dir.join("in/a.png");
+    write_png(&src, 16, 16, 7);
+    let poison = format!(r#"{{"job_id":"poison","source":"file://{}","instruction":"panic"}}"#, src.display());
+    let queue = LocalQueue::new([("poison".to_string(), poison.into_bytes()), job("fine", &src, "")], 1);
+    let (summary, results) = run(&w, queue, FsStore, 1).await;
+    assert_eq!(summary.succeeded.load(Ordering::Relaxed), 1);
+    let poison = results.all().into_iter().find(|r| r.job_id == "poison").expect("result");
+    assert_eq!(poison.error.expect("error").kind, ErrorKind::Model);
+}
+
+#[tokio::test]
+async fn shutdown_gives_back_unstarted_jobs_and_finishes_the_running_batch() {
+    // 10 steps × 40 ms per call: the first batch is running when the stop comes.
+    let w = world("stop", false, Duration::from_millis(40));
+    let mut jobs = Vec::new();
+    for i in 0..6 {
+        let path = w.dir.join(format!("in/{i}.png"));
+        write_png(&path, 16, 16, i);
+        jobs.push(job(&format!("s{i}"), &path, r#","params":{"steps":10}"#));
+    }
+    let queue = LocalQueue::new(jobs, 2);
+    let sink = Arc::new(Results::default());
+    let stop = async { tokio::time::sleep(Duration::from_millis(150)).await };
+    let summary = engine::run(
+        settings(&w.dir, 2),
+        queue.clone(),
+        Arc::new(FsStore),
+        sink.clone(),
+        w.backend.clone(),
+        w.metrics.clone(),
+        stop,
+    )
+    .await
+    .expect("engine");
+    let (done, released) = (summary.succeeded.load(Ordering::Relaxed), summary.released.load(Ordering::Relaxed));
+    assert_eq!(done, 2, "the running batch of 2 finished");
+    assert_eq!(done + released, 6, "nothing lost: {done} done, {released} given back");
+    assert_eq!(queue.released().len() as u64, released);
+    assert!(queue.dead_letters().is_empty());
+}
