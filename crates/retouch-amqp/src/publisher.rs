@@ -1,0 +1,418 @@
+//! [`AmqpPublisher`]: results (implements [`ResultSink`]) and jobs, with publisher confirms
+//! and `mandatory`, over a connection of its own that it rebuilds when lost.
+//!
+//! * A result goes to the results topic exchange (routing key `<status>.<campaign|none>`)
+//!   and, when the job had a `reply_to`, to that queue through the default exchange with the
+//!   job's `correlation_id`. A result nobody is bound to receive is returned by the broker
+//!   (312 `NO_ROUTE`): that is logged and counted in `unroutable_results`, never an error,
+//!   so a results exchange without consumers cannot stall job processing.
+//! * A job that no queue receives is an error: it would be lost.
+//! * Bulk job publishing pipelines: up to [`JOB_CONFIRM_WINDOW`] publishes are in flight before
+//!   the oldest confirm is awaited.
+//!
+//! Reconnection is lazy and single-flight: a publish that finds the connection gone rebuilds
+//! it (after the backoff) while holding the session lock, so concurrent publishers wait for
+//! that one attempt instead of starting their own; the lock is never held while publishing.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
+use retouch_core::job::JobResult;
+use retouch_core::queue::{DeliveryInfo, QueueCounters, QueueError, ResultSink};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::connection::{Backoff, open};
+use crate::settings::AmqpSettings;
+use crate::topology::{TopologyError, declare_topology, short};
+
+/// Publishes in flight (unconfirmed) at most, in [`AmqpPublisher::publish_jobs`]. A few
+/// thousand keeps the broker's confirm batching busy without holding much memory.
+pub const JOB_CONFIRM_WINDOW: usize = 4096;
+
+/// Optional AMQP properties of a published job.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobPublishOptions {
+    /// A queue that should also receive the job's result.
+    pub reply_to: Option<String>,
+    /// Echoed on the result (`correlation_id`).
+    pub correlation_id: Option<String>,
+}
+
+/// One job for [`AmqpPublisher::publish_jobs`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutgoingJob {
+    /// The JSON body.
+    pub body: Vec<u8>,
+    /// AMQP `message_id`: the job id.
+    pub message_id: String,
+    /// `reply_to` and `correlation_id`.
+    pub options: JobPublishOptions,
+}
+
+/// Confirmed publishing of results and jobs. Share it by reference (`&self` everywhere);
+/// create it with [`AmqpPublisher::connect`].
+pub struct AmqpPublisher {
+    settings: Arc<AmqpSettings>,
+    counters: Arc<QueueCounters>,
+    /// Held while (re)connecting, never while publishing: see the module docs.
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for AmqpPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpPublisher").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+struct State {
+    session: Option<Session>,
+    backoff: Backoff,
+    /// No reconnect attempt before this (the backoff after a failed one).
+    not_before: Option<Instant>,
+}
+
+struct Session {
+    connection: Connection,
+    channel: Channel,
+}
+
+impl Session {
+    fn healthy(&self) -> bool {
+        self.connection.status().connected() && self.channel.status().connected()
+    }
+
+    async fn open(settings: &AmqpSettings) -> Result<Self, (bool, String)> {
+        let transient = |e: String| (false, e);
+        let connection = open(settings, "publish").await.map_err(transient)?;
+        let setup = connection.create_channel().await.map_err(|e| transient(e.to_string()))?;
+        declare_topology(&setup, settings).await.map_err(|e| match e {
+            e @ TopologyError::Broker { .. } => (false, e.to_string()),
+            e => (true, e.to_string()),
+        })?;
+        let _ = setup.close(200, "topology declared".into()).await;
+        let channel = connection.create_channel().await.map_err(|e| transient(e.to_string()))?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| transient(e.to_string()))?;
+        Ok(Self { connection, channel })
+    }
+}
+
+/// What became of one publish.
+enum Outcome {
+    Confirmed,
+    /// Acked but returned by the broker: no queue bound for it.
+    Unroutable(String),
+    /// Nacked, or the transport failed before a confirm: worth one retry on a new channel.
+    Failed {
+        message: String,
+        transport: bool,
+    },
+}
+
+async fn outcome(confirm: lapin::Result<PublisherConfirm>) -> Outcome {
+    let confirm = match confirm {
+        Ok(c) => c,
+        Err(e) => return Outcome::Failed { message: format!("publish failed: {e}"), transport: true },
+    };
+    match confirm.await {
+        Ok(Confirmation::Ack(None)) => Outcome::Confirmed,
+        Ok(Confirmation::Ack(Some(r))) => Outcome::Unroutable(format!("{} {}", r.reply_code, r.reply_text)),
+        Ok(Confirmation::Nack(_)) => {
+            Outcome::Failed { message: "negatively confirmed by the broker".into(), transport: false }
+        }
+        Ok(Confirmation::NotRequested) => {
+            Outcome::Failed { message: "channel not in confirm mode (a bug)".into(), transport: false }
+        }
+        Err(e) => Outcome::Failed { message: format!("no confirm: {e}"), transport: true },
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn short_prop(what: &str, value: &str) -> Result<ShortString, QueueError> {
+    ShortString::try_new(value).map_err(|_| QueueError::Broker(format!("{what} {value:?}: longer than 255 bytes")))
+}
+
+/// Persistent JSON with a timestamp.
+fn base_properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_timestamp(now_secs())
+}
+
+impl AmqpPublisher {
+    /// Validates `settings`, connects and declares (or checks) the topology. `counters`
+    /// receives `unroutable_results` and `reconnects` (share the source's, or not).
+    ///
+    /// The first connection is not retried (see [`AmqpSource::connect`]); later losses are
+    /// recovered by the next publish.
+    ///
+    /// # Errors
+    /// [`QueueError::Broker`] for invalid settings, an unreachable broker or a mismatched
+    /// topology.
+    ///
+    /// [`AmqpSource::connect`]: crate::AmqpSource::connect
+    pub async fn connect(settings: AmqpSettings, counters: Arc<QueueCounters>) -> Result<Self, QueueError> {
+        settings.validate().map_err(|e| QueueError::Broker(format!("invalid AMQP settings: {e}")))?;
+        let session = Session::open(&settings).await.map_err(|(_, e)| QueueError::Broker(e))?;
+        info!(url = %settings.redacted_url(), results = %settings.results_exchange, "publisher connected");
+        Ok(Self {
+            state: Mutex::new(State { session: Some(session), backoff: Backoff::new(&settings), not_before: None }),
+            settings: Arc::new(settings),
+            counters,
+        })
+    }
+
+    /// The settings in use.
+    pub fn settings(&self) -> &AmqpSettings {
+        &self.settings
+    }
+
+    /// Closes the connection after waiting for outstanding confirms.
+    pub async fn shutdown(self) {
+        if let Some(s) = self.state.into_inner().session {
+            let _ = s.channel.wait_for_confirms().await;
+            let _ = s.connection.close(200, "shutting down".into()).await;
+        }
+    }
+
+    /// The current confirm channel, reconnecting (after the backoff) when it is gone. Callers
+    /// bound the wait with `publish_timeout`.
+    async fn channel(&self) -> Result<Channel, QueueError> {
+        let mut state = self.state.lock().await;
+        loop {
+            if let Some(s) = &state.session {
+                if s.healthy() {
+                    return Ok(s.channel.clone());
+                }
+                state.session = None;
+                warn!("AMQP publisher connection lost; reconnecting");
+            }
+            if let Some(at) = state.not_before {
+                tokio::time::sleep_until(at).await;
+            }
+            match Session::open(&self.settings).await {
+                Ok(s) => {
+                    state.session = Some(s);
+                    state.backoff.reset();
+                    state.not_before = None;
+                    self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                    info!("AMQP publisher reconnected");
+                }
+                Err((permanent, e)) => {
+                    state.not_before = Some(Instant::now() + state.backoff.next_delay());
+                    if permanent {
+                        return Err(QueueError::Broker(e));
+                    }
+                    warn!(error = %e, "AMQP publisher reconnect failed");
+                }
+            }
+        }
+    }
+
+    /// Forgets `channel`'s session if it is still the current one (after a transport failure).
+    async fn invalidate(&self, channel: &Channel) {
+        let mut state = self.state.lock().await;
+        if state.session.as_ref().is_some_and(|s| s.channel.id() == channel.id() && !s.healthy()) {
+            state.session = None;
+        }
+    }
+
+    /// Runs `op` under `publish_timeout`.
+    async fn timed<T>(&self, what: &str, op: impl Future<Output = Result<T, QueueError>>) -> Result<T, QueueError> {
+        tokio::time::timeout(self.settings.publish_timeout, op).await.unwrap_or_else(|_| {
+            Err(QueueError::Unconfirmed(format!("{what}: not confirmed within {:?}", self.settings.publish_timeout)))
+        })
+    }
+
+    /// Publishes one job to the jobs exchange (persistent, `mandatory`, `timestamp` now) and
+    /// waits for its confirm.
+    ///
+    /// # Errors
+    /// [`QueueError::Unconfirmed`] when the broker nacks it, returns it as unroutable (no
+    /// queue bound: the job would be lost) or does not confirm within `publish_timeout`;
+    /// [`QueueError::Broker`] for an id or `reply_to` over 255 bytes.
+    pub async fn publish_job(&self, body: &[u8], message_id: &str, extra: JobPublishOptions) -> Result<(), QueueError> {
+        let job = OutgoingJob { body: body.to_vec(), message_id: message_id.to_owned(), options: extra };
+        self.publish_jobs(std::iter::once(job)).await.map(|_| ())
+    }
+
+    /// Publishes many jobs with pipelined confirms (up to [`JOB_CONFIRM_WINDOW`] in flight)
+    /// and returns how many were confirmed. Stops at the first failure, waits for the
+    /// confirms already in flight, and reports the failure; jobs are idempotent by id, so
+    /// the caller may publish the whole batch again.
+    ///
+    /// # Errors
+    /// As [`publish_job`](Self::publish_job), naming the first job that failed and how many
+    /// were confirmed.
+    pub async fn publish_jobs<I>(&self, jobs: I) -> Result<u64, QueueError>
+    where
+        I: IntoIterator<Item = OutgoingJob>,
+    {
+        let timeout = self.settings.publish_timeout;
+        let channel = self.timed("connecting", self.channel()).await?;
+        let exchange = short(&self.settings.jobs_exchange);
+        let key = short(&self.settings.jobs_routing_key);
+        let options = BasicPublishOptions { mandatory: true, immediate: false };
+        let mut window: VecDeque<(String, PublisherConfirm)> = VecDeque::with_capacity(JOB_CONFIRM_WINDOW.min(1024));
+        let mut confirmed = 0u64;
+        let mut failure: Option<String> = None;
+        let mut transport_failed = false;
+
+        // Settles the oldest publish in flight.
+        async fn settle(
+            (id, confirm): (String, PublisherConfirm),
+            timeout: std::time::Duration,
+            confirmed: &mut u64,
+            failure: &mut Option<String>,
+            transport_failed: &mut bool,
+        ) {
+            let why = match tokio::time::timeout(timeout, outcome(Ok(confirm))).await {
+                Ok(Outcome::Confirmed) => {
+                    *confirmed += 1;
+                    return;
+                }
+                Ok(Outcome::Unroutable(reply)) => format!("unroutable ({reply}): no queue is bound to receive it"),
+                Ok(Outcome::Failed { message, transport }) => {
+                    *transport_failed |= transport;
+                    message
+                }
+                Err(_) => format!("not confirmed within {timeout:?}"),
+            };
+            if failure.is_none() {
+                *failure = Some(format!("job {id:?}: {why}"));
+            }
+        }
+
+        for job in jobs {
+            if window.len() >= JOB_CONFIRM_WINDOW
+                && let Some(oldest) = window.pop_front()
+            {
+                settle(oldest, timeout, &mut confirmed, &mut failure, &mut transport_failed).await;
+            }
+            if failure.is_some() {
+                break;
+            }
+            let mut props = base_properties().with_message_id(short_prop("message_id", &job.message_id)?);
+            if let Some(r) = &job.options.reply_to {
+                props = props.with_reply_to(short_prop("reply_to", r)?);
+            }
+            if let Some(c) = &job.options.correlation_id {
+                props = props.with_correlation_id(short_prop("correlation_id", c)?);
+            }
+            match channel.basic_publish(exchange.clone(), key.clone(), options, &job.body, props).await {
+                Ok(confirm) => window.push_back((job.message_id, confirm)),
+                Err(e) => {
+                    transport_failed = true;
+                    failure = Some(format!("job {:?}: publish failed: {e}", job.message_id));
+                    break;
+                }
+            }
+        }
+        while let Some(oldest) = window.pop_front() {
+            settle(oldest, timeout, &mut confirmed, &mut failure, &mut transport_failed).await;
+        }
+        if transport_failed {
+            self.invalidate(&channel).await;
+        }
+        match failure {
+            None => Ok(confirmed),
+            Some(why) => Err(QueueError::Unconfirmed(format!(
+                "publishing to exchange {:?} with key {:?}: {why} ({confirmed} jobs confirmed)",
+                self.settings.jobs_exchange, self.settings.jobs_routing_key
+            ))),
+        }
+    }
+
+    /// One attempt at publishing a result (and its reply).
+    async fn publish_result_once(
+        &self,
+        body: &[u8],
+        routing_key: &str,
+        message_id: &str,
+        info: &DeliveryInfo,
+    ) -> Result<(), (QueueError, bool)> {
+        let channel = self.channel().await.map_err(|e| (e, false))?;
+        let mut props = base_properties();
+        if !message_id.is_empty() {
+            props = props.with_message_id(short_prop("message_id", message_id).map_err(|e| (e, false))?);
+        }
+        if let Some(c) = &info.correlation_id {
+            props = props.with_correlation_id(short_prop("correlation_id", c).map_err(|e| (e, false))?);
+        }
+        let options = BasicPublishOptions { mandatory: true, immediate: false };
+        let mut targets = vec![(self.settings.results_exchange.as_str(), routing_key)];
+        if let Some(reply_to) = &info.reply_to {
+            targets.push(("", reply_to.as_str()));
+        }
+        // Both publishes go out before either confirm is awaited.
+        let mut pending = Vec::with_capacity(targets.len());
+        for (exchange, key) in &targets {
+            let key = short_prop("routing key", key).map_err(|e| (e, false))?;
+            pending.push(channel.basic_publish(short(exchange), key, options, body, props.clone()).await);
+        }
+        let mut error = None;
+        for ((exchange, key), confirm) in targets.iter().zip(pending) {
+            match outcome(confirm).await {
+                Outcome::Confirmed => debug!(exchange, key, job = message_id, "result published"),
+                Outcome::Unroutable(reply) => {
+                    self.counters.unroutable_results.fetch_add(1, Ordering::Relaxed);
+                    warn!(exchange, key, job = message_id, reply, "result unroutable: nothing is bound to receive it");
+                }
+                Outcome::Failed { message, transport } => {
+                    let target = if exchange.is_empty() {
+                        format!("reply_to {key:?}")
+                    } else {
+                        format!("exchange {exchange:?}")
+                    };
+                    error.get_or_insert((
+                        QueueError::Unconfirmed(format!("result of {message_id:?} to {target}: {message}")),
+                        transport,
+                    ));
+                }
+            }
+        }
+        match error {
+            None => Ok(()),
+            Some((e, transport)) => {
+                if transport {
+                    self.invalidate(&channel).await;
+                }
+                Err((e, transport))
+            }
+        }
+    }
+}
+
+impl ResultSink for AmqpPublisher {
+    async fn publish(&self, result: &JobResult, info: &DeliveryInfo) -> Result<(), QueueError> {
+        let body = serde_json::to_vec(result).map_err(|e| QueueError::Broker(format!("serialising a result: {e}")))?;
+        let routing_key = result.routing_key();
+        let message_id = if result.job_id.is_empty() {
+            info.message_id.as_deref().unwrap_or_default()
+        } else {
+            result.job_id.as_str()
+        };
+        self.timed("publishing a result", async {
+            // One retry after a transport failure (connection lost mid-publish): results are
+            // idempotent by job id, a duplicate is harmless, a loss costs a job retry.
+            match self.publish_result_once(&body, &routing_key, message_id, info).await {
+                Ok(()) => Ok(()),
+                Err((_, true)) => {
+                    self.publish_result_once(&body, &routing_key, message_id, info).await.map_err(|(e, _)| e)
+                }
+                Err((e, false)) => Err(e),
+            }
+        })
+        .await
+    }
+}

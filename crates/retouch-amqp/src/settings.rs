@@ -1,0 +1,227 @@
+//! [`AmqpSettings`]: where the broker is, what the topology is called, and how the consumer
+//! and the reconnect loop behave. Plain data with defaults in code; the CLI's configuration
+//! layer maps its (documented, validated) tree onto it.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Everything the AMQP source and publisher need. `Debug` redacts the password in [`url`].
+///
+/// The defaults describe the protocol's standard topology (`retouch.jobs` → quorum queue
+/// `retouch.jobs`, results on `retouch.results`, dead letters via `retouch.dlx` into
+/// `retouch.dead`) on a local broker.
+///
+/// [`url`]: AmqpSettings::url
+#[derive(Clone, PartialEq, Eq)]
+pub struct AmqpSettings {
+    /// Broker URI, `amqp[s]://user:password@host:port/vhost` (the default vhost `/` is written
+    /// `%2f`). Query parameters such as `?heartbeat=30` or `?frame_max=131072` are honoured
+    /// by lapin. Contains a secret: `Debug` prints it as `amqp://user:***@host…`.
+    pub url: String,
+    /// Durable **direct** exchange that jobs are published to (`retouch.jobs`).
+    pub jobs_exchange: String,
+    /// Routing key of jobs on [`jobs_exchange`](Self::jobs_exchange), and the key the jobs
+    /// queue is bound with (`retouch.jobs`).
+    pub jobs_routing_key: String,
+    /// The quorum queue workers consume (`retouch.jobs`). Declared with `x-queue-type=quorum`,
+    /// `x-delivery-limit=`[`delivery_limit`](Self::delivery_limit) and
+    /// `x-dead-letter-exchange=`[`dead_letter_exchange`](Self::dead_letter_exchange).
+    pub jobs_queue: String,
+    /// Durable **topic** exchange for results (`retouch.results`), routing key
+    /// `<status>.<campaign or none>`. Nothing needs to be bound: unroutable results are
+    /// counted and logged, never fatal.
+    pub results_exchange: String,
+    /// Durable **fanout** exchange for dead letters (`retouch.dlx`): both the worker's explicit
+    /// dead letters (with reason headers) and the broker's own (delivery limit exceeded,
+    /// `reject(requeue=false)`) go through it.
+    pub dead_letter_exchange: String,
+    /// The quorum queue bound to [`dead_letter_exchange`](Self::dead_letter_exchange)
+    /// (`retouch.dead`): where an operator inspects and re-drives failed jobs. Alert on its
+    /// depth.
+    pub dead_letter_queue: String,
+    /// Declare the exchanges, queues and bindings at connect (idempotent). Turn off where the
+    /// topology is pre-provisioned (`config/rabbitmq/definitions.json`) or the worker's user
+    /// may not configure: then only passive checks run, which fail clearly when something
+    /// is missing.
+    pub declare_topology: bool,
+    /// Deliveries a job gets (`x-delivery-limit`): after `delivery_limit` returns the broker
+    /// dead-letters it with reason `delivery_limit`, so a job runs at most
+    /// `delivery_limit + 1` times. Also decides [`DeliveryInfo::last_attempt`]
+    /// (`x-delivery-count >= delivery_limit`), so it must equal the queue's argument or policy
+    /// even when [`declare_topology`](Self::declare_topology) is off. Changing it on an
+    /// existing queue needs the queue deleted (arguments are immutable) or a
+    /// `delivery-limit` policy. Default 5.
+    ///
+    /// [`DeliveryInfo::last_attempt`]: retouch_core::queue::DeliveryInfo::last_attempt
+    pub delivery_limit: u32,
+    /// Unacknowledged deliveries per consumer (`basic.qos`, `global=false`: quorum queues
+    /// refuse global QoS). Set it to the number of jobs the worker runs at once (usually 1 for
+    /// a GPU): a delivery's consumer-timeout clock starts when it is sent, and a crash returns
+    /// (and on RabbitMQ ≤ 4.2 charges an attempt to) the whole window. 1–2000 (quorum queues
+    /// cap it at 2000). Default 1.
+    pub prefetch: u16,
+    /// Shown in the broker's connection list (`rabbitmqctl list_connections client_properties`);
+    /// put the worker's identity here. The source and publisher append `/consume` and
+    /// `/publish`.
+    pub connection_name: String,
+    /// First delay before reconnecting after a loss; doubled per failed attempt up to
+    /// [`reconnect_backoff_max`](Self::reconnect_backoff_max), each with up to 50 % random
+    /// jitter so a fleet does not reconnect in lockstep. Default 0.5 s.
+    pub reconnect_backoff_min: Duration,
+    /// Cap of the reconnect delay. Default 30 s.
+    pub reconnect_backoff_max: Duration,
+    /// How long one publish (result, dead letter or job) may take, reconnecting included,
+    /// before it fails with [`QueueError::Unconfirmed`]. Default 30 s.
+    ///
+    /// [`QueueError::Unconfirmed`]: retouch_core::queue::QueueError::Unconfirmed
+    pub publish_timeout: Duration,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            jobs_exchange: "retouch.jobs".into(),
+            jobs_routing_key: "retouch.jobs".into(),
+            jobs_queue: "retouch.jobs".into(),
+            results_exchange: "retouch.results".into(),
+            dead_letter_exchange: "retouch.dlx".into(),
+            dead_letter_queue: "retouch.dead".into(),
+            declare_topology: true,
+            delivery_limit: 5,
+            prefetch: 1,
+            connection_name: "retouch".into(),
+            reconnect_backoff_min: Duration::from_millis(500),
+            reconnect_backoff_max: Duration::from_secs(30),
+            publish_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl AmqpSettings {
+    /// Checks what the broker would otherwise reject late or what would panic inside lapin
+    /// (names over 255 bytes).
+    ///
+    /// # Errors
+    /// A message naming the offending field.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.url.starts_with("amqp://") || self.url.starts_with("amqps://")) {
+            return Err(format!("url {:?}: expected amqp:// or amqps://", redact_url(&self.url)));
+        }
+        for (field, name) in [
+            ("jobs_exchange", &self.jobs_exchange),
+            ("jobs_queue", &self.jobs_queue),
+            ("results_exchange", &self.results_exchange),
+            ("dead_letter_exchange", &self.dead_letter_exchange),
+            ("dead_letter_queue", &self.dead_letter_queue),
+        ] {
+            if name.is_empty() || name.len() > 255 || name.starts_with("amq.") {
+                return Err(format!(
+                    "{field} {name:?}: must be 1–255 bytes and not start with \"amq.\" (reserved by RabbitMQ)"
+                ));
+            }
+        }
+        if self.jobs_routing_key.len() > 255 {
+            return Err("jobs_routing_key: longer than 255 bytes".into());
+        }
+        if self.jobs_queue == self.dead_letter_queue {
+            return Err("dead_letter_queue must differ from jobs_queue".into());
+        }
+        if self.delivery_limit == 0 {
+            return Err("delivery_limit: must be at least 1 (0 would dead-letter every retry)".into());
+        }
+        if !(1..=2000).contains(&self.prefetch) {
+            return Err(format!("prefetch {}: must be 1–2000 (quorum queues cap it at 2000)", self.prefetch));
+        }
+        if self.connection_name.len() > 200 {
+            return Err("connection_name: longer than 200 bytes".into());
+        }
+        if self.reconnect_backoff_min.is_zero() || self.reconnect_backoff_max < self.reconnect_backoff_min {
+            return Err("reconnect_backoff_min must be > 0 and <= reconnect_backoff_max".into());
+        }
+        if self.publish_timeout.is_zero() {
+            return Err("publish_timeout: must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// The URL with its password replaced by `***`, for logs.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+impl fmt::Debug for AmqpSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpSettings")
+            .field("url", &redact_url(&self.url))
+            .field("jobs_exchange", &self.jobs_exchange)
+            .field("jobs_routing_key", &self.jobs_routing_key)
+            .field("jobs_queue", &self.jobs_queue)
+            .field("results_exchange", &self.results_exchange)
+            .field("dead_letter_exchange", &self.dead_letter_exchange)
+            .field("dead_letter_queue", &self.dead_letter_queue)
+            .field("declare_topology", &self.declare_topology)
+            .field("delivery_limit", &self.delivery_limit)
+            .field("prefetch", &self.prefetch)
+            .field("connection_name", &self.connection_name)
+            .field("reconnect_backoff_min", &self.reconnect_backoff_min)
+            .field("reconnect_backoff_max", &self.reconnect_backoff_max)
+            .field("publish_timeout", &self.publish_timeout)
+            .finish()
+    }
+}
+
+/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`; anything without a password
+/// is returned unchanged.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    // The last '@' ends the userinfo (an unescaped '@' in a password is tolerated).
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &authority[..at];
+    let Some(colon) = userinfo.find(':') else {
+        return url.to_owned();
+    };
+    format!("{}{}:***{}", &url[..scheme_end], &userinfo[..colon], &rest[at..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_redacts_the_password() {
+        let s = AmqpSettings {
+            url: "amqps://worker:s3cr:et@mq.example:5671/prod?heartbeat=30".into(),
+            ..Default::default()
+        };
+        let d = format!("{s:?}");
+        assert!(!d.contains("s3cr"), "{d}");
+        assert!(d.contains("amqps://worker:***@mq.example:5671/prod?heartbeat=30"), "{d}");
+        assert_eq!(redact_url("amqp://host/%2f"), "amqp://host/%2f");
+        assert_eq!(redact_url("amqp://user@host/%2f"), "amqp://user@host/%2f");
+        assert_eq!(redact_url("amqp://u:p@w@host"), "amqp://u:***@host");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        assert!(AmqpSettings::default().validate().is_ok());
+        for (s, needle) in [
+            (AmqpSettings { prefetch: 0, ..Default::default() }, "prefetch"),
+            (AmqpSettings { delivery_limit: 0, ..Default::default() }, "delivery_limit"),
+            (AmqpSettings { jobs_queue: "x".repeat(256), ..Default::default() }, "jobs_queue"),
+            (AmqpSettings { results_exchange: "amq.topic".into(), ..Default::default() }, "results_exchange"),
+            (AmqpSettings { url: "http://x".into(), ..Default::default() }, "url"),
+        ] {
+            let e = s.validate().expect_err(needle);
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+}

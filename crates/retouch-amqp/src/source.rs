@@ -1,0 +1,307 @@
+//! [`AmqpSource`]: the jobs queue as a [`JobSource`], over one connection the source
+//! supervises itself.
+//!
+//! A session is: connect → declare (or check) the topology on a throwaway channel →
+//! `basic.qos(prefetch, global=false)` → `basic.consume` (manual acks) on the consuming
+//! channel, plus a publisher-confirm channel for dead letters. When the consumer stream
+//! fails or ends (connection lost, channel closed by a consumer timeout, consumer cancelled
+//! by the broker) while the source is not closing, [`next`](JobSource::next) drops the
+//! session, marks `connected = false`, backs off (capped exponential with jitter) and builds a
+//! new one, counting `reconnects`. Deliveries from the old session stay with their holders:
+//! settling them gives [`QueueError::Lost`], and the broker redelivers them.
+//!
+//! All state is owned by the source (`&mut self`); the only task is a watcher that flips
+//! `connected` to `false` as soon as lapin reports a connection error, so health reflects a
+//! loss even while the worker is busy and not polling.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Connection, Consumer, Event};
+use retouch_core::queue::{JobSource, QueueCounters, QueueError};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::connection::{Backoff, open};
+use crate::delivery::AmqpDelivery;
+use crate::settings::AmqpSettings;
+use crate::topology::{TopologyError, declare_topology, short};
+
+/// How long [`AmqpSource::close`] waits for deliveries the broker sent before the cancel
+/// took effect (they are released, not dropped).
+const CANCEL_DRAIN: Duration = Duration::from_secs(5);
+
+/// The jobs queue as a supervised [`JobSource`]. Create it with [`AmqpSource::connect`].
+pub struct AmqpSource {
+    settings: Arc<AmqpSettings>,
+    counters: Arc<QueueCounters>,
+    session: Option<Session>,
+    backoff: Backoff,
+    /// `close()` was called: no more deliveries, no more reconnects.
+    closed: bool,
+    /// Sessions opened so far (the first is not a reconnect).
+    sessions: u64,
+}
+
+impl std::fmt::Debug for AmqpSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpSource")
+            .field("queue", &self.settings.jobs_queue)
+            .field("connected", &self.session.is_some())
+            .field("closed", &self.closed)
+            .field("sessions", &self.sessions)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One connection's worth of consuming.
+struct Session {
+    connection: Connection,
+    channel: Channel,
+    /// Publisher-confirm channel for dead letters; rebuilt on the same connection if the
+    /// broker closes it (e.g. 404 for a missing dead-letter exchange).
+    confirm: Channel,
+    consumer: Consumer,
+    tag: ShortString,
+    watcher: JoinHandle<()>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+/// Why a session could not be built.
+enum OpenError {
+    /// Needs an operator (topology mismatch, missing queue): reported, not retried.
+    Permanent(String),
+    /// Worth another attempt after the backoff.
+    Transient(String),
+}
+
+impl Session {
+    async fn open(settings: &AmqpSettings, counters: &Arc<QueueCounters>) -> Result<Self, OpenError> {
+        let connection = open(settings, "consume").await.map_err(OpenError::Transient)?;
+        let transient = |what: &str| {
+            let what = what.to_owned();
+            move |e: lapin::Error| OpenError::Transient(format!("{what}: {e}"))
+        };
+        // Declarations on a channel of their own: a failed declaration closes its channel.
+        let setup = connection.create_channel().await.map_err(transient("opening a channel"))?;
+        declare_topology(&setup, settings).await.map_err(|e| match e {
+            e @ TopologyError::Broker { .. } => OpenError::Transient(e.to_string()),
+            e => OpenError::Permanent(e.to_string()),
+        })?;
+        let _ = setup.close(200, "topology declared".into()).await;
+
+        let channel = connection.create_channel().await.map_err(transient("opening the consuming channel"))?;
+        // global=false: per consumer; quorum queues refuse global QoS with a connection error.
+        channel
+            .basic_qos(settings.prefetch, BasicQosOptions { global: false })
+            .await
+            .map_err(transient("basic.qos"))?;
+        let confirm = confirm_channel(&connection).await.map_err(transient("opening the confirm channel"))?;
+        let tag = ShortString::from(format!("{}-{:016x}", short(&settings.connection_name), rand::random::<u64>()));
+        let consumer = channel
+            .basic_consume(
+                short(&settings.jobs_queue),
+                tag.clone(),
+                BasicConsumeOptions { no_ack: false, ..BasicConsumeOptions::default() },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(transient("basic.consume"))?;
+
+        let watcher = {
+            let mut events = connection.events_listener();
+            let counters = counters.clone();
+            tokio::spawn(async move {
+                while let Some(event) = events.next().await {
+                    if let Event::Error(e) = event {
+                        counters.connected.store(false, Ordering::Relaxed);
+                        warn!(error = %e, "AMQP consumer connection failed");
+                        break;
+                    }
+                }
+            })
+        };
+        Ok(Self { connection, channel, confirm, consumer, tag, watcher })
+    }
+}
+
+async fn confirm_channel(connection: &Connection) -> lapin::Result<Channel> {
+    let c = connection.create_channel().await?;
+    c.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(c)
+}
+
+impl AmqpSource {
+    /// Validates `settings`, connects, declares (or checks) the topology and subscribes.
+    /// `counters` is shared with the metrics endpoint.
+    ///
+    /// The first connection is not retried: a broker that is down or misconfigured at start-up
+    /// is reported to the caller (the process exits and its supervisor restarts it). After
+    /// that, losses are recovered inside [`next`](JobSource::next).
+    ///
+    /// Must run inside a tokio runtime (lapin uses the current one).
+    ///
+    /// # Errors
+    /// [`QueueError::Broker`] for invalid settings, an unreachable broker, or a topology that
+    /// does not match (the message names the queue, the argument and the fix).
+    pub async fn connect(settings: AmqpSettings, counters: Arc<QueueCounters>) -> Result<Self, QueueError> {
+        settings.validate().map_err(|e| QueueError::Broker(format!("invalid AMQP settings: {e}")))?;
+        let settings = Arc::new(settings);
+        let session = match Session::open(&settings, &counters).await {
+            Ok(s) => s,
+            Err(OpenError::Permanent(e) | OpenError::Transient(e)) => return Err(QueueError::Broker(e)),
+        };
+        counters.connected.store(true, Ordering::Relaxed);
+        info!(queue = %settings.jobs_queue, prefetch = settings.prefetch, url = %settings.redacted_url(), "consuming");
+        Ok(Self {
+            backoff: Backoff::new(&settings),
+            settings,
+            counters,
+            session: Some(session),
+            closed: false,
+            sessions: 1,
+        })
+    }
+
+    /// The shared counters.
+    pub fn counters(&self) -> &Arc<QueueCounters> {
+        &self.counters
+    }
+
+    /// The settings in use.
+    pub fn settings(&self) -> &AmqpSettings {
+        &self.settings
+    }
+
+    /// Closes the connection (after [`close`](JobSource::close) and the last settlement, at
+    /// shutdown). Unsettled deliveries still held elsewhere are requeued by the broker.
+    pub async fn shutdown(mut self) {
+        self.closed = true;
+        self.counters.connected.store(false, Ordering::Relaxed);
+        if let Some(s) = self.session.take() {
+            let _ = s.connection.close(200, "shutting down".into()).await;
+        }
+    }
+
+    /// Drops the current session after a failure.
+    fn lose_session(&mut self, why: &str) {
+        self.counters.connected.store(false, Ordering::Relaxed);
+        if let Some(s) = self.session.take() {
+            warn!(queue = %self.settings.jobs_queue, reason = why, "AMQP consumer lost; reconnecting");
+            // Deliveries still in flight keep their channel (and so the connection) alive;
+            // a dead connection is simply dropped.
+            drop(s);
+        }
+    }
+
+    /// Builds a new session, backing off before each attempt; returns only on success or a
+    /// permanent failure.
+    async fn reconnect(&mut self) -> Result<(), QueueError> {
+        loop {
+            let delay = self.backoff.next_delay();
+            debug!(?delay, "reconnecting after");
+            tokio::time::sleep(delay).await;
+            match Session::open(&self.settings, &self.counters).await {
+                Ok(s) => {
+                    self.session = Some(s);
+                    self.sessions += 1;
+                    self.backoff.reset();
+                    self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                    self.counters.connected.store(true, Ordering::Relaxed);
+                    info!(queue = %self.settings.jobs_queue, "AMQP consumer reconnected");
+                    return Ok(());
+                }
+                Err(OpenError::Permanent(e)) => {
+                    return Err(QueueError::Broker(format!("reconnecting: {e}")));
+                }
+                Err(OpenError::Transient(e)) => warn!(error = %e, "AMQP reconnect failed"),
+            }
+        }
+    }
+}
+
+impl Drop for AmqpSource {
+    fn drop(&mut self) {
+        self.counters.connected.store(false, Ordering::Relaxed);
+    }
+}
+
+impl JobSource for AmqpSource {
+    type Delivery = AmqpDelivery;
+
+    async fn next(&mut self) -> Result<Option<AmqpDelivery>, QueueError> {
+        loop {
+            if self.closed {
+                return Ok(None);
+            }
+            let Some(session) = self.session.as_mut() else {
+                self.reconnect().await?;
+                continue;
+            };
+            match session.consumer.next().await {
+                Some(Ok(d)) => {
+                    if !d.acker.usable() {
+                        // Prefetched on a channel that has since died: the broker requeued it.
+                        continue;
+                    }
+                    if !session.confirm.status().connected() {
+                        match confirm_channel(&session.connection).await {
+                            Ok(c) => session.confirm = c,
+                            Err(e) => {
+                                warn!(error = %e, "could not reopen the confirm channel; dead letters will fall back to reject")
+                            }
+                        }
+                    }
+                    return Ok(Some(AmqpDelivery::new(
+                        d,
+                        session.channel.clone(),
+                        session.confirm.clone(),
+                        self.settings.clone(),
+                        self.counters.clone(),
+                    )));
+                }
+                Some(Err(e)) => self.lose_session(&e.to_string()),
+                None if self.closed => return Ok(None),
+                None => self.lose_session("the consumer was cancelled by the broker"),
+            }
+        }
+    }
+
+    async fn close(&mut self) -> Result<(), QueueError> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        self.counters.connected.store(false, Ordering::Relaxed);
+        let Some(session) = self.session.as_mut() else {
+            return Ok(());
+        };
+        if let Err(e) = session.channel.basic_cancel(session.tag.clone(), BasicCancelOptions::default()).await {
+            // The connection is gone: nothing more will arrive, and the broker requeued
+            // whatever was unacknowledged.
+            warn!(error = %e, "basic.cancel failed");
+            return Ok(());
+        }
+        // Deliveries the broker sent before the cancel took effect, never handed out: give
+        // them back now rather than hold them until the connection closes.
+        let mut released = 0u32;
+        while let Ok(Some(Ok(d))) = tokio::time::timeout(CANCEL_DRAIN, session.consumer.next()).await {
+            if let Ok(true) = d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await {
+                released += 1;
+            }
+        }
+        info!(queue = %self.settings.jobs_queue, released, "consumer cancelled; deliveries in flight stay settleable");
+        Ok(())
+    }
+}
