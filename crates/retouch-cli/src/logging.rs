@@ -11,9 +11,11 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber. `RUST_LOG` wins over `verbose`.
-pub fn init(format: LogFormat, verbose: u8) {
+/// Installs the global subscriber. `RUST_LOG` wins over `verbose`; `quiet` (commands with
+/// their own progress display) logs warnings and errors only by default.
+pub fn init(format: LogFormat, verbose: u8, quiet: bool) {
     let default = match verbose {
+        0 if quiet => "warn",
         0 => "info",
         1 => "debug",
         _ => "trace",

@@ -5,12 +5,16 @@
 //! command line or its inputs are wrong (missing file, not an image, unknown scheduler…), 1
 //! otherwise.
 
+mod batch;
 mod bench;
 mod cli_error;
 mod edit;
 mod logging;
+mod manifest;
 mod params;
 mod progress;
+mod signals;
+mod worker;
 
 use std::process::ExitCode;
 
@@ -42,8 +46,19 @@ struct Cli {
 enum Command {
     /// Edit one image.
     Edit(Box<edit::EditArgs>),
+    /// Consume edit jobs from RabbitMQ, read and write images on S3, publish results.
+    Worker(Box<worker::WorkerArgs>),
+    /// Download a model into its cache once (for init containers), print its directory.
+    FetchModel(Box<worker::FetchModelArgs>),
+    /// Edit a folder or manifest of images on this machine (no broker, no S3).
+    Batch(Box<batch::BatchArgs>),
     /// Time the model's stages (text encoding, VAE, one UNet call, whole edit) on this machine.
     Bench(Box<bench::BenchArgs>),
+}
+
+/// The async runtime of the long-running commands.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("retouch-io").build()?)
 }
 
 fn main() -> ExitCode {
@@ -56,10 +71,14 @@ fn main() -> ExitCode {
             std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string());
         }
     }
-    logging::init(cli.log_format, cli.verbose);
+    let quiet = matches!(cli.command, Command::Batch(_));
+    logging::init(cli.log_format, cli.verbose, quiet);
     let result = match cli.command {
         Command::Edit(args) => edit::run(*args),
         Command::Bench(args) => bench::run(*args),
+        Command::Worker(args) => runtime().and_then(|rt| rt.block_on(worker::run(*args))),
+        Command::FetchModel(args) => runtime().and_then(|rt| rt.block_on(worker::fetch_model(*args))),
+        Command::Batch(args) => runtime().and_then(|rt| rt.block_on(batch::run(*args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

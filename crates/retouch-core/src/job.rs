@@ -341,3 +341,86 @@ mod tests {
         assert_eq!(v["status"], "failed");
     }
 }
+
+#[cfg(test)]
+mod schema_tests {
+    //! Keeps `docs/schemas/*.json` and `docs/protocol.md` in step with the types.
+
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::error::ErrorKind;
+
+    fn schema(name: &str) -> serde_json::Value {
+        let path = format!("{}/../../docs/schemas/{name}", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("schema file")).expect("schema json")
+    }
+
+    fn keys(v: &serde_json::Value) -> BTreeSet<String> {
+        v.as_object().expect("object").keys().cloned().collect()
+    }
+
+    fn full_job() -> EditJob {
+        let mut job = parse_job(
+            br#"{"job_id":"a","source":"s3://bkt/x.png","instruction":"x","output":"s3://bkt/y.png","campaign_id":"c",
+                "params":{"steps":1,"guidance_scale":1,"image_guidance_scale":1,"seed":1,"scheduler":"ddim",
+                "max_side":64,"format":"png","quality":9},"metadata":{"k":"v"}}"#,
+        )
+        .expect("valid");
+        job.metadata = Some([("k".to_string(), "v".to_string())].into());
+        job
+    }
+
+    #[test]
+    fn job_schema_matches_the_type() {
+        let s = schema("job.v1.schema.json");
+        let job = serde_json::to_value(full_job()).expect("json");
+        assert_eq!(keys(&s["properties"]), keys(&job));
+        assert_eq!(keys(&s["properties"]["params"]["properties"]), keys(&job["params"]));
+        let required: BTreeSet<String> =
+            s["required"].as_array().expect("required").iter().map(|v| v.as_str().expect("str").to_string()).collect();
+        assert_eq!(required, ["job_id", "source", "instruction"].map(String::from).into());
+        let schedulers = &s["properties"]["params"]["properties"]["scheduler"]["enum"];
+        assert_eq!(schedulers, &serde_json::json!(["euler-ancestral", "euler", "ddim"]));
+    }
+
+    #[test]
+    fn result_schema_matches_the_type() {
+        let s = schema("result.v1.schema.json");
+        let result = JobResult {
+            version: PROTOCOL_VERSION,
+            job_id: "a".into(),
+            campaign_id: None,
+            status: Status::Succeeded,
+            source: None,
+            output: None,
+            width: None,
+            height: None,
+            seed: None,
+            attempt: 1,
+            duplicate: false,
+            worker: "w".into(),
+            model: "m".into(),
+            timings: Timings { queue_wait: Some(1.0), ..Timings::default() },
+            error: None,
+            metadata: None,
+        };
+        let v = serde_json::to_value(&result).expect("json");
+        assert_eq!(keys(&s["properties"]), keys(&v));
+        let required: BTreeSet<String> =
+            s["required"].as_array().expect("required").iter().map(|v| v.as_str().expect("str").to_string()).collect();
+        assert_eq!(required, keys(&v), "every result key is always present");
+        assert_eq!(keys(&s["properties"]["timings"]["properties"]), keys(&v["timings"]));
+        let kinds: Vec<String> = ErrorKind::ALL.iter().map(|k| k.as_str().to_string()).collect();
+        assert_eq!(s["properties"]["error"]["oneOf"][1]["properties"]["kind"]["enum"], serde_json::json!(kinds));
+    }
+
+    #[test]
+    fn the_protocol_doc_example_job_is_valid() {
+        let doc = std::fs::read_to_string(format!("{}/../../docs/protocol.md", env!("CARGO_MANIFEST_DIR"))).expect("doc");
+        let start = doc.find("{\"job_id\": \"sku-1042-snow\"").expect("example job");
+        let end = start + doc[start..].find("```").expect("end of block");
+        let job = parse_job(doc[start..end].as_bytes()).expect("the example parses");
+        job.validate("s3://out").expect("the example is valid");
+    }
+}

@@ -68,3 +68,14 @@ fn open_cuda(n: usize) -> Result<Device, ModelError> {
     crate::compute_cap::check(&device, n)?;
     Ok(device)
 }
+
+/// Memory in use on CUDA device `ordinal` (all processes), in bytes; `None` when it cannot be
+/// read. Feeds the `retouch_gpu_memory_used_bytes` gauge.
+#[cfg(feature = "cuda")]
+pub fn gpu_memory_used(ordinal: usize) -> Option<u64> {
+    use candle_core::cuda_backend::cudarc::driver::{CudaContext, result};
+    let context = CudaContext::new(ordinal).ok()?;
+    context.bind_to_thread().ok()?;
+    let (free, total) = result::mem_get_info().ok()?;
+    Some(total.saturating_sub(free) as u64)
+}

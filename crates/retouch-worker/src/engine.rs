@@ -38,6 +38,7 @@ use retouch_core::store::ObjectStore;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::backend::{Backend, InferError};
 use crate::batcher::{self, BatchKey, BatchPolicy, Batchable};
@@ -294,9 +295,6 @@ async fn prepare<D: Delivery, O: ObjectStore, R: ResultSink>(
         Ok(job) => job,
         Err(e) => return ctx.fail(flight, None, e).await,
     };
-    let span = tracing::info_span!("job", job_id = %job.job.job_id, attempt = flight.delivery.info().attempt);
-    let _guard = span.enter();
-
     match ctx.store.head(&job.output).await {
         Ok(Some(existing)) if existing.metadata.get(meta::JOB_ID) == Some(&job.job.job_id) => {
             let dim = |k: &str| existing.metadata.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -551,7 +549,10 @@ where
                     timings: Timings::default(),
                     _slot: Slot::new(permit, metrics.clone()),
                 };
-                tasks.spawn(prepare(ctx.clone(), flight, to_batcher.clone(), stop.clone()));
+                let info = flight.delivery.info();
+                let span =
+                    tracing::info_span!("job", id = info.message_id.as_deref().unwrap_or(""), attempt = info.attempt);
+                tasks.spawn(prepare(ctx.clone(), flight, to_batcher.clone(), stop.clone()).instrument(span));
             }
             // A finite source (local mode) is exhausted: drain normally.
             Ok(None) => break false,
