@@ -1,1 +1,643 @@
-//! End-to-end tests.
+//! The end-to-end harness: real services, the real `retouch` binary as a separate process.
+//!
+//! * [`Env`]: what `tests/run` exports (broker URL, the s3s-fs binary, the private-node
+//!   script, promtool). A missing variable fails the test with instructions — never a skip.
+//! * [`S3Server`]: an s3s-fs process (SigV4-checking) with its own data dir and keys; can be
+//!   stopped and restarted on the same port.
+//! * [`Broker`]: a lapin connection with per-test names (`e2e.<test>.<nonce>.*`), publishing
+//!   jobs, collecting results from a queue bound to the results exchange, reading dead letters.
+//! * [`Worker`]: `retouch worker` configured through `RETOUCH_*` variables; SIGKILL, SIGTERM,
+//!   exit status, logs, `/metrics`.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use retouch_core::job::JobResult;
+
+/// Access key every test S3 server accepts.
+pub const ACCESS_KEY: &str = "e2e-access";
+/// Secret key every test S3 server accepts.
+pub const SECRET_KEY: &str = "e2e-secret";
+
+/// The services `tests/run` provides.
+#[derive(Clone, Debug)]
+pub struct Env {
+    /// The shared broker.
+    pub amqp_url: String,
+    /// The s3s-fs binary.
+    pub s3s_bin: PathBuf,
+    /// `rabbitmq-node.sh` for a private, restartable broker.
+    pub rabbitmq_node: PathBuf,
+    /// promtool.
+    pub promtool: PathBuf,
+}
+
+fn required(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the end-to-end tests through ./tests/run, which starts the real services")
+    })
+}
+
+impl Env {
+    /// Reads the environment.
+    ///
+    /// # Panics
+    /// When a variable is missing (run through `tests/run`).
+    pub fn get() -> Self {
+        Self {
+            amqp_url: required("RETOUCH_TEST_AMQP_URL"),
+            s3s_bin: required("RETOUCH_TEST_S3S_BIN").into(),
+            rabbitmq_node: required("RETOUCH_TEST_RABBITMQ_NODE").into(),
+            promtool: required("RETOUCH_TEST_PROMTOOL").into(),
+        }
+    }
+}
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().expect("workspace root")
+}
+
+/// The committed tiny checkpoint.
+pub fn tiny_model() -> PathBuf {
+    workspace().join("tests/fixtures/models/tiny-sd15")
+}
+
+/// The `retouch` binary built alongside the tests (`RETOUCH_BIN` overrides).
+pub fn retouch_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("RETOUCH_BIN") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let bin = dir.join("retouch");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first (cargo build -p retouch-cli), or run ./tests/run",
+        bin.display()
+    );
+    bin
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A unique prefix for one test's broker objects and buckets.
+pub fn unique(test: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    format!("e2e-{test}-{}-{}-{nanos:x}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Polls `f` until it returns `Some` or `timeout` passes.
+///
+/// # Panics
+/// On timeout, with `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An s3s-fs server: each directory under its root is a bucket.
+pub struct S3Server {
+    bin: PathBuf,
+    /// The data directory.
+    pub root: PathBuf,
+    /// Its port.
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl S3Server {
+    /// Starts a server with the given buckets.
+    pub fn start(env: &Env, name: &str, buckets: &[&str]) -> Self {
+        let root = std::env::temp_dir().join(format!("{name}-s3"));
+        let _ = std::fs::remove_dir_all(&root);
+        for b in buckets {
+            std::fs::create_dir_all(root.join(b)).expect("bucket dir");
+        }
+        let mut server = Self { bin: env.s3s_bin.clone(), root, port: free_port(), child: None };
+        server.resume();
+        server
+    }
+
+    /// The endpoint URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Puts a file into `bucket/key`.
+    pub fn put(&self, bucket: &str, key: &str, bytes: &[u8]) {
+        let path = self.root.join(bucket).join(key);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, bytes).expect("write object");
+    }
+
+    /// Reads `bucket/key`, if present.
+    pub fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.root.join(bucket).join(key)).ok()
+    }
+
+    /// Stops the server (the port stays reserved by convention: `resume` reuses it).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// (Re)starts the server on its port and waits until it accepts connections.
+    pub fn resume(&mut self) {
+        let log = std::fs::File::create(self.root.with_extension("log")).expect("log");
+        let child = Command::new(&self.bin)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--access-key",
+                ACCESS_KEY,
+                "--secret-key",
+                SECRET_KEY,
+            ])
+            .arg(&self.root)
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start s3s-fs");
+        self.child = Some(child);
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        wait_for("s3s-fs to listen", Duration::from_secs(10), || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
+        });
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One test's view of a broker: its own exchange/queue names and a results queue.
+pub struct Broker {
+    /// Name prefix of this test's objects.
+    pub prefix: String,
+    /// The broker URL.
+    pub url: String,
+    runtime: tokio::runtime::Runtime,
+    channel: Option<Channel>,
+    connection: Option<Connection>,
+}
+
+impl Broker {
+    /// Connects and declares the topology the worker will use (as the worker would), plus a
+    /// queue bound to the results exchange with `#`.
+    pub fn new(url: &str, prefix: &str, delivery_limit: u32) -> Self {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let mut broker =
+            Self { prefix: prefix.to_string(), url: url.to_string(), runtime, channel: None, connection: None };
+        broker.reconnect();
+        let settings = broker.settings(delivery_limit);
+        let channel = broker.channel();
+        broker.runtime.block_on(async {
+            retouch_amqp::declare_topology(&channel, &settings).await.expect("declare topology");
+            channel
+                .queue_declare(
+                    broker.results_queue().as_str().into(),
+                    QueueDeclareOptions { durable: true, ..Default::default() },
+                    FieldTable::default(),
+                )
+                .await
+                .expect("results queue");
+            channel
+                .queue_bind(
+                    broker.results_queue().as_str().into(),
+                    settings.results_exchange.as_str().into(),
+                    "#".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .expect("bind results");
+        });
+        broker
+    }
+
+    /// (Re)opens the connection, retrying for up to 60 s (the broker may be restarting).
+    pub fn reconnect(&mut self) {
+        let url = self.url.clone();
+        let (connection, channel) = wait_for("the broker to accept a connection", Duration::from_secs(60), || {
+            self.runtime.block_on(async {
+                let connection = Connection::connect(&url, ConnectionProperties::default()).await.ok()?;
+                let channel = connection.create_channel().await.ok()?;
+                channel.confirm_select(ConfirmSelectOptions::default()).await.ok()?;
+                Some((connection, channel))
+            })
+        });
+        self.connection = Some(connection);
+        self.channel = Some(channel);
+    }
+
+    fn channel(&self) -> Channel {
+        self.channel.clone().expect("connected")
+    }
+
+    /// The worker's broker settings for this test.
+    pub fn settings(&self, delivery_limit: u32) -> retouch_amqp::AmqpSettings {
+        retouch_amqp::AmqpSettings {
+            url: self.url.clone(),
+            jobs_exchange: format!("{}.jobs", self.prefix),
+            jobs_queue: format!("{}.jobs", self.prefix),
+            results_exchange: format!("{}.results", self.prefix),
+            dead_letter_exchange: format!("{}.dlx", self.prefix),
+            dead_letter_queue: format!("{}.dead", self.prefix),
+            delivery_limit,
+            ..retouch_amqp::AmqpSettings::default()
+        }
+    }
+
+    /// `RETOUCH_*` variables pointing a worker at this test's objects.
+    pub fn worker_env(&self, delivery_limit: u32) -> Vec<(String, String)> {
+        let s = self.settings(delivery_limit);
+        [
+            ("RETOUCH_AMQP_URL", s.url),
+            ("RETOUCH_JOBS_EXCHANGE", s.jobs_exchange),
+            ("RETOUCH_JOBS_QUEUE", s.jobs_queue),
+            ("RETOUCH_RESULTS_EXCHANGE", s.results_exchange),
+            ("RETOUCH_DEAD_LETTER_EXCHANGE", s.dead_letter_exchange),
+            ("RETOUCH_DEAD_LETTER_QUEUE", s.dead_letter_queue),
+            ("RETOUCH_DELIVERY_LIMIT", delivery_limit.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    fn results_queue(&self) -> String {
+        format!("{}.results-tap", self.prefix)
+    }
+
+    /// Publishes a raw job body (persistent, confirmed, with a timestamp).
+    pub fn publish(&self, body: &[u8], message_id: &str) {
+        let channel = self.channel();
+        let exchange = format!("{}.jobs", self.prefix);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(message_id.into())
+            .with_timestamp(now);
+        self.runtime.block_on(async {
+            let confirm = channel
+                .basic_publish(
+                    exchange.as_str().into(),
+                    "retouch.jobs".into(),
+                    BasicPublishOptions { mandatory: true, ..Default::default() },
+                    body,
+                    props,
+                )
+                .await
+                .expect("publish");
+            assert!(confirm.await.expect("confirm").is_ack(), "job not confirmed");
+        });
+    }
+
+    /// Publishes a protocol job.
+    pub fn publish_json(&self, job: &serde_json::Value) {
+        let id = job["job_id"].as_str().unwrap_or("no-id").to_string();
+        self.publish(&serde_json::to_vec(job).expect("json"), &id);
+    }
+
+    fn get(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
+        let channel = self.channel();
+        self.runtime
+            .block_on(async { channel.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.ok().flatten() })
+    }
+
+    /// Collects results until `done` says so, by job id (the latest result per job).
+    pub fn results_until(
+        &mut self,
+        timeout: Duration,
+        done: impl Fn(&BTreeMap<String, JobResult>) -> bool,
+    ) -> BTreeMap<String, JobResult> {
+        let mut results = BTreeMap::new();
+        let deadline = Instant::now() + timeout;
+        while !done(&results) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for results; got {:?}",
+                results.keys().collect::<Vec<_>>()
+            );
+            let queue = self.results_queue();
+            match self.get(&queue) {
+                Some(message) => {
+                    let r: JobResult = serde_json::from_slice(&message.delivery.data).expect("result json");
+                    results.insert(r.job_id.clone(), r);
+                }
+                None => {
+                    if self.channel.as_ref().is_some_and(|c| !c.status().connected()) {
+                        self.reconnect();
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+        results
+    }
+
+    /// Every result available right now, by job id.
+    pub fn drain_results(&mut self) -> BTreeMap<String, JobResult> {
+        let mut results = BTreeMap::new();
+        let queue = self.results_queue();
+        while let Some(message) = self.get(&queue) {
+            let r: JobResult = serde_json::from_slice(&message.delivery.data).expect("result json");
+            results.insert(r.job_id.clone(), r);
+        }
+        results
+    }
+
+    /// Messages ready in a queue of this test (`jobs`, `dead`).
+    pub fn ready(&self, suffix: &str) -> u32 {
+        let channel = self.channel();
+        let name = format!("{}.{suffix}", self.prefix);
+        self.runtime.block_on(async {
+            channel
+                .queue_declare(
+                    name.as_str().into(),
+                    QueueDeclareOptions { passive: true, ..Default::default() },
+                    FieldTable::default(),
+                )
+                .await
+                .map(|q| q.message_count())
+                .unwrap_or(0)
+        })
+    }
+
+    /// Drains the dead-letter queue: `(body, headers)` per message.
+    pub fn dead_letters(&self) -> Vec<(Vec<u8>, BTreeMap<String, String>)> {
+        let queue = format!("{}.dead", self.prefix);
+        let mut out = Vec::new();
+        while let Some(message) = self.get(&queue) {
+            let mut headers = BTreeMap::new();
+            if let Some(table) = message.delivery.properties.headers() {
+                for (k, v) in table.inner() {
+                    let text = match v {
+                        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                        AMQPValue::ShortString(s) => s.as_str().to_string(),
+                        other => format!("{other:?}"),
+                    };
+                    headers.insert(k.as_str().to_string(), text);
+                }
+            }
+            out.push((message.delivery.data.clone(), headers));
+        }
+        out
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let Some(channel) = self.channel.clone() else { return };
+        let prefix = self.prefix.clone();
+        let results = self.results_queue();
+        self.runtime.block_on(async move {
+            for q in [format!("{prefix}.jobs"), format!("{prefix}.dead"), results] {
+                let _ = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+            }
+            for e in ["jobs", "results", "dlx"] {
+                let _ = channel
+                    .exchange_delete(format!("{prefix}.{e}").as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
+            }
+        });
+    }
+}
+
+/// A `retouch worker` process.
+pub struct Worker {
+    child: Option<Child>,
+    /// Its log file (stdout + stderr).
+    pub log: PathBuf,
+    /// Its `/metrics` port.
+    pub metrics_port: u16,
+}
+
+impl Worker {
+    /// Starts a worker with the tiny model, S3 at `s3`, outputs under `s3://outputs/<prefix>`,
+    /// and `extra` variables (which win).
+    pub fn start(name: &str, broker_env: &[(String, String)], s3: &S3Server, extra: &[(&str, &str)]) -> Self {
+        let metrics_port = free_port();
+        let log = std::env::temp_dir().join(format!("{name}-worker-{metrics_port}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(retouch_bin());
+        cmd.arg("worker")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", std::env::temp_dir())
+            .env("RUST_LOG", "info")
+            .env("RETOUCH_MODEL", tiny_model())
+            .env("RETOUCH_S3_ENDPOINT", s3.endpoint())
+            .env("RETOUCH_S3_REGION", "us-east-1")
+            .env("RETOUCH_S3_CONNECT_TIMEOUT", "1s")
+            .env("RETOUCH_S3_OPERATION_TIMEOUT", "5s")
+            .env("RETOUCH_S3_MAX_ATTEMPTS", "2")
+            .env("RETOUCH_OUTPUT_PREFIX", format!("s3://outputs/{name}"))
+            .env("RETOUCH_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+            .env("RETOUCH_MAX_BATCH_WAIT", "300ms")
+            .env("RETOUCH_RETRY_BACKOFF", "500ms")
+            .env("RETOUCH_RETRY_BACKOFF_MAX", "2s")
+            .env("RETOUCH_SHUTDOWN_TIMEOUT", "30s")
+            .env("RETOUCH_WORKER_NAME", name)
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .envs(broker_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(extra.iter().copied())
+            .stdout(Stdio::from(file.try_clone().expect("log")))
+            .stderr(Stdio::from(file));
+        let child = cmd.spawn().expect("start retouch worker");
+        Self { child: Some(child), log, metrics_port }
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub fn wait_ready(&mut self) {
+        let port = self.metrics_port;
+        let log = self.log.clone();
+        wait_for(&format!("the worker to be ready (log: {})", log.display()), Duration::from_secs(60), || {
+            if let Some(status) = self.try_status() {
+                panic!(
+                    "the worker exited with {status} before becoming ready:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            http_get(port, "/readyz").filter(|(code, _)| *code == 200)
+        });
+    }
+
+    /// `(status, body)` of a GET on the worker's HTTP port.
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.metrics_port, path)
+    }
+
+    /// The exit status, if it exited.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit (up to `timeout`).
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let pid = child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the worker did not exit within {timeout:?} of SIGTERM");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_status() {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the worker did not exit within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The log so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A minimal HTTP/1.0 GET: `(status, body)`.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// A 64×64 test PNG (structured, so the model has something to do).
+pub fn test_png(seed: u8) -> Vec<u8> {
+    let image = image::RgbImage::from_fn(64, 64, |x, y| {
+        let inside = (x as i32 - 32).pow(2) + (y as i32 - 28).pow(2) < 300;
+        if inside { image::Rgb([230, 40 + seed, 40]) } else { image::Rgb([(x * 4) as u8, (y * 3) as u8 ^ seed, 120]) }
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut out, image::ImageFormat::Png).expect("png");
+    out.into_inner()
+}
+
+/// A private RabbitMQ node (own port, data dir and epmd), restartable without touching the
+/// shared broker.
+pub struct PrivateBroker {
+    script: PathBuf,
+    dir: PathBuf,
+    /// Its AMQP port.
+    pub port: u16,
+}
+
+impl PrivateBroker {
+    /// Starts a node.
+    pub fn start(env: &Env, name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{name}-rabbit"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let broker = Self { script: env.rabbitmq_node.clone(), dir, port: free_port() };
+        broker.run("start");
+        broker
+    }
+
+    fn run(&self, action: &str) {
+        let status = Command::new(&self.script)
+            .args([action, &self.dir.display().to_string(), &self.port.to_string()])
+            .status()
+            .expect("rabbitmq-node.sh");
+        assert!(status.success(), "rabbitmq-node.sh {action} failed");
+    }
+
+    /// The AMQP URL.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Stops then starts the node; durable queues and messages survive.
+    pub fn restart(&self) {
+        self.run("restart");
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ =
+            Command::new(&self.script).args(["stop", &self.dir.display().to_string(), &self.port.to_string()]).status();
+    }
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// A valid PNG whose (correctly checksummed) header claims `w`×`h` pixels.
+pub fn png_claiming(w: u32, h: u32) -> Vec<u8> {
+    let mut png = test_png(0);
+    png[16..20].copy_from_slice(&w.to_be_bytes());
+    png[20..24].copy_from_slice(&h.to_be_bytes());
+    let crc = crc32(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    png
+}

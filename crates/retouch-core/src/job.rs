@@ -417,7 +417,8 @@ mod schema_tests {
 
     #[test]
     fn the_protocol_doc_example_job_is_valid() {
-        let doc = std::fs::read_to_string(format!("{}/../../docs/protocol.md", env!("CARGO_MANIFEST_DIR"))).expect("doc");
+        let doc =
+            std::fs::read_to_string(format!("{}/../../docs/protocol.md", env!("CARGO_MANIFEST_DIR"))).expect("doc");
         let start = doc.find("{\"job_id\": \"sku-1042-snow\"").expect("example job");
         let end = start + doc[start..].find("```").expect("end of block");
         let job = parse_job(doc[start..end].as_bytes()).expect("the example parses");

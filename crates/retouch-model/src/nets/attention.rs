@@ -7,9 +7,10 @@
 //! 512-pixel self-attention (4096 × 4096 per head) never has to exist for all heads at once.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, GroupNorm, LayerNorm, VarBuilder};
 
 use super::blocks::conv2d;
+use super::linear::Linear;
 
 /// Upper bound on one slice of attention scores, in bytes (float32).
 const SCORE_SLICE_BYTES: usize = 256 << 20;
@@ -52,10 +53,10 @@ struct CrossAttention {
 impl CrossAttention {
     fn new(query_dim: usize, context_dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(query_dim, query_dim, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context_dim, query_dim, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context_dim, query_dim, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(query_dim, query_dim, vb.pp("to_out").pp("0"))?,
+            to_q: Linear::load(query_dim, query_dim, false, vb.pp("to_q"))?,
+            to_k: Linear::load(context_dim, query_dim, false, vb.pp("to_k"))?,
+            to_v: Linear::load(context_dim, query_dim, false, vb.pp("to_v"))?,
+            to_out: Linear::load(query_dim, query_dim, true, vb.pp("to_out").pp("0"))?,
             heads,
         })
     }
@@ -81,8 +82,8 @@ impl FeedForward {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            proj: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
-            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj: Linear::load(dim, inner * 2, true, vb.pp("net.0.proj"))?,
+            out: Linear::load(inner, dim, true, vb.pp("net.2"))?,
         })
     }
 
@@ -166,7 +167,7 @@ impl SpatialTransformer {
         let c = spec.channels;
         let projection = |name: &str| -> Result<Projection> {
             Ok(if spec.linear_projection {
-                Projection::Linear(candle_nn::linear(c, c, vb.pp(name))?)
+                Projection::Linear(Linear::load(c, c, true, vb.pp(name))?)
             } else {
                 Projection::Conv(conv2d(c, c, 1, 0, 1, vb.pp(name))?)
             })
@@ -234,7 +235,7 @@ impl VaeAttention {
                     weight.dims()
                 );
             }
-            Ok(Linear::new(weight, Some(vb.get(channels, "bias")?)))
+            Ok(Linear::new(candle_nn::Linear::new(weight, Some(vb.get(channels, "bias")?))))
         };
         Ok(Self {
             group_norm: candle_nn::group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,

@@ -55,7 +55,8 @@ impl ResnetBlock2D {
         Ok(Self { norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut, output_scale_factor })
     }
 
-    /// `x` is `[B, C, H, W]`; `temb` the per-sample time embedding `[B, T]` (UNet only).
+    /// `x` is `[B, C, H, W]`; `temb` the time embedding, `[1, T]` (shared by the batch) or
+    /// `[B, T]` (UNet only).
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {

@@ -8,5 +8,6 @@
 pub mod attention;
 pub mod blocks;
 pub mod clip;
+pub mod linear;
 pub mod unet;
 pub mod vae;

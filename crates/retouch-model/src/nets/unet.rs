@@ -160,11 +160,11 @@ impl UNet {
     /// Predicts the noise. `sample` is `[B, in_channels, h, w]`, `timestep` shared by the
     /// batch, `context` the text embeddings `[B, 77, cross_attention_dim]`.
     pub fn forward(&self, sample: &Tensor, timestep: f32, context: &Tensor) -> Result<Tensor> {
-        let b = sample.dim(0)?;
         let dtype = sample.dtype();
+        // The timestep is shared by the batch: embed and project it once, as one row, and let
+        // each resnet broadcast it (also keeps every image's maths independent of its batch).
         let t_emb = self.time_projection(timestep, sample.device())?.to_dtype(dtype)?;
         let emb = self.time_linear_2.forward(&self.time_linear_1.forward(&t_emb)?.silu()?)?;
-        let emb = emb.broadcast_as((b, emb.dim(1)?))?.contiguous()?;
 
         let sample = if self.config.center_input_sample { ((sample * 2.0)? - 1.0)? } else { sample.clone() };
         let mut x = self.conv_in.forward(&sample)?;

@@ -119,12 +119,16 @@ fn run_alone(model: &InstructPix2Pix, batch: &EditBatch, request: &EditRequest) 
     model.run(&single, &mut NoProgress).expect("single edit").remove(0).image
 }
 
-#[test]
-fn batched_results_equal_single_results_bit_for_bit() {
-    let model = load("models/tiny-sd15", None);
-    let a = prepared("images/a.png", 512);
-    let b = prepared("images/b.png", 512);
-    let c = prepared("images/c.png", 512);
+/// A synthetic image whose lowest UNet level is a single token at 64 px (the shape where
+/// gemm switches kernels with the row count).
+fn synthetic(size: u32, salt: u8) -> RgbImage {
+    RgbImage::from_fn(size, size, |x, y| {
+        let inside = (x as i32 - 32).pow(2) + (y as i32 - 28).pow(2) < 300;
+        if inside { image::Rgb([230, 40 + salt, 40]) } else { image::Rgb([(x * 4) as u8, (y * 3) as u8 ^ salt, 120]) }
+    })
+}
+
+fn assert_batch_equals_single(model: &InstructPix2Pix, images: &[RgbImage], steps: u32) {
     let request = |image: &RgbImage, instruction: &str, seed: u64, gs: f32, igs: f32| EditRequest {
         image: image.clone(),
         instruction: instruction.into(),
@@ -134,24 +138,34 @@ fn batched_results_equal_single_results_bit_for_bit() {
         init_latents: None,
     };
     // Mixed instructions, seeds and guidance, including one image with guidance off (one UNet
-    // row instead of three) in the middle of the batch.
+    // row instead of three) in the middle of the batch, and the same request twice.
     let batch = EditBatch {
-        steps: 6,
+        steps,
         scheduler: Some(SchedulerKind::EulerAncestral),
         requests: vec![
-            request(&a, "make it snowy", 1, 7.5, 1.5),
-            request(&b, "turn the sofa red", 2, 1.0, 1.5),
-            request(&c, "add fireworks", 3, 4.0, 1.2),
-            request(&a, "make it snowy", 1, 7.5, 1.5),
+            request(&images[0], "make it snowy", 1, 7.5, 1.5),
+            request(&images[1], "turn the sofa red", 2, 1.0, 1.5),
+            request(&images[2], "add fireworks", 3, 4.0, 1.2),
+            request(&images[0], "make it snowy", 1, 7.5, 1.5),
         ],
     };
     let batched = model.run(&batch, &mut NoProgress).expect("batch edit");
     for (i, request) in batch.requests.iter().enumerate() {
-        let alone = run_alone(&model, &batch, request);
+        let alone = run_alone(model, &batch, request);
         let (max, _) = max_and_mean_diff(&batched[i].image, &alone);
         assert!(batched[i].image == alone, "image {i}: batched differs from alone (max |Δ| {max})");
     }
     assert!(batched[0].image == batched[3].image, "the same request twice in one batch must agree");
+}
+
+#[test]
+fn batched_results_equal_single_results_bit_for_bit() {
+    let model = load("models/tiny-sd15", None);
+    let fixtures = [prepared("images/a.png", 512), prepared("images/b.png", 512), prepared("images/c.png", 512)];
+    assert_batch_equals_single(&model, &fixtures, 6);
+    assert_batch_equals_single(&model, &[synthetic(64, 0), synthetic(64, 17), synthetic(64, 34)], 6);
+    let model_b = load("models/tiny-sd15-b", None);
+    assert_batch_equals_single(&model_b, &[synthetic(128, 0), synthetic(128, 17), synthetic(128, 34)], 4);
 }
 
 #[test]
