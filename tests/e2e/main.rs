@@ -1,4 +1,5 @@
 //! End-to-end tests against real services (see `tests/src/lib.rs` for the harness). Run them
 //! through `./tests/run`, which starts RabbitMQ and provides s3s-fs and promtool.
 
+mod campaign;
 mod worker;

@@ -443,38 +443,15 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Starts a worker with the tiny model, S3 at `s3`, outputs under `s3://outputs/<prefix>`,
+    /// Starts a worker with the tiny model, S3 at `s3`, outputs under `s3://outputs/<name>`,
     /// and `extra` variables (which win).
     pub fn start(name: &str, broker_env: &[(String, String)], s3: &S3Server, extra: &[(&str, &str)]) -> Self {
         let metrics_port = free_port();
         let log = std::env::temp_dir().join(format!("{name}-worker-{metrics_port}.log"));
         let file = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(retouch_bin());
-        cmd.arg("worker")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", std::env::temp_dir())
-            .env("RUST_LOG", "info")
-            .env("RETOUCH_MODEL", tiny_model())
-            .env("RETOUCH_S3_ENDPOINT", s3.endpoint())
-            .env("RETOUCH_S3_REGION", "us-east-1")
-            .env("RETOUCH_S3_CONNECT_TIMEOUT", "1s")
-            .env("RETOUCH_S3_OPERATION_TIMEOUT", "5s")
-            .env("RETOUCH_S3_MAX_ATTEMPTS", "2")
-            .env("RETOUCH_OUTPUT_PREFIX", format!("s3://outputs/{name}"))
-            .env("RETOUCH_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
-            .env("RETOUCH_MAX_BATCH_WAIT", "300ms")
-            .env("RETOUCH_RETRY_BACKOFF", "500ms")
-            .env("RETOUCH_RETRY_BACKOFF_MAX", "2s")
-            .env("RETOUCH_SHUTDOWN_TIMEOUT", "30s")
-            .env("RETOUCH_WORKER_NAME", name)
-            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .envs(broker_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .envs(extra.iter().copied())
-            .stdout(Stdio::from(file.try_clone().expect("log")))
-            .stderr(Stdio::from(file));
+        let port = format!("127.0.0.1:{metrics_port}");
+        let mut cmd = command(name, broker_env, s3, &[&[("RETOUCH_METRICS_ADDR", port.as_str())], extra].concat());
+        cmd.arg("worker").stdout(Stdio::from(file.try_clone().expect("log"))).stderr(Stdio::from(file));
         let child = cmd.spawn().expect("start retouch worker");
         Self { child: Some(child), log, metrics_port }
     }
@@ -551,6 +528,44 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A `retouch` command with a worker's environment: the tiny model, S3 at `s3` with the test
+/// keys, outputs under `s3://outputs/<name>`, this test's broker objects, then `extra`.
+pub fn command(name: &str, broker_env: &[(String, String)], s3: &S3Server, extra: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(retouch_bin());
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", std::env::temp_dir())
+        .env("RUST_LOG", "info")
+        .env("RETOUCH_MODEL", tiny_model())
+        .env("RETOUCH_S3_ENDPOINT", s3.endpoint())
+        .env("RETOUCH_S3_REGION", "us-east-1")
+        .env("RETOUCH_S3_CONNECT_TIMEOUT", "1s")
+        .env("RETOUCH_S3_OPERATION_TIMEOUT", "5s")
+        .env("RETOUCH_S3_MAX_ATTEMPTS", "2")
+        .env("RETOUCH_OUTPUT_PREFIX", format!("s3://outputs/{name}"))
+        .env("RETOUCH_MAX_BATCH_WAIT", "300ms")
+        .env("RETOUCH_RETRY_BACKOFF", "500ms")
+        .env("RETOUCH_RETRY_BACKOFF_MAX", "2s")
+        .env("RETOUCH_SHUTDOWN_TIMEOUT", "30s")
+        .env("RETOUCH_WORKER_NAME", name)
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(broker_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .envs(extra.iter().copied());
+    cmd
+}
+
+/// Runs a `retouch` command to completion: `(exit code, stdout, stderr)`.
+pub fn run_cli(mut cmd: Command, args: &[&str]) -> (i32, String, String) {
+    let out = cmd.args(args).output().expect("run retouch");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A minimal HTTP/1.0 GET: `(status, body)`.

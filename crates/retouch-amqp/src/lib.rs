@@ -10,11 +10,13 @@
 //!   (reject) / release (nack) / dead-letter (confirmed publish with reason headers).
 //! * [`publisher`]: [`AmqpPublisher`], results to the topic exchange and `reply_to` (an
 //!   unroutable result is counted, not fatal), jobs with pipelined confirms.
+//! * [`admin`]: [`Admin`], a campaign's results queue and dead-letter listing / re-drive.
 //!
 //! Written against RabbitMQ 3.10.8 semantics and correct on 4.x: explicit delivery limit and
 //! dead-letter exchange, per-consumer QoS, reject (not nack) to spend an attempt. Everything
 //! must run inside a tokio runtime.
 
+pub mod admin;
 mod connection;
 pub mod delivery;
 pub mod publisher;
@@ -22,6 +24,7 @@ pub mod settings;
 pub mod source;
 pub mod topology;
 
+pub use admin::{Admin, DeadLetter, Disposition, PassSummary, campaign_queue};
 pub use delivery::AmqpDelivery;
 pub use publisher::{AmqpPublisher, JobPublishOptions, OutgoingJob};
 pub use settings::AmqpSettings;

@@ -7,13 +7,17 @@
 
 mod batch;
 mod bench;
+mod campaign;
 mod cli_error;
+mod dead_letters;
 mod edit;
+mod ledger;
 mod logging;
 mod manifest;
 mod params;
 mod progress;
 mod signals;
+mod storage;
 mod worker;
 
 use std::process::ExitCode;
@@ -50,6 +54,13 @@ enum Command {
     Worker(Box<worker::WorkerArgs>),
     /// Download a model into its cache once (for init containers), print its directory.
     FetchModel(Box<worker::FetchModelArgs>),
+    /// Publish a campaign's jobs from a manifest or an S3 prefix.
+    Submit(Box<campaign::SubmitArgs>),
+    /// Follow a campaign's results to a report.
+    Watch(Box<campaign::WatchArgs>),
+    /// List or re-drive dead-lettered jobs.
+    #[command(subcommand)]
+    DeadLetters(dead_letters::DeadLetterCommand),
     /// Edit a folder or manifest of images on this machine (no broker, no S3).
     Batch(Box<batch::BatchArgs>),
     /// Time the model's stages (text encoding, VAE, one UNet call, whole edit) on this machine.
@@ -71,13 +82,17 @@ fn main() -> ExitCode {
             std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string());
         }
     }
-    let quiet = matches!(cli.command, Command::Batch(_));
+    let quiet =
+        matches!(cli.command, Command::Batch(_) | Command::Submit(_) | Command::Watch(_) | Command::DeadLetters(_));
     logging::init(cli.log_format, cli.verbose, quiet);
     let result = match cli.command {
         Command::Edit(args) => edit::run(*args),
         Command::Bench(args) => bench::run(*args),
         Command::Worker(args) => runtime().and_then(|rt| rt.block_on(worker::run(*args))),
         Command::FetchModel(args) => runtime().and_then(|rt| rt.block_on(worker::fetch_model(*args))),
+        Command::Submit(args) => runtime().and_then(|rt| rt.block_on(campaign::submit(*args))),
+        Command::Watch(args) => runtime().and_then(|rt| rt.block_on(campaign::watch(*args))),
+        Command::DeadLetters(cmd) => runtime().and_then(|rt| rt.block_on(dead_letters::run(cmd))),
         Command::Batch(args) => runtime().and_then(|rt| rt.block_on(batch::run(*args))),
     };
     match result {

@@ -51,7 +51,8 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<WorkerConfig> {
     WorkerConfig::load(path, std::env::vars()).map_err(|e| bad_input(format!("configuration: {e}")))
 }
 
-fn s3_settings(config: &WorkerConfig) -> S3Settings {
+/// S3 settings from the worker config.
+pub fn s3_settings(config: &WorkerConfig) -> S3Settings {
     S3Settings {
         endpoint: (!config.s3_endpoint.is_empty()).then(|| config.s3_endpoint.clone()),
         region: config.s3_region.clone(),
@@ -63,7 +64,8 @@ fn s3_settings(config: &WorkerConfig) -> S3Settings {
     }
 }
 
-fn amqp_settings(config: &WorkerConfig, name: &str) -> AmqpSettings {
+/// Broker settings from the worker config; `name` labels the connection.
+pub fn amqp_settings(config: &WorkerConfig, name: &str) -> AmqpSettings {
     AmqpSettings {
         url: config.amqp_url.clone(),
         jobs_exchange: config.jobs_exchange.clone(),

@@ -133,6 +133,35 @@ impl S3Store {
         }
     }
 
+    /// Every object under `s3://bucket/prefix/` (`s3://bucket` for the whole bucket), in key
+    /// order, paginated; "directory" markers (keys ending in `/`) are skipped. Used to submit a
+    /// campaign from a prefix.
+    ///
+    /// # Errors
+    /// [`S3Error::Invalid`] for a malformed prefix; classified storage errors otherwise.
+    pub async fn list_prefix(&self, url_prefix: &str) -> Result<Vec<(ObjectUrl, u64)>, S3Error> {
+        let (bucket, prefix) = crate::sync::parse_prefix(url_prefix)?;
+        let what = format!("ListObjectsV2 s3://{bucket}/{prefix}");
+        let mut request = self.client.list_objects_v2().bucket(&bucket);
+        if !prefix.is_empty() {
+            request = request.prefix(&prefix);
+        }
+        let mut pages = request.into_paginator().send();
+        let mut objects = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| S3Error::Store(classify(&what, &e)))?;
+            for object in page.contents() {
+                let Some(key) = object.key() else { continue };
+                if key.ends_with('/') {
+                    continue;
+                }
+                let size = object.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0);
+                objects.push((ObjectUrl { scheme: "s3".into(), bucket: bucket.clone(), key: key.to_owned() }, size));
+            }
+        }
+        Ok(objects)
+    }
+
     /// Writes an object only if none exists under the key (`If-None-Match: *`): the idempotent
     /// output write of a redelivered job. Stores without conditional writes ignore the header
     /// and overwrite, which is still correct for deterministic outputs.

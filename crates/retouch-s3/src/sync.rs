@@ -140,7 +140,7 @@ fn safe_components(path: &str) -> Option<Vec<&str>> {
 
 /// Splits `s3://bucket/prefix` into the bucket and the prefix, normalised to end with `/`
 /// (or empty for the whole bucket).
-fn parse_prefix(url_prefix: &str) -> Result<(String, String), S3Error> {
+pub(crate) fn parse_prefix(url_prefix: &str) -> Result<(String, String), S3Error> {
     let rest = url_prefix
         .strip_prefix("s3://")
         .ok_or_else(|| S3Error::Invalid(format!("{url_prefix:?}: expected s3://bucket/prefix/")))?;

@@ -1,0 +1,519 @@
+//! `retouch submit` and `retouch watch`: start a campaign with one command, follow it to a
+//! report.
+//!
+//! `submit` turns a manifest (JSONL/CSV) or an S3 prefix into protocol jobs with deterministic
+//! ids, declares the campaign's own results queue (so no result is missed before anyone
+//! watches), publishes with confirms and `mandatory` in pipelined chunks, and records each
+//! confirmed chunk in the campaign ledger; jobs already in the ledger are skipped, so running
+//! the same submit twice — or resuming an interrupted one — adds nothing.
+//!
+//! `watch` consumes the campaign's results queue, appends every result to a local state file
+//! before acknowledging it (so it can be stopped and restarted without losing any), counts
+//! each job once (at-least-once delivery repeats results; a re-driven failure that later
+//! succeeds counts as succeeded), shows progress and ETA, and writes the report (JSONL or CSV)
+//! when every submitted job has a result.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures_lite::StreamExt;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use retouch_amqp::{Admin, AmqpPublisher, JobPublishOptions, OutgoingJob};
+use retouch_core::job::{EditJob, JobResult, ObjectUrl, Status};
+use retouch_core::params::OutputFormat;
+use retouch_core::queue::QueueCounters;
+use retouch_s3::S3Store;
+use retouch_worker::config::WorkerConfig;
+
+use crate::cli_error::bad_input;
+use crate::ledger::{Entry, Ledger};
+use crate::manifest;
+use crate::params::ParamArgs;
+use crate::storage::Storage;
+
+/// Jobs per confirmed chunk (and ledger part).
+const CHUNK: usize = 5_000;
+
+/// Broker and storage flags shared by the campaign commands.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Connection {
+    /// Worker-style config file for the broker, S3 and queue names (RETOUCH_* variables apply).
+    #[arg(long, env = "RETOUCH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Broker URL [default: the config's amqp_url].
+    #[arg(long)]
+    pub amqp_url: Option<String>,
+    /// Where the campaign ledger lives (s3://bucket/prefix or file:///dir) [default: the
+    /// prefix given with --output, else the config's output_prefix].
+    #[arg(long)]
+    pub ledger: Option<String>,
+}
+
+impl Connection {
+    /// The worker-style config with the command-line overrides.
+    pub fn config(&self) -> anyhow::Result<WorkerConfig> {
+        let mut config = WorkerConfig::load(self.config.as_deref(), std::env::vars())
+            .map_err(|e| bad_input(format!("configuration: {e}")))?;
+        if let Some(url) = &self.amqp_url {
+            config.amqp_url = url.clone();
+        }
+        Ok(config)
+    }
+}
+
+async fn storage(config: &WorkerConfig) -> anyhow::Result<Storage> {
+    let s3 = S3Store::new(crate::worker::s3_settings(config)).await.context("cannot set up S3")?;
+    Ok(Storage { s3: Some(s3) })
+}
+
+fn bar(total: u64, template: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar.set_style(ProgressStyle::with_template(template).expect("static template").progress_chars("=> "));
+    bar
+}
+
+/// Flags of `retouch submit`.
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("jobs").required(true).args(["manifest", "source"])))]
+pub struct SubmitArgs {
+    /// The campaign id ([A-Za-z0-9_-]{1,64}); names its results queue and ledger.
+    #[arg(long)]
+    pub campaign: String,
+    /// Jobs from a .jsonl/.csv manifest with the protocol's fields.
+    #[arg(long)]
+    pub manifest: Option<PathBuf>,
+    /// Or: every image under this prefix (s3://bucket/in/).
+    #[arg(long, requires = "output")]
+    pub source: Option<String>,
+    /// With --source: the output prefix; each source key maps to the same relative key here,
+    /// with the output format's extension.
+    #[arg(long)]
+    pub output: Option<String>,
+    /// The instruction (a manifest row may carry its own).
+    #[arg(long)]
+    pub instruction: Option<String>,
+    #[command(flatten)]
+    pub params: ParamArgs,
+    /// Output format: png, jpeg or webp [default: png].
+    #[arg(long)]
+    pub format: Option<OutputFormat>,
+    /// JPEG quality.
+    #[arg(long)]
+    pub quality: Option<u8>,
+    /// Show what would be published and publish nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub connection: Connection,
+}
+
+const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"];
+
+/// Jobs for every image under an S3 prefix.
+async fn prefix_jobs(
+    storage: &Storage,
+    source: &str,
+    output: &str,
+    args: &SubmitArgs,
+    params: &retouch_core::params::EditParams,
+) -> anyhow::Result<Vec<EditJob>> {
+    let instruction = args.instruction.as_deref().ok_or_else(|| bad_input("--source needs --instruction"))?;
+    let s3 = storage.s3.as_ref().context("--source needs S3")?;
+    let objects = s3.list_prefix(source).await.with_context(|| format!("cannot list {source}"))?;
+    let source_prefix = ObjectUrl::parse(&format!("{}/x", source.trim_end_matches('/')))
+        .map_err(|e| bad_input(format!("--source: {e}")))?;
+    let strip = source_prefix.key.trim_end_matches('x');
+    let ext = params.format.unwrap_or(OutputFormat::Png).extension();
+    let mut jobs = Vec::new();
+    for (url, _size) in objects {
+        let relative = url.key.strip_prefix(strip).unwrap_or(&url.key);
+        let Some((stem, source_ext)) = relative.rsplit_once('.') else { continue };
+        if !IMAGE_EXTENSIONS.contains(&source_ext.to_ascii_lowercase().as_str()) {
+            continue;
+        }
+        let source = url.to_string();
+        jobs.push(EditJob {
+            job_id: manifest::derived_job_id(&args.campaign, &source, instruction, params),
+            output: Some(format!("{}/{stem}.{ext}", output.trim_end_matches('/'))),
+            source,
+            instruction: instruction.to_string(),
+            campaign_id: Some(args.campaign.clone()),
+            params: params.clone(),
+            metadata: None,
+        });
+    }
+    Ok(jobs)
+}
+
+/// Runs `retouch submit`.
+///
+/// # Errors
+/// Bad input for invalid jobs (nothing is published then); broker or storage failures.
+pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let config = args.connection.config()?;
+    let mut params = args.params.to_params();
+    params.format = args.format;
+    params.quality = args.quality;
+    params.resolve(|| 0).map_err(|e| bad_input(format!("--{}: {}", e.field.replace('_', "-"), e.message)))?;
+    let storage = storage(&config).await?;
+
+    let jobs = match (&args.manifest, &args.source) {
+        (Some(path), _) => manifest::read(path)?
+            .into_iter()
+            .map(|row| manifest::to_job(row, Some(&args.campaign), args.instruction.as_deref(), &params))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        (None, Some(source)) => {
+            prefix_jobs(&storage, source, args.output.as_deref().unwrap_or_default(), &args, &params).await?
+        }
+        (None, None) => unreachable!("clap requires one"),
+    };
+    // Validate everything before publishing anything.
+    let mut entries = Vec::with_capacity(jobs.len());
+    let mut bodies = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        if job.campaign_id.as_deref() != Some(args.campaign.as_str()) {
+            return Err(bad_input(format!(
+                "job {}: its campaign_id differs from --campaign {}",
+                job.job_id, args.campaign
+            )));
+        }
+        let valid = job
+            .clone()
+            .validate(&config.output_prefix)
+            .map_err(|e| bad_input(format!("job {}: {}", job.job_id, e.message)))?;
+        entries.push(Entry {
+            job_id: job.job_id.clone(),
+            source: valid.source.to_string(),
+            output: valid.output.to_string(),
+        });
+        bodies.push(serde_json::to_vec(&job)?);
+    }
+    let ledger_root =
+        args.connection.ledger.clone().or_else(|| args.output.clone()).unwrap_or_else(|| config.output_prefix.clone());
+    let mut ledger = Ledger::open(&storage, &ledger_root, &args.campaign).await?;
+    let already = ledger.published().into_iter().map(str::to_string).collect::<std::collections::BTreeSet<_>>();
+    let mut seen = std::collections::BTreeSet::new();
+    let fresh: Vec<(Entry, Vec<u8>)> = entries
+        .into_iter()
+        .zip(bodies)
+        .filter(|(e, _)| !already.contains(&e.job_id) && seen.insert(e.job_id.clone()))
+        .collect();
+    let total_after = already.len() + fresh.len();
+
+    if args.dry_run {
+        for (entry, body) in fresh.iter().take(10) {
+            println!("{} {}", entry.job_id, String::from_utf8_lossy(body));
+        }
+        if fresh.len() > 10 {
+            println!("… and {} more", fresh.len() - 10);
+        }
+        println!(
+            "dry run: {} new job(s) for campaign {} ({} already submitted); nothing was published",
+            fresh.len(),
+            args.campaign,
+            already.len()
+        );
+        return Ok(());
+    }
+
+    let counters = Arc::new(QueueCounters::default());
+    let settings = crate::worker::amqp_settings(&config, "submit");
+    let publisher = AmqpPublisher::connect(settings.clone(), counters).await.context("cannot connect to the broker")?;
+    let admin = Admin::connect(settings).await.context("cannot connect to the broker")?;
+    let queue = admin.declare_campaign_queue(&args.campaign).await?;
+    admin.close().await;
+
+    let progress = bar(fresh.len() as u64, "{spinner} publishing [{bar:30}] {pos}/{len} jobs ({per_sec}, eta {eta})");
+    let publish_started = Instant::now();
+    let mut published = 0usize;
+    let mut rest = fresh;
+    while !rest.is_empty() {
+        let tail = rest.split_off(CHUNK.min(rest.len()));
+        let chunk = std::mem::replace(&mut rest, tail);
+        let outgoing = chunk.iter().map(|(e, body)| OutgoingJob {
+            body: body.clone(),
+            message_id: e.job_id.clone(),
+            options: JobPublishOptions::default(),
+        });
+        let confirmed = publisher.publish_jobs(outgoing).await.context("publishing jobs")?;
+        anyhow::ensure!(confirmed as usize == chunk.len(), "only {confirmed} of {} jobs were confirmed", chunk.len());
+        published += chunk.len();
+        progress.set_position(published as u64);
+        ledger.append(chunk.into_iter().map(|(e, _)| e).collect()).await?;
+    }
+    let publish_seconds = publish_started.elapsed().as_secs_f64();
+    progress.finish_and_clear();
+    publisher.shutdown().await;
+    println!(
+        "campaign {}: published {published} new job(s) in {publish_seconds:.2} s ({:.0} jobs/s); {} were already submitted; \
+         {total_after} in total; results collect in queue {queue} (total {:.2} s)",
+        args.campaign,
+        if publish_seconds > 0.0 { published as f64 / publish_seconds } else { 0.0 },
+        already.len(),
+        started.elapsed().as_secs_f64(),
+    );
+    println!("follow it with: retouch watch --campaign {}", args.campaign);
+    Ok(())
+}
+
+/// Flags of `retouch watch`.
+#[derive(clap::Args, Debug)]
+pub struct WatchArgs {
+    /// The campaign to follow.
+    #[arg(long)]
+    pub campaign: String,
+    /// The report to write when done: .csv or .jsonl [default: <campaign>-report.jsonl].
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Where results are kept while watching (appended; what makes a restart lossless)
+    /// [default: <campaign>.results.jsonl].
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Keep the campaign's results queue when done (default: delete it).
+    #[arg(long)]
+    pub keep_queue: bool,
+    /// Stop waiting after this long (e.g. 30m); the state is kept for the next watch.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+    #[command(flatten)]
+    pub connection: Connection,
+}
+
+/// Reads the results kept by an earlier watch.
+fn load_state(path: &PathBuf) -> anyhow::Result<BTreeMap<String, JobResult>> {
+    let mut results = BTreeMap::new();
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(results) };
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        match serde_json::from_str::<JobResult>(line) {
+            Ok(r) => merge(&mut results, r),
+            // A line cut by a crash mid-write is the only expected damage; skip it (its result
+            // was not acknowledged, so it will arrive again).
+            Err(e) => tracing::warn!(line = i + 1, error = %e, "skipping an unreadable line of the state file"),
+        }
+    }
+    Ok(results)
+}
+
+/// Counts each job once: the latest result wins, except that a success is never replaced by
+/// a later duplicate of an earlier failure.
+fn merge(results: &mut BTreeMap<String, JobResult>, r: JobResult) {
+    match results.get(&r.job_id) {
+        Some(existing) if existing.status == Status::Succeeded && r.status == Status::Failed => {}
+        _ => {
+            results.insert(r.job_id.clone(), r);
+        }
+    }
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+}
+
+fn write_report(path: &PathBuf, ledger: &[Entry], results: &BTreeMap<String, JobResult>) -> anyhow::Result<()> {
+    let csv = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?,
+    );
+    if csv {
+        writeln!(out, "job_id,source,output,status,error_kind,error_message,attempt,duplicate,inference_s,total_s")?;
+    }
+    for entry in ledger {
+        let r = results.get(&entry.job_id);
+        if csv {
+            let (kind, message) = r
+                .and_then(|r| r.error.as_ref())
+                .map_or((String::new(), String::new()), |e| (e.kind.to_string(), e.message.clone()));
+            writeln!(
+                out,
+                "{},{},{},{},{},{},{},{},{},{}",
+                csv_field(&entry.job_id),
+                csv_field(&entry.source),
+                csv_field(r.and_then(|r| r.output.as_deref()).unwrap_or(&entry.output)),
+                r.map_or("missing", |r| r.status.as_str()),
+                kind,
+                csv_field(&message),
+                r.map_or(String::new(), |r| r.attempt.to_string()),
+                r.is_some_and(|r| r.duplicate),
+                r.map_or(String::new(), |r| format!("{:.3}", r.timings.inference)),
+                r.map_or(String::new(), |r| format!("{:.3}", r.timings.total)),
+            )?;
+        } else {
+            let line = serde_json::json!({
+                "job_id": entry.job_id, "source": entry.source,
+                "output": r.and_then(|r| r.output.clone()).unwrap_or_else(|| entry.output.clone()),
+                "status": r.map_or("missing", |r| r.status.as_str()),
+                "error": r.and_then(|r| r.error.clone()),
+                "attempt": r.map(|r| r.attempt), "duplicate": r.is_some_and(|r| r.duplicate),
+                "timings": r.map(|r| r.timings.clone()),
+            });
+            writeln!(out, "{line}")?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Runs `retouch watch`.
+///
+/// # Errors
+/// Broker or storage failures; "interrupted" or "timed out" before every job has a result.
+pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
+    let config = args.connection.config()?;
+    let storage = storage(&config).await?;
+    let ledger_root = args.connection.ledger.clone().unwrap_or_else(|| config.output_prefix.clone());
+    let ledger = Ledger::open(&storage, &ledger_root, &args.campaign).await?;
+    if ledger.manifest.total == 0 {
+        return Err(bad_input(format!(
+            "campaign {} has no ledger under {ledger_root} (submit it first, or pass --ledger)",
+            args.campaign
+        )));
+    }
+    let known = ledger.by_id();
+    let state_path = args.state.clone().unwrap_or_else(|| PathBuf::from(format!("{}.results.jsonl", args.campaign)));
+    let report_path = args.report.clone().unwrap_or_else(|| PathBuf::from(format!("{}-report.jsonl", args.campaign)));
+    let mut results = load_state(&state_path)?;
+    results.retain(|id, _| known.contains_key(id.as_str()));
+    let total = ledger.manifest.total;
+    let count = |results: &BTreeMap<String, JobResult>| {
+        let failed = results.values().filter(|r| r.status == Status::Failed).count();
+        (results.len() - failed, failed)
+    };
+
+    let progress = bar(total as u64, "{spinner} [{bar:30}] {pos}/{len} {msg} ({per_sec}, eta {eta})");
+    let show = |results: &BTreeMap<String, JobResult>| {
+        let (ok, failed) = count(results);
+        progress.set_position(results.len() as u64);
+        progress.set_message(format!("{ok} succeeded, {failed} failed"));
+    };
+    show(&results);
+
+    let settings = crate::worker::amqp_settings(&config, "watch");
+    let admin = Admin::connect(settings).await.context("cannot connect to the broker")?;
+    let queue = admin.declare_campaign_queue(&args.campaign).await?;
+    let mut state = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&state_path)
+        .with_context(|| format!("cannot open {}", state_path.display()))?;
+    let started = Instant::now();
+    let deadline = args.timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut outcome = Ok(());
+    if results.len() < total {
+        let channel = admin.channel().clone();
+        channel.basic_qos(500, BasicQosOptions { global: false }).await.context("basic.qos")?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                format!("watch-{}", std::process::id()).as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .context("cannot consume the campaign's results")?;
+        let stop = crate::signals::terminated();
+        tokio::pin!(stop);
+        while results.len() < total {
+            let next = tokio::select! {
+                () = &mut stop => { outcome = Err(anyhow::anyhow!("interrupted; run the same watch again to resume")); break }
+                () = sleep_until_opt(deadline) => { outcome = Err(anyhow::anyhow!("timed out; run the same watch again to resume")); break }
+                next = consumer.next() => next,
+            };
+            let Some(delivery) = next else {
+                outcome = Err(anyhow::anyhow!("the broker closed the consumer; run the same watch again to resume"));
+                break;
+            };
+            let delivery = delivery.context("reading results")?;
+            match serde_json::from_slice::<JobResult>(&delivery.data) {
+                Ok(result) => {
+                    // Persist before acknowledging: a crash here repeats a result, never loses one.
+                    writeln!(state, "{}", String::from_utf8_lossy(&delivery.data))?;
+                    state.flush()?;
+                    if known.contains_key(result.job_id.as_str()) {
+                        merge(&mut results, result);
+                        show(&results);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "ignoring a message that is not a result"),
+            }
+            delivery.ack(BasicAckOptions::default()).await.context("acknowledging a result")?;
+        }
+    }
+    progress.finish_and_clear();
+    let (ok, failed) = count(&results);
+    if results.len() >= total {
+        write_report(&report_path, &ledger.entries, &results)?;
+        if !args.keep_queue {
+            admin.delete_queue(&queue).await?;
+        }
+    }
+    admin.close().await;
+    println!(
+        "campaign {}: {}/{total} jobs have results — {ok} succeeded, {failed} failed ({:.1} s){}",
+        args.campaign,
+        results.len(),
+        started.elapsed().as_secs_f64(),
+        if results.len() >= total { format!("; report: {}", report_path.display()) } else { String::new() }
+    );
+    outcome?;
+    if failed > 0 {
+        println!("fix the cause, then: retouch dead-letters redrive --campaign {}", args.campaign);
+    }
+    Ok(())
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use retouch_core::job::{PROTOCOL_VERSION, Timings};
+
+    use super::*;
+
+    fn result(id: &str, status: Status) -> JobResult {
+        JobResult {
+            version: PROTOCOL_VERSION,
+            job_id: id.into(),
+            campaign_id: None,
+            status,
+            source: None,
+            output: None,
+            width: None,
+            height: None,
+            seed: None,
+            attempt: 1,
+            duplicate: false,
+            worker: "w".into(),
+            model: "m".into(),
+            timings: Timings::default(),
+            error: None,
+            metadata: None,
+        }
+    }
+
+    #[test]
+    fn duplicates_count_once_and_a_redriven_success_wins() {
+        let mut r = BTreeMap::new();
+        merge(&mut r, result("a", Status::Failed));
+        merge(&mut r, result("a", Status::Succeeded));
+        merge(&mut r, result("a", Status::Failed));
+        merge(&mut r, result("b", Status::Succeeded));
+        merge(&mut r, result("b", Status::Succeeded));
+        assert_eq!(r.len(), 2);
+        assert_eq!(r["a"].status, Status::Succeeded);
+    }
+}
