@@ -2,4 +2,5 @@
 //! through `./tests/run`, which starts RabbitMQ and provides s3s-fs and promtool.
 
 mod campaign;
+mod cli;
 mod worker;
