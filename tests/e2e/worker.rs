@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use retouch_core::error::ErrorKind;
+use retouch_core::imaging::png_claiming;
 use retouch_core::job::{JobResult, Status};
-use retouch_e2e::{Broker, Env, PrivateBroker, S3Server, Worker, png_claiming, test_png, unique, wait_for};
+use retouch_e2e::{Broker, Env, PrivateBroker, S3Server, Worker, test_png, unique, wait_for};
 use serde_json::json;
 
 fn setup(test: &str, delivery_limit: u32, inputs: usize) -> (Env, String, S3Server, Broker) {

@@ -635,24 +635,3 @@ impl Drop for PrivateBroker {
             Command::new(&self.script).args(["stop", &self.dir.display().to_string(), &self.port.to_string()]).status();
     }
 }
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
-}
-
-/// A valid PNG whose (correctly checksummed) header claims `w`×`h` pixels.
-pub fn png_claiming(w: u32, h: u32) -> Vec<u8> {
-    let mut png = test_png(0);
-    png[16..20].copy_from_slice(&w.to_be_bytes());
-    png[20..24].copy_from_slice(&h.to_be_bytes());
-    let crc = crc32(&png[12..29]);
-    png[29..33].copy_from_slice(&crc.to_be_bytes());
-    png
-}

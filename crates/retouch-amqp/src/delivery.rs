@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -129,7 +129,7 @@ impl AmqpDelivery {
         headers.insert(HEADER_ERROR_MESSAGE.into(), AMQPValue::LongString(message.into()));
         headers.insert(HEADER_ERROR_RETRYABLE.into(), AMQPValue::Boolean(error.retryable));
         headers.insert(HEADER_ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(self.info.attempt)));
-        headers.insert(HEADER_DEAD_LETTERED_AT.into(), AMQPValue::LongString(rfc3339(SystemTime::now()).into()));
+        headers.insert(HEADER_DEAD_LETTERED_AT.into(), AMQPValue::LongString(retouch_core::time::now_rfc3339().into()));
         headers.insert(HEADER_QUEUE.into(), AMQPValue::LongString(self.settings.jobs_queue.as_str().into()));
         headers
     }
@@ -267,30 +267,6 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC).
-pub(crate) fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Howard Hinnant's civil_from_days, for days since 1970-01-01 (non-negative here).
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,13 +310,5 @@ mod tests {
         assert_eq!(i.attempt, 1);
         let i = delivery_info(&BasicProperties::default(), 5);
         assert_eq!(i, DeliveryInfo { attempt: 1, ..Default::default() });
-    }
-
-    #[test]
-    fn rfc3339_formats_utc() {
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_millis(951_782_400_123)), "2000-02-29T00:00:00.123Z");
-        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(1_767_225_599)), "2025-12-31T23:59:59.000Z");
-        assert_eq!(truncate("héllo", 2), "h");
     }
 }

@@ -52,23 +52,6 @@ fn url(s: &str) -> anyhow::Result<ObjectUrl> {
     ObjectUrl::parse(s).map_err(|e| anyhow::anyhow!("ledger location: {e}"))
 }
 
-/// Seconds since the epoch as RFC 3339 (UTC).
-pub fn rfc3339_now() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
 impl<'a, O: ObjectStore> Ledger<'a, O> {
     /// Opens (or starts) the ledger of `campaign` under `root` (`s3://bucket/prefix` or
     /// `file:///dir`).
@@ -130,7 +113,7 @@ impl<'a, O: ObjectStore> Ledger<'a, O> {
         self.entries.extend(chunk);
         self.manifest.parts.push(name);
         self.manifest.total = self.entries.len();
-        self.manifest.updated_at = rfc3339_now();
+        self.manifest.updated_at = retouch_core::time::now_rfc3339();
         let manifest_url = url(&format!("{}/manifest.json", self.dir))?;
         self.store
             .put(&manifest_url, serde_json::to_vec_pretty(&self.manifest)?, "application/json", &BTreeMap::new())
@@ -164,12 +147,5 @@ mod tests {
         assert_eq!(reopened.published().len(), 3);
         assert_eq!(reopened.by_id()["c.3"].source, "s3://in/3.png");
         std::fs::remove_dir_all(&dir).ok();
-    }
-
-    #[test]
-    fn timestamps_are_rfc3339() {
-        let t = rfc3339_now();
-        assert_eq!(t.len(), 20, "{t}");
-        assert!(t.starts_with("20") && t.ends_with('Z'), "{t}");
     }
 }

@@ -160,6 +160,31 @@ pub fn encode(image: &RgbImage, format: OutputFormat, quality: u8) -> Result<Vec
     Ok(out.into_inner())
 }
 
+/// A small, valid PNG whose (correctly checksummed) header claims `width` × `height` pixels
+/// — a decompression bomb in 100 bytes. For tests of the size limits, here and end to end.
+pub fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+    let mut png = Vec::new();
+    RgbImage::new(4, 4)
+        .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+        .expect("encoding a 4×4 PNG in memory cannot fail");
+    // IHDR: length (8..12), "IHDR" (12..16), width (16..20), height (20..24), …, CRC (29..33).
+    png[16..20].copy_from_slice(&width.to_be_bytes());
+    png[20..24].copy_from_slice(&height.to_be_bytes());
+    let crc = crc32(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    png
+}
+
 // ---- Pillow's resampler -------------------------------------------------------------------
 
 /// Fixed-point precision of the coefficients: 32 bits minus 8 for the pixel minus 2 for the
@@ -308,29 +333,6 @@ mod tests {
         let out = flatten_onto_white(&DynamicImage::ImageRgba8(rgba));
         assert_eq!(out.get_pixel(0, 0).0, [255, 255, 255]);
         assert_eq!(out.get_pixel(1, 0).0, [127, 177, 227]);
-    }
-
-    /// CRC-32 (IEEE) as PNG chunks use it.
-    fn crc32(data: &[u8]) -> u32 {
-        let mut crc = !0u32;
-        for &b in data {
-            crc ^= u32::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
-            }
-        }
-        !crc
-    }
-
-    /// A PNG whose (valid, correctly checksummed) header claims `w`×`h` pixels.
-    pub(crate) fn png_claiming(w: u32, h: u32) -> Vec<u8> {
-        let mut png = Vec::new();
-        RgbImage::new(4, 4).write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png).expect("encode");
-        png[16..20].copy_from_slice(&w.to_be_bytes());
-        png[20..24].copy_from_slice(&h.to_be_bytes());
-        let crc = crc32(&png[12..29]);
-        png[29..33].copy_from_slice(&crc.to_be_bytes());
-        png
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! * [`job`]: the job protocol v1 — [`job::EditJob`], [`job::JobResult`] — and validation.
 //! * [`error`]: the protocol's error kinds and [`error::JobError`] with its retry class.
 //! * [`store`]: the object-storage seam ([`store::ObjectStore`]).
+//! * [`time`]: RFC 3339 timestamps for records.
 //! * [`queue`]: the broker seam ([`queue::JobSource`], [`queue::Delivery`], [`queue::ResultSink`]).
 
 pub mod editor;
@@ -18,3 +19,4 @@ pub mod job;
 pub mod params;
 pub mod queue;
 pub mod store;
+pub mod time;
