@@ -7,9 +7,9 @@
 //! 512-pixel self-attention (4096 × 4096 per head) never has to exist for all heads at once.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, VarBuilder};
+use candle_nn::{GroupNorm, LayerNorm, VarBuilder};
 
-use super::blocks::conv2d;
+use super::blocks::{Conv2d, conv2d};
 use super::linear::Linear;
 
 /// Upper bound on one slice of attention scores, in bytes (float32).

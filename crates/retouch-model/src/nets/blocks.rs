@@ -2,12 +2,13 @@
 //! up-samplers (diffusers' `ResnetBlock2D`, `Downsample2D`, `Upsample2D`).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, Linear, VarBuilder};
+
+pub use super::conv::Conv2d;
 
 /// A `k×k` convolution with bias, `padding` on every side and `stride`.
 pub fn conv2d(in_c: usize, out_c: usize, k: usize, padding: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig { padding, stride, ..Default::default() };
-    candle_nn::conv2d(in_c, out_c, k, cfg, vb)
+    Conv2d::load(in_c, out_c, k, padding, stride, vb)
 }
 
 /// diffusers' `ResnetBlock2D` with the default time-embedding handling (added after conv1).

@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod blocks;
 pub mod clip;
+pub mod conv;
 pub mod linear;
 pub mod unet;
 pub mod vae;

@@ -4,10 +4,10 @@
 //! (resized to the skip's size, so odd latent sizes work) and the output head.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, Linear, VarBuilder};
 
 use super::attention::{SpatialTransformer, SpatialTransformerSpec};
-use super::blocks::{Downsample2D, ResnetBlock2D, ResnetSpec, Upsample2D, conv2d};
+use super::blocks::{Conv2d, Downsample2D, ResnetBlock2D, ResnetSpec, Upsample2D, conv2d};
 use crate::config::UNetConfig;
 
 #[derive(Debug)]

@@ -3,10 +3,10 @@
 //! private — and a decoder.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
 
 use super::attention::VaeAttention;
-use super::blocks::{Downsample2D, ResnetBlock2D, ResnetSpec, Upsample2D, conv2d};
+use super::blocks::{Conv2d, Downsample2D, ResnetBlock2D, ResnetSpec, Upsample2D, conv2d};
 use crate::config::VaeConfig;
 
 /// GroupNorm epsilon of every VAE norm (hard-coded in diffusers).
