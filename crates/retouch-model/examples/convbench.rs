@@ -27,7 +27,12 @@ fn main() -> candle_core::Result<()> {
         };
         let a = time(&|| ours.forward(&x))?;
         let b = time(&|| theirs.forward(&x))?;
-        println!("c {c:>4} {hw:>3}×{hw:<3} batch 3: ours {a:.3} s ({:.1} GFLOP/s), candle {b:.3} s ({:.1} GFLOP/s), ×{:.2}", flops / a / 1e9, flops / b / 1e9, b / a);
+        println!(
+            "c {c:>4} {hw:>3}×{hw:<3} batch 3: ours {a:.3} s ({:.1} GFLOP/s), candle {b:.3} s ({:.1} GFLOP/s), ×{:.2}",
+            flops / a / 1e9,
+            flops / b / 1e9,
+            b / a
+        );
     }
     Ok(())
 }

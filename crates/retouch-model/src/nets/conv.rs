@@ -15,7 +15,7 @@
 //! Each image of a batch is computed with the same calls whatever the batch size, so results
 //! stay batch-invariant. Other devices and dtypes use candle's implementation.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
@@ -32,8 +32,15 @@ pub struct Conv2d {
     kernel: usize,
     padding: usize,
     stride: usize,
-    /// `[c_out, c_in·k·k]` row-major and the bias, for the CPU path (f32 CPU weights only).
-    cpu_weights: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// Runs `f` on the float32 data of a CPU tensor without copying it (contiguous tensors only).
+fn with_cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("not a CPU tensor") };
+    let data = cpu.as_slice::<f32>()?;
+    let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("not contiguous".into()))?;
+    f(&data[start..end])
 }
 
 impl Conv2d {
@@ -47,13 +54,7 @@ impl Conv2d {
         vb: VarBuilder,
     ) -> Result<Self> {
         let inner = candle_nn::conv2d(c_in, c_out, kernel, Conv2dConfig { padding, stride, ..Default::default() }, vb)?;
-        let cpu_weights = match (inner.weight().device(), inner.weight().dtype(), inner.bias()) {
-            (Device::Cpu, DType::F32, Some(bias)) => {
-                Some((inner.weight().flatten_all()?.to_vec1::<f32>()?, bias.to_vec1::<f32>()?))
-            }
-            _ => None,
-        };
-        Ok(Self { inner, c_in, c_out, kernel, padding, stride, cpu_weights })
+        Ok(Self { inner, c_in, c_out, kernel, padding, stride })
     }
 
     /// The weight tensor.
@@ -63,13 +64,19 @@ impl Conv2d {
 
     /// `[B, c_in, H, W]` → `[B, c_out, H', W']`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.cpu_weights {
-            Some((weight, bias)) if x.device().is_cpu() && x.dtype() == DType::F32 => self.forward_cpu(x, weight, bias),
+        let weight = self.inner.weight();
+        match self.inner.bias() {
+            Some(bias) if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 => {
+                let x = x.contiguous()?;
+                with_cpu_slice(weight, |w| {
+                    with_cpu_slice(bias, |b| with_cpu_slice(&x, |input| self.forward_cpu(&x, input, w, b)))
+                })
+            }
             _ => self.inner.forward(x),
         }
     }
 
-    fn forward_cpu(&self, x: &Tensor, weight: &[f32], bias: &[f32]) -> Result<Tensor> {
+    fn forward_cpu(&self, x: &Tensor, input: &[f32], weight: &[f32], bias: &[f32]) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         if c != self.c_in {
             candle_core::bail!("conv2d: expected {} input channels, got {c}", self.c_in);
@@ -79,8 +86,6 @@ impl Conv2d {
             candle_core::bail!("conv2d: input {h}×{w} is smaller than the {k}×{k} kernel");
         }
         let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
-        let x = x.contiguous()?;
-        let input = x.flatten_all()?.to_vec1::<f32>()?;
         let plane = oh * ow;
         let mut out = vec![0f32; b * self.c_out * plane];
         let k_size = c * k * k;
