@@ -41,6 +41,9 @@ pub struct BenchArgs {
     /// Device: cpu or cuda[:N].
     #[arg(long, env = "RETOUCH_DEVICE", default_value = "cpu")]
     pub device: String,
+    /// Compute precision: auto (f32 on the CPU, f16 on CUDA), f32, f16 or bf16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
     /// Weight variant (e.g. fp16).
     #[arg(long)]
     pub variant: Option<String>,
@@ -124,7 +127,7 @@ fn test_image(size: u32, salt: u32) -> RgbImage {
 /// Model loading and compute failures.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let load_started = Instant::now();
-    let model = load_model(&args.model, args.variant.as_deref(), &args.device)?;
+    let model = load_model(&args.model, args.variant.as_deref(), &args.device, &args.dtype)?;
     let load_seconds = load_started.elapsed().as_secs_f64();
     let (_, rss_after_load) = rss_mib();
     let n = args.batch.max(1);
@@ -196,6 +199,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "version": env!("CARGO_PKG_VERSION"),
             "model": args.model,
             "device": args.device,
+            "dtype": format!("{:?}", model.dtype()).to_lowercase(),
             "size": args.size,
             "steps": args.steps,
             "batch": n,

@@ -40,6 +40,9 @@ pub struct EditArgs {
     /// Device: cpu or cuda[:N].
     #[arg(long, env = "RETOUCH_DEVICE", default_value = "cpu")]
     pub device: String,
+    /// Compute precision: auto (f32 on the CPU, f16 on CUDA), f32, f16 or bf16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
     /// JPEG quality (1–100).
     #[arg(long, default_value_t = retouch_core::params::DEFAULT_QUALITY)]
     pub quality: u8,
@@ -49,8 +52,9 @@ pub struct EditArgs {
 ///
 /// # Errors
 /// Bad input (exit 2) for a missing directory or unparsable source; otherwise model errors.
-pub fn load_model(model: &str, variant: Option<&str>, device: &str) -> anyhow::Result<InstructPix2Pix> {
+pub fn load_model(model: &str, variant: Option<&str>, device: &str, dtype: &str) -> anyhow::Result<InstructPix2Pix> {
     let device: DeviceSpec = device.parse().map_err(|e: ModelError| bad_input(e.to_string()))?;
+    let dtype = retouch_model::device::parse_dtype(dtype).map_err(|e| bad_input(format!("--dtype: {e}")))?;
     let source: ModelSource = model.parse().map_err(|e: ModelError| bad_input(e.to_string()))?;
     let dir = source.resolve(variant).map_err(|e| match e {
         ModelError::MissingFile(path) => {
@@ -58,7 +62,7 @@ pub fn load_model(model: &str, variant: Option<&str>, device: &str) -> anyhow::R
         }
         other => anyhow::Error::new(other).context(format!("cannot fetch model {source}")),
     })?;
-    let options = LoadOptions { device, variant: variant.map(str::to_string), dtype: None };
+    let options = LoadOptions { device, variant: variant.map(str::to_string), dtype };
     InstructPix2Pix::load(&dir, &source.to_string(), &options).with_context(|| format!("cannot load model {source}"))
 }
 
@@ -102,7 +106,7 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
     eprintln!("seed: {}", params.seed);
 
     let load_started = Instant::now();
-    let model = load_model(&args.model, args.variant.as_deref(), &args.device)?;
+    let model = load_model(&args.model, args.variant.as_deref(), &args.device, &args.dtype)?;
     let load_seconds = load_started.elapsed().as_secs_f64();
 
     let multiple = model.info().size_multiple;

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use crate::error::ModelError;
 
@@ -55,6 +55,21 @@ impl DeviceSpec {
     }
 }
 
+/// Parses a compute precision: `auto` (f32 on the CPU, f16 on CUDA) → `None`, or `f32`, `f16`,
+/// `bf16`.
+///
+/// # Errors
+/// [`ModelError::Device`] naming the accepted values.
+pub fn parse_dtype(s: &str) -> Result<Option<DType>, ModelError> {
+    match s {
+        "auto" | "" => Ok(None),
+        "f32" | "fp32" => Ok(Some(DType::F32)),
+        "f16" | "fp16" => Ok(Some(DType::F16)),
+        "bf16" => Ok(Some(DType::BF16)),
+        _ => Err(ModelError::Device(format!("unknown dtype {s:?}; expected auto, f32, f16 or bf16"))),
+    }
+}
+
 #[cfg(not(feature = "cuda"))]
 fn open_cuda(_: usize) -> Result<Device, ModelError> {
     Err(ModelError::Device(
@@ -78,4 +93,21 @@ pub fn gpu_memory_used(ordinal: usize) -> Option<u64> {
     context.bind_to_thread().ok()?;
     let (free, total) = result::mem_get_info().ok()?;
     Some(total.saturating_sub(free) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_and_dtypes_parse_and_unknown_values_name_the_choices() {
+        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
+        assert!("gpu".parse::<DeviceSpec>().unwrap_err().to_string().contains("cuda:N"));
+        assert_eq!(parse_dtype("auto").unwrap(), None);
+        assert_eq!(parse_dtype("f16").unwrap(), Some(DType::F16));
+        assert_eq!(parse_dtype("bf16").unwrap(), Some(DType::BF16));
+        assert!(parse_dtype("int8").unwrap_err().to_string().contains("f32, f16 or bf16"));
+    }
 }

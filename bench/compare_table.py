@@ -1,0 +1,51 @@
+#!/usr/bin/env python3
+"""Render bench/cpu_compare.sh's results as a markdown table (stdout).
+
+    bench/compare_table.py OUT_DIR      # reads OUT_DIR/{retouch,diffusers}-bN.json
+
+One row per (batch, stage): median wall seconds of retouch and diffusers and the ratio
+diffusers / retouch (> 1: retouch is faster); then peak RSS of each process per batch.
+"""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+STAGES = ["text_encode", "vae_encode", "unet_call", "vae_decode", "edit"]
+
+
+def retouch_seconds(report: dict, stage: str) -> float:
+    return report["stages"][stage]["median_s"]
+
+
+def diffusers_seconds(report: dict, stage: str) -> float:
+    return report["stages"][stage]["median_ms"] / 1e3
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    batches = sorted(int(m.group(1)) for p in out.glob("retouch-b*.json") if (m := re.match(r"retouch-b(\d+)\.json", p.name)))
+    rows = ["| batch | stage | retouch (s) | diffusers (s) | diffusers / retouch |", "|---:|---|---:|---:|---:|"]
+    memory = ["| batch | retouch peak RSS (MiB) | diffusers peak RSS (MiB) | retouch / diffusers |", "|---:|---:|---:|---:|"]
+    for n in batches:
+        ours = json.loads((out / f"retouch-b{n}.json").read_text())
+        theirs_path = out / f"diffusers-b{n}.json"
+        theirs = json.loads(theirs_path.read_text()) if theirs_path.exists() else None
+        for stage in STAGES:
+            if stage not in ours["stages"]:
+                continue
+            a = retouch_seconds(ours, stage)
+            b = diffusers_seconds(theirs, stage) if theirs and stage in theirs["stages"] else None
+            rows.append(f"| {n} | {stage} | {a:.2f} | {b:.2f} | {b / a:.2f}× |" if b else f"| {n} | {stage} | {a:.2f} | – | – |")
+        # diffusers reports MB of 2^20 bytes (ru_maxrss KiB / 1024), as retouch's MiB.
+        pa = ours["peak_rss_mb"]
+        pb = theirs["peak_rss_mb"] if theirs else None
+        memory.append(f"| {n} | {pa:.0f} | {pb:.0f} | {pa / pb:.2f} |" if pb else f"| {n} | {pa:.0f} | – | – |")
+    print("\n".join(rows))
+    print()
+    print("\n".join(memory))
+
+
+if __name__ == "__main__":
+    main()
