@@ -584,7 +584,11 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 pub fn test_png(seed: u8) -> Vec<u8> {
     let image = image::RgbImage::from_fn(64, 64, |x, y| {
         let inside = (x as i32 - 32).pow(2) + (y as i32 - 28).pow(2) < 300;
-        if inside { image::Rgb([230, 40 + seed, 40]) } else { image::Rgb([(x * 4) as u8, (y * 3) as u8 ^ seed, 120]) }
+        if inside {
+            image::Rgb([230, 40u8.wrapping_add(seed), 40])
+        } else {
+            image::Rgb([(x * 4) as u8, (y * 3) as u8 ^ seed, 120])
+        }
     });
     let mut out = std::io::Cursor::new(Vec::new());
     image.write_to(&mut out, image::ImageFormat::Png).expect("png");

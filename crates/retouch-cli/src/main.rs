@@ -5,6 +5,7 @@
 //! command line or its inputs are wrong (missing file, not an image, unknown scheduler…), 1
 //! otherwise.
 
+mod allocator;
 mod batch;
 mod bench;
 mod campaign;
@@ -73,6 +74,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn main() -> ExitCode {
+    let malloc_tuned = allocator::tune_for_tensors();
     let cli = Cli::parse();
     if let Some(threads) = cli.threads {
         // candle's CPU kernels size their thread pools from RAYON_NUM_THREADS when first used.
@@ -85,6 +87,7 @@ fn main() -> ExitCode {
     let quiet =
         matches!(cli.command, Command::Batch(_) | Command::Submit(_) | Command::Watch(_) | Command::DeadLetters(_));
     logging::init(cli.log_format, cli.verbose, quiet);
+    tracing::debug!(malloc_tuned, "allocator");
     let result = match cli.command {
         Command::Edit(args) => edit::run(*args),
         Command::Bench(args) => bench::run(*args),

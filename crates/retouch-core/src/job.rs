@@ -421,7 +421,7 @@ mod schema_tests {
             std::fs::read_to_string(format!("{}/../../docs/protocol.md", env!("CARGO_MANIFEST_DIR"))).expect("doc");
         let start = doc.find("{\"job_id\": \"sku-1042-snow\"").expect("example job");
         let end = start + doc[start..].find("```").expect("end of block");
-        let job = parse_job(doc[start..end].as_bytes()).expect("the example parses");
+        let job = parse_job(&doc.as_bytes()[start..end]).expect("the example parses");
         job.validate("s3://out").expect("the example is valid");
     }
 }

@@ -203,7 +203,24 @@ impl InstructPix2Pix {
             }
         }
         let pixels = Tensor::from_vec(data, (images.len(), 3, h, w), &self.device)?.to_dtype(self.dtype)?;
-        Ok(self.vae.encode_mean(&pixels)?)
+        Ok(self.one_image_at_a_time_on_cpu(&pixels, |x| self.vae.encode_mean(x))?)
+    }
+
+    /// Runs a VAE pass over `x` `[N, …]`: on the CPU one image at a time, elsewhere in one call.
+    /// The VAE works at full resolution, where one image's activations (128 channels × H × W)
+    /// already fill the caches and N of them only add allocator and memory-bandwidth cost; the
+    /// results are the same either way (the VAE has no cross-image operation).
+    fn one_image_at_a_time_on_cpu(
+        &self,
+        x: &Tensor,
+        pass: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let n = x.dim(0)?;
+        if !self.device.is_cpu() || n == 1 {
+            return pass(x);
+        }
+        let parts = (0..n).map(|i| pass(&x.narrow(0, i, 1)?)).collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)
     }
 
     /// Decodes final latents `[N, 4, h, w]` (before the scaling-factor division) into images,
@@ -213,7 +230,7 @@ impl InstructPix2Pix {
     /// Compute failures.
     pub fn decode(&self, latents: &Tensor) -> Result<Vec<RgbImage>, ModelError> {
         let scaled = (latents / self.vae.config().scaling_factor)?.to_dtype(self.dtype)?;
-        let decoded = self.vae.decode(&scaled)?.to_dtype(DType::F32)?;
+        let decoded = self.one_image_at_a_time_on_cpu(&scaled, |z| self.vae.decode(z))?.to_dtype(DType::F32)?;
         let (n, _, h, w) = decoded.dims4()?;
         let values = decoded.flatten_all()?.to_vec1::<f32>()?;
         let plane = h * w;

@@ -3,8 +3,9 @@
 //! self-attention.
 //!
 //! Scores and softmax run in float32 whatever the model dtype (diffusers' `upcast_attention`
-//! behaviour), and the batch·heads dimension is processed in slices so the score matrix of a
-//! 512-pixel self-attention (4096 × 4096 per head) never has to exist for all heads at once.
+//! behaviour), and the batch·heads dimension (and, for large images, the queries) is processed
+//! in slices so the score matrix of a 512-pixel self-attention (4096 × 4096 per head) never has
+//! to exist for all heads at once.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{GroupNorm, LayerNorm, VarBuilder};
@@ -12,10 +13,18 @@ use candle_nn::{GroupNorm, LayerNorm, VarBuilder};
 use super::blocks::{Conv2d, conv2d};
 use super::linear::Linear;
 
-/// Upper bound on one slice of attention scores, in bytes (float32).
-const SCORE_SLICE_BYTES: usize = 256 << 20;
+/// Upper bound on one slice of attention scores, in bytes (float32). Below glibc's largest mmap
+/// threshold (see the binary's allocator tuning), so a slice's scores reuse freed heap memory
+/// instead of faulting in fresh pages, and small enough to stay mostly in the last-level cache.
+const SCORE_SLICE_BYTES: usize = 16 << 20;
+/// Fewest query rows per slice: keeps every score product on gemm's general kernel.
+const MIN_QUERY_ROWS: usize = 256;
 
 /// Multi-head scaled dot-product attention on `[B, N, H·D]` projections.
+///
+/// Processes `slice` heads at a time and, when one head's `N × M` scores exceed the budget,
+/// `rows` queries at a time. Both depend only on `N`, `M` and the budget — never on `B` — and
+/// softmax is per query row, so each image's result is the same whatever shares its batch.
 fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, n, inner) = q.dims3()?;
     let m = k.dim(1)?;
@@ -27,14 +36,27 @@ fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Resul
     let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
     let scale = (d as f64).powf(-0.5);
     let k_t = k.t()?;
-    let rows = b * heads;
-    let slice = (SCORE_SLICE_BYTES / (n * m * 4).max(1)).clamp(1, rows);
-    let mut outs = Vec::with_capacity(rows.div_ceil(slice));
-    for start in (0..rows).step_by(slice) {
-        let len = slice.min(rows - start);
-        let scores = (q.narrow(0, start, len)?.matmul(&k_t.narrow(0, start, len)?)? * scale)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        outs.push(probs.matmul(&v.narrow(0, start, len)?)?);
+    let heads_total = b * heads;
+    let per_head = n * m * 4;
+    let slice = (SCORE_SLICE_BYTES / per_head.max(1)).clamp(1, heads_total);
+    let rows = if per_head > SCORE_SLICE_BYTES { (SCORE_SLICE_BYTES / (m * 4)).max(MIN_QUERY_ROWS).min(n) } else { n };
+    let attend = |q: &Tensor, k_t: &Tensor, v: &Tensor| -> Result<Tensor> {
+        let probs = candle_nn::ops::softmax_last_dim(&(q.matmul(k_t)? * scale)?)?;
+        probs.matmul(v)
+    };
+    let mut outs = Vec::with_capacity(heads_total.div_ceil(slice));
+    for start in (0..heads_total).step_by(slice) {
+        let len = slice.min(heads_total - start);
+        let (q, k_t, v) = (q.narrow(0, start, len)?, k_t.narrow(0, start, len)?, v.narrow(0, start, len)?);
+        if rows == n {
+            outs.push(attend(&q, &k_t, &v)?);
+        } else {
+            let parts = (0..n)
+                .step_by(rows)
+                .map(|r0| attend(&q.narrow(1, r0, rows.min(n - r0))?, &k_t, &v))
+                .collect::<Result<Vec<_>>>()?;
+            outs.push(Tensor::cat(&parts, 1)?);
+        }
     }
     let out = if outs.len() == 1 { outs.pop().expect("one slice") } else { Tensor::cat(&outs, 0)? };
     out.reshape((b, heads, n, d))?.transpose(1, 2)?.reshape((b, n, inner))?.to_dtype(dtype)

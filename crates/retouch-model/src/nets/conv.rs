@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 /// Upper bound of one im2col chunk, in bytes: big enough for efficient matrix products, small
 /// enough not to double the memory of a 512-pixel VAE decode.
-const CHUNK_BYTES: usize = 32 << 20;
+const CHUNK_BYTES: usize = 16 << 20;
 
 /// A square-kernel convolution with bias.
 #[derive(Debug, Clone)]
