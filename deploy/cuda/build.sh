@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
   case $1 in
     --stage) stage=${2:?--stage needs a directory}; shift ;;
     --no-strip) strip=0 ;;
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) cargo_args+=("$1") ;;
   esac
   shift

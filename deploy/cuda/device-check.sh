@@ -10,8 +10,8 @@
 #            image's CUDA and pip nvidia/*/lib folders) and record where each came from
 #   ckpt     tests/fixtures/make_full_checkpoint.py (CPU, in the background meanwhile)
 #   matmul   torch f16/bf16 8192^3 matmul rate
-#   parity   deploy/cuda/parity.py on cuda:0 in f16 and f32 (f32 only if the binary has
-#            --dtype), and a few cases on the CPU with the same binary
+#   parity   deploy/cuda/parity.py on cuda:0 in f16 and f32, and a few cases on the CPU with
+#            the same binary
 #   bench    retouch bench --size 512 --steps 20 --batch 1/4/8 --device cuda:0, nvidia-smi polled
 #   diffusers  deploy/cuda/diffusers_gpu_bench.py fp16, same workload, FLOP count
 #   report   deploy/cuda/report.py -> $OUT/gpu-benchmarks.md (markdown for docs/benchmarks.md)

@@ -107,13 +107,13 @@ def main():
     for n, d in sorted(retouch.items()):
         m = mem_peak(res / f"mem-retouch-b{n}.log")
         stages = {k: {"median_s": v["median_s"]} for k, v in d.get("stages", {}).items()}
-        lines.append(row(f"retouch (candle, f16)", n, stages,
+        lines.append(row(f"retouch (candle, {d.get('dtype', '?')})", n, stages,
                          f"{m[0]:,}" if m else "–", d.get("load_seconds")))
     dm = mem_peak(res / "mem-diffusers.log")
     for n, e in sorted(((int(k), v) for k, v in diff.get("batches", {}).items())):
         alloc = e.get("max_memory_allocated_mib")
         peak = f"{alloc:,.0f} (torch max allocated)" if alloc is not None else "–"
-        lines.append(row(f"diffusers {diff.get('versions', {}).get('diffusers', '')} (torch, fp16)", n,
+        lines.append(row(f"diffusers {diff.get('versions', {}).get('diffusers', '')} (torch, {diff.get('dtype', '?')})", n,
                          e["stages"], peak, diff.get("load_s")))
     if dm:
         lines += ["", f"diffusers process, whole run: nvidia-smi peak {dm[0]:,} MiB above the idle card "

@@ -176,7 +176,7 @@ cuda_print_env() {
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   case ${1:-full} in
-    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   esac
   cuda_prepare "${1:-full}"
   cuda_env

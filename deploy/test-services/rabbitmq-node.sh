@@ -27,7 +27,7 @@
 # tests/run stops every node listed there when the run ends, in case a test forgot.
 set -euo pipefail
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [ $# -ge 3 ] || usage
 cmd=$1 dir=$2 port=$3
 shift 3

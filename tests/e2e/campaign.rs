@@ -214,7 +214,10 @@ fn an_interrupted_watch_resumes_without_losing_results() {
         "1s",
     ]);
     let partial = std::fs::read_to_string(&state).unwrap_or_default().lines().count();
-    assert!(first.0 != 0 || partial == 6, "the first watch stopped early: {first:?}");
+    // Either the deadline cut the first watch short (exit 1, "timed out", fewer than 6 results
+    // kept) or every result was already there; anything else is a failure of the watch itself.
+    let timed_out = first.0 == 1 && first.2.contains("timed out") && partial < 6;
+    assert!(timed_out || (first.0 == 0 && partial == 6), "unexpected first watch: {first:?}, {partial} results kept");
     let second = c.retouch(&[
         "watch",
         "--campaign",
@@ -277,11 +280,9 @@ fn redrive_after_the_cause_is_fixed_brings_dead_letters_to_success() {
             "2m",
         ]),
     );
-    assert!(
-        csv_rows(&report).iter().all(|r| r[3] == "failed" && r[4] == "source_not_found"),
-        "{:?}",
-        csv_rows(&report)
-    );
+    let rows = csv_rows(&report);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(rows.iter().all(|r| r[3] == "failed" && r[4] == "source_not_found"), "{rows:?}");
 
     let listed = c.retouch(&["dead-letters", "list", "--campaign", "late"]);
     assert_ok("list", &listed);
@@ -309,7 +310,9 @@ fn redrive_after_the_cause_is_fixed_brings_dead_letters_to_success() {
         "2m",
     ]);
     assert_ok("watch (after redrive)", &watched);
-    assert!(csv_rows(&report).iter().all(|r| r[3] == "succeeded"), "{:?}", csv_rows(&report));
+    let rows = csv_rows(&report);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(rows.iter().all(|r| r[3] == "succeeded"), "{rows:?}");
     assert_eq!(c.broker.ready("dead"), 0, "no dead letters left");
 }
 

@@ -76,7 +76,7 @@ fn edit_reproduces_the_diffusers_golden_and_writes_every_format() {
         assert_eq!(image::open(&out).expect("decodes").width(), 64);
     }
 
-    // --init-latents: diffusers' latents= (the golden was made with them).
+    // --init-latents: diffusers' latents= (tests/fixtures/cases.json, case init_latents).
     let case_out = dir.join("init.png");
     let (code, stdout, stderr) = edit(&[
         "--model",
@@ -90,11 +90,16 @@ fn edit_reproduces_the_diffusers_golden_and_writes_every_format() {
         "--steps",
         "10",
         "--seed",
-        "99",
+        "22",
         "--init-latents",
         &fixtures().join("latents/init_latents.safetensors").display().to_string(),
     ]);
     assert_eq!(code, 0, "{stdout}{stderr}");
+    // Seed 22 draws the ancestral noise of every step; the initial latents come from the file.
+    assert!(
+        max_diff(&case_out, &fixtures().join("golden/init_latents_0.png")) <= 2,
+        "--init-latents matches diffusers"
+    );
 }
 
 #[test]

@@ -223,8 +223,7 @@ fn storage_down_for_good_ends_in_a_failure_result_and_a_dead_letter() {
     let r = &results["down-1"];
     let error = r.error.clone().expect("error");
     assert_eq!((r.status, error.kind, r.attempt), (Status::Failed, ErrorKind::Storage, 3), "{r:?}");
-    let dead =
-        wait_for("the dead letter", Duration::from_secs(10), || Some(broker.dead_letters()).filter(|d| !d.is_empty()));
+    let dead = broker.dead_letters_until(1, Duration::from_secs(10));
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].1["x-retouch-error-kind"], "storage");
     assert!(String::from_utf8_lossy(&dead[0].0).contains("down-1"), "the body is kept");
@@ -289,8 +288,7 @@ fn bad_jobs_fail_with_their_kind_are_dead_lettered_and_the_worker_keeps_going() 
     }
     assert!(results["bad-unknown-key"].error.as_ref().expect("error").message.contains("colour"));
     assert_eq!(results["good-after-bad"].status, Status::Succeeded);
-    let dead =
-        wait_for("8 dead letters", Duration::from_secs(10), || Some(broker.dead_letters()).filter(|d| d.len() >= 8));
+    let dead = broker.dead_letters_until(8, Duration::from_secs(10));
     assert_eq!(dead.len(), 8);
     assert!(
         dead.iter().all(|(_, h)| h.contains_key("x-retouch-error-kind") && h.contains_key("x-retouch-error-message"))

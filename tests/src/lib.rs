@@ -330,8 +330,12 @@ impl Broker {
 
     fn get(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
         let channel = self.channel();
-        self.runtime
-            .block_on(async { channel.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.ok().flatten() })
+        self.runtime.block_on(async {
+            channel
+                .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap_or_else(|e| panic!("basic.get from {queue} failed: {e}"))
+        })
     }
 
     /// Collects results until `done` says so, by job id (the latest result per job).
@@ -388,8 +392,18 @@ impl Broker {
                     FieldTable::default(),
                 )
                 .await
-                .map(|q| q.message_count())
-                .unwrap_or(0)
+                .unwrap_or_else(|e| panic!("queue {name} cannot be inspected: {e}"))
+                .message_count()
+        })
+    }
+
+    /// Drains the dead-letter queue until at least `n` letters have arrived, keeping what each
+    /// poll took (the gets acknowledge); fails after `timeout`.
+    pub fn dead_letters_until(&self, n: usize, timeout: Duration) -> Vec<(Vec<u8>, BTreeMap<String, String>)> {
+        let mut seen = Vec::new();
+        wait_for(&format!("{n} dead letters"), timeout, || {
+            seen.extend(self.dead_letters());
+            (seen.len() >= n).then(|| std::mem::take(&mut seen))
         })
     }
 

@@ -7,8 +7,6 @@
 //! Re-driven messages are published to the jobs exchange with confirms and `mandatory`, and
 //! only then acknowledged on the dead-letter queue: nothing is lost if the tool dies midway.
 
-use std::collections::BTreeMap;
-
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -110,6 +108,11 @@ fn death_reason(headers: Option<&FieldTable>) -> Option<String> {
 }
 
 impl DeadLetter {
+    /// `(campaign or "-", reason)`: how summaries group dead letters.
+    pub fn group(&self) -> (String, String) {
+        (self.campaign_id.clone().unwrap_or_else(|| "-".into()), self.reason.clone())
+    }
+
     fn parse(body: Vec<u8>, properties: BasicProperties) -> Self {
         let headers = properties.headers().as_ref();
         let job: Option<EditJob> = serde_json::from_slice(&body).ok();
@@ -310,13 +313,4 @@ impl Admin {
         let _ = self.channel.wait_for_confirms().await;
         let _ = self.connection.close(200, "done".into()).await;
     }
-}
-
-/// Counts dead letters by `(campaign, reason)`, for summaries.
-pub fn tally(letters: &[DeadLetter]) -> BTreeMap<(String, String), usize> {
-    let mut counts = BTreeMap::new();
-    for l in letters {
-        *counts.entry((l.campaign_id.clone().unwrap_or_else(|| "-".into()), l.reason.clone())).or_insert(0) += 1;
-    }
-    counts
 }

@@ -5,6 +5,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use retouch_core::redact::redact_url;
+
 /// Everything the AMQP source and publisher need. `Debug` redacts the password in [`url`].
 ///
 /// The defaults describe the protocol's standard topology (`retouch.jobs` → quorum queue
@@ -172,26 +174,6 @@ impl fmt::Debug for AmqpSettings {
     }
 }
 
-/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`; anything without a password
-/// is returned unchanged.
-pub(crate) fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    // The last '@' ends the userinfo (an unescaped '@' in a password is tolerated).
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &authority[..at];
-    let Some(colon) = userinfo.find(':') else {
-        return url.to_owned();
-    };
-    format!("{}{}:***{}", &url[..scheme_end], &userinfo[..colon], &rest[at..])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,9 +187,6 @@ mod tests {
         let d = format!("{s:?}");
         assert!(!d.contains("s3cr"), "{d}");
         assert!(d.contains("amqps://worker:***@mq.example:5671/prod?heartbeat=30"), "{d}");
-        assert_eq!(redact_url("amqp://host/%2f"), "amqp://host/%2f");
-        assert_eq!(redact_url("amqp://user@host/%2f"), "amqp://user@host/%2f");
-        assert_eq!(redact_url("amqp://u:p@w@host"), "amqp://u:***@host");
     }
 
     #[test]

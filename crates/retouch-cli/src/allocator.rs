@@ -2,10 +2,9 @@
 //!
 //! Every candle op allocates its output afresh. With glibc's defaults, blocks above a dynamic
 //! threshold are mmap'd and every free returns memory to the kernel, so each op faults in and
-//! zeroes fresh pages: `perf` showed ~12 % of a UNet call in page faults and `clear_page`. A
+//! zeroes fresh pages: `perf` showed ~12 % of a `retouch bench` run in page faults. A
 //! fixed mmap threshold at glibc's maximum (32 MiB) and a high trim threshold keep freed blocks
-//! in the heap for the next op. Measured on the full SD 1.5 checkpoint at 256 px, 2 threads
-//! (docs/benchmarks.md): UNet call −15 %, VAE encode −32 %, VAE decode −20 %, peak RSS +1 %.
+//! in the heap for the next op; docs/benchmarks.md has the measured effect.
 //! The heap then stays near its peak between batches, which a worker reaches on its first
 //! batch anyway. Skipped when `GLIBC_TUNABLES` already sets a `glibc.malloc` tunable (the
 //! operator's choice wins) and on non-glibc targets.

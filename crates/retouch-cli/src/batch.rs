@@ -30,9 +30,6 @@ use crate::edit::load_model;
 use crate::manifest;
 use crate::params::ParamArgs;
 
-/// File extensions read from `--input-dir`.
-const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"];
-
 /// Flags of `retouch batch`.
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("inputs").required(true).args(["input_dir", "manifest"])))]
@@ -91,8 +88,9 @@ fn folder_jobs(dir: &Path, output_dir: &Path, args: &BatchArgs, params: &EditPar
         .map(|e| e.path())
         .filter(|p| {
             p.is_file()
-                && p.extension()
-                    .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str()))
+                && p.extension().is_some_and(|e| {
+                    manifest::IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str())
+                })
         })
         .collect();
     files.sort();

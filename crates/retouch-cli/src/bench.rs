@@ -17,7 +17,7 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::{DType, Tensor};
 use image::RgbImage;
-use retouch_core::editor::{EditBatch, EditRequest, NoProgress};
+use retouch_core::editor::{EditBatch, EditRequest, Editor, NoProgress};
 use retouch_core::params::SchedulerKind;
 use serde_json::json;
 
@@ -81,10 +81,13 @@ struct Stage {
 }
 
 impl Stage {
+    /// The median run, as Python's `statistics.median` (the mean of the middle two for an even
+    /// count), so the numbers compare with bench/diffusers_bench.py's.
     fn median(&self) -> f64 {
         let mut s = self.seconds.clone();
         s.sort_by(f64::total_cmp);
-        s[s.len() / 2]
+        let mid = s.len() / 2;
+        if s.len().is_multiple_of(2) { (s[mid - 1] + s[mid]) / 2.0 } else { s[mid] }
     }
 }
 
@@ -103,12 +106,9 @@ fn time<T>(
         f()?;
         seconds.push(t.elapsed().as_secs_f64());
     }
-    eprintln!("{name}: median {:.4} s", {
-        let mut s = seconds.clone();
-        s.sort_by(f64::total_cmp);
-        s[s.len() / 2]
-    });
-    Ok(Stage { name, seconds })
+    let stage = Stage { name, seconds };
+    eprintln!("{name}: median {:.4} s", stage.median());
+    Ok(stage)
 }
 
 /// A structured test image: gradients and a disc, so the VAE sees realistic statistics.
@@ -199,7 +199,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "version": env!("CARGO_PKG_VERSION"),
             "model": args.model,
             "device": args.device,
-            "dtype": format!("{:?}", model.dtype()).to_lowercase(),
+            "dtype": model.info().dtype,
             "size": args.size,
             "steps": args.steps,
             "batch": n,

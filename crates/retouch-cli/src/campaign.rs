@@ -58,8 +58,7 @@ pub struct Connection {
 impl Connection {
     /// The worker-style config with the command-line overrides.
     pub fn config(&self) -> anyhow::Result<WorkerConfig> {
-        let mut config = WorkerConfig::load(self.config.as_deref(), std::env::vars())
-            .map_err(|e| bad_input(format!("configuration: {e}")))?;
+        let mut config = crate::worker::load_config(self.config.as_deref())?;
         if let Some(url) = &self.amqp_url {
             config.amqp_url = url.clone();
         }
@@ -67,9 +66,15 @@ impl Connection {
     }
 }
 
-async fn storage(config: &WorkerConfig) -> anyhow::Result<Storage> {
-    let s3 = S3Store::new(crate::worker::s3_settings(config)).await.context("cannot set up S3")?;
-    Ok(Storage { s3: Some(s3) })
+/// The store for ledgers and prefix listings; S3 is set up only when one of `urls` needs it,
+/// so a campaign with a `file://` ledger needs no S3 settings.
+async fn storage(config: &WorkerConfig, urls: &[&str]) -> anyhow::Result<Storage> {
+    let s3 = if urls.iter().any(|u| u.starts_with("s3://")) {
+        Some(S3Store::new(crate::worker::s3_settings(config)).await.context("cannot set up S3")?)
+    } else {
+        None
+    };
+    Ok(Storage { s3 })
 }
 
 fn bar(total: u64, template: &str) -> ProgressBar {
@@ -116,8 +121,6 @@ pub struct SubmitArgs {
     pub connection: Connection,
 }
 
-const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"];
-
 /// Jobs for every image under an S3 prefix.
 async fn prefix_jobs(
     storage: &Storage,
@@ -137,7 +140,7 @@ async fn prefix_jobs(
     for (url, _size) in objects {
         let relative = url.key.strip_prefix(strip).unwrap_or(&url.key);
         let Some((stem, source_ext)) = relative.rsplit_once('.') else { continue };
-        if !IMAGE_EXTENSIONS.contains(&source_ext.to_ascii_lowercase().as_str()) {
+        if !manifest::IMAGE_EXTENSIONS.contains(&source_ext.to_ascii_lowercase().as_str()) {
             continue;
         }
         let source = url.to_string();
@@ -165,7 +168,9 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     params.format = args.format;
     params.quality = args.quality;
     params.resolve(|| 0).map_err(|e| bad_input(format!("--{}: {}", e.field.replace('_', "-"), e.message)))?;
-    let storage = storage(&config).await?;
+    let ledger_root =
+        args.connection.ledger.clone().or_else(|| args.output.clone()).unwrap_or_else(|| config.output_prefix.clone());
+    let storage = storage(&config, &[&ledger_root, args.source.as_deref().unwrap_or_default()]).await?;
 
     let jobs = match (&args.manifest, &args.source) {
         (Some(path), _) => manifest::read(path)?
@@ -198,8 +203,6 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         });
         bodies.push(serde_json::to_vec(&job)?);
     }
-    let ledger_root =
-        args.connection.ledger.clone().or_else(|| args.output.clone()).unwrap_or_else(|| config.output_prefix.clone());
     let mut ledger = Ledger::open(&storage, &ledger_root, &args.campaign).await?;
     let already = ledger.published().into_iter().map(str::to_string).collect::<std::collections::BTreeSet<_>>();
     let mut seen = std::collections::BTreeSet::new();
@@ -262,7 +265,10 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         already.len(),
         started.elapsed().as_secs_f64(),
     );
-    println!("follow it with: retouch watch --campaign {}", args.campaign);
+    // watch finds the ledger under --ledger, else the configured output_prefix.
+    let ledger_flag =
+        if ledger_root == config.output_prefix { String::new() } else { format!(" --ledger {ledger_root}") };
+    println!("follow it with: retouch watch --campaign {}{ledger_flag}", args.campaign);
     Ok(())
 }
 
@@ -295,7 +301,9 @@ fn load_state(path: &PathBuf) -> anyhow::Result<BTreeMap<String, JobResult>> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(results) };
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         match serde_json::from_str::<JobResult>(line) {
-            Ok(r) => merge(&mut results, r),
+            Ok(r) => {
+                merge(&mut results, r);
+            }
             // A line cut by a crash mid-write is the only expected damage; skip it (its result
             // was not acknowledged, so it will arrive again).
             Err(e) => tracing::warn!(line = i + 1, error = %e, "skipping an unreadable line of the state file"),
@@ -305,14 +313,17 @@ fn load_state(path: &PathBuf) -> anyhow::Result<BTreeMap<String, JobResult>> {
 }
 
 /// Counts each job once: the latest result wins, except that a success is never replaced by
-/// a later duplicate of an earlier failure.
-fn merge(results: &mut BTreeMap<String, JobResult>, r: JobResult) {
-    match results.get(&r.job_id) {
-        Some(existing) if existing.status == Status::Succeeded && r.status == Status::Failed => {}
-        _ => {
-            results.insert(r.job_id.clone(), r);
-        }
-    }
+/// a later duplicate of an earlier failure. Returns how the number of failed jobs changed
+/// (−1, 0 or +1), so callers keep their counts without rescanning.
+fn merge(results: &mut BTreeMap<String, JobResult>, r: JobResult) -> isize {
+    let was_failed = match results.get(&r.job_id) {
+        Some(existing) if existing.status == Status::Succeeded && r.status == Status::Failed => return 0,
+        Some(existing) => existing.status == Status::Failed,
+        None => false,
+    };
+    let now_failed = r.status == Status::Failed;
+    results.insert(r.job_id.clone(), r);
+    isize::from(now_failed) - isize::from(was_failed)
 }
 
 fn csv_field(s: &str) -> String {
@@ -369,8 +380,8 @@ fn write_report(path: &PathBuf, ledger: &[Entry], results: &BTreeMap<String, Job
 /// Broker or storage failures; "interrupted" or "timed out" before every job has a result.
 pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     let config = args.connection.config()?;
-    let storage = storage(&config).await?;
     let ledger_root = args.connection.ledger.clone().unwrap_or_else(|| config.output_prefix.clone());
+    let storage = storage(&config, &[&ledger_root]).await?;
     let ledger = Ledger::open(&storage, &ledger_root, &args.campaign).await?;
     if ledger.manifest.total == 0 {
         return Err(bad_input(format!(
@@ -384,18 +395,14 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     let mut results = load_state(&state_path)?;
     results.retain(|id, _| known.contains_key(id.as_str()));
     let total = ledger.manifest.total;
-    let count = |results: &BTreeMap<String, JobResult>| {
-        let failed = results.values().filter(|r| r.status == Status::Failed).count();
-        (results.len() - failed, failed)
-    };
+    let mut failed = results.values().filter(|r| r.status == Status::Failed).count();
 
     let progress = bar(total as u64, "{spinner} [{bar:30}] {pos}/{len} {msg} ({per_sec}, eta {eta})");
-    let show = |results: &BTreeMap<String, JobResult>| {
-        let (ok, failed) = count(results);
-        progress.set_position(results.len() as u64);
-        progress.set_message(format!("{ok} succeeded, {failed} failed"));
+    let show = |done: usize, failed: usize| {
+        progress.set_position(done as u64);
+        progress.set_message(format!("{} succeeded, {failed} failed", done - failed));
     };
-    show(&results);
+    show(results.len(), failed);
 
     let settings = crate::worker::amqp_settings(&config, "watch");
     let admin = Admin::connect(settings).await.context("cannot connect to the broker")?;
@@ -439,8 +446,8 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
                     writeln!(state, "{}", String::from_utf8_lossy(&delivery.data))?;
                     state.flush()?;
                     if known.contains_key(result.job_id.as_str()) {
-                        merge(&mut results, result);
-                        show(&results);
+                        failed = failed.saturating_add_signed(merge(&mut results, result));
+                        show(results.len(), failed);
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "ignoring a message that is not a result"),
@@ -449,7 +456,7 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
         }
     }
     progress.finish_and_clear();
-    let (ok, failed) = count(&results);
+    let ok = results.len() - failed;
     if results.len() >= total {
         write_report(&report_path, &ledger.entries, &results)?;
         if !args.keep_queue {
@@ -508,12 +515,16 @@ mod tests {
     #[test]
     fn duplicates_count_once_and_a_redriven_success_wins() {
         let mut r = BTreeMap::new();
-        merge(&mut r, result("a", Status::Failed));
-        merge(&mut r, result("a", Status::Succeeded));
-        merge(&mut r, result("a", Status::Failed));
-        merge(&mut r, result("b", Status::Succeeded));
-        merge(&mut r, result("b", Status::Succeeded));
+        assert_eq!(merge(&mut r, result("a", Status::Failed)), 1);
+        assert_eq!(merge(&mut r, result("a", Status::Succeeded)), -1);
+        assert_eq!(merge(&mut r, result("a", Status::Failed)), 0);
+        assert_eq!(merge(&mut r, result("b", Status::Succeeded)), 0);
+        assert_eq!(merge(&mut r, result("b", Status::Succeeded)), 0);
+
         assert_eq!(r.len(), 2);
         assert_eq!(r["a"].status, Status::Succeeded);
+        let mut again = BTreeMap::new();
+        assert_eq!(merge(&mut again, result("c", Status::Failed)), 1);
+        assert_eq!(merge(&mut again, result("c", Status::Failed)), 0, "a repeated failure counts once");
     }
 }

@@ -77,9 +77,7 @@ pub async fn run(command: DeadLetterCommand) -> anyhow::Result<()> {
                 .dead_letter_pass(None, |l| {
                     if filter.matches(l) && filter.limit.is_none_or(|n| shown < n) {
                         shown += 1;
-                        *tally
-                            .entry((l.campaign_id.clone().unwrap_or_else(|| "-".into()), l.reason.clone()))
-                            .or_insert(0) += 1;
+                        *tally.entry(l.group()).or_insert(0) += 1;
                         if json {
                             let line = serde_json::json!({
                                 "job_id": l.job_id, "message_id": l.message_id, "campaign_id": l.campaign_id,

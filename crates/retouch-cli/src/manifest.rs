@@ -13,6 +13,10 @@ use sha2::{Digest, Sha256};
 
 use crate::cli_error::bad_input;
 
+/// Extensions of the image files that `retouch batch --input-dir` and `retouch submit --source`
+/// pick up (compared in lower case).
+pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"];
+
 /// One manifest entry: a job whose `job_id` and `instruction` may be left to defaults.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]

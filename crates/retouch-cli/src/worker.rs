@@ -47,7 +47,8 @@ pub struct FetchModelArgs {
     pub config: Option<PathBuf>,
 }
 
-fn load_config(path: Option<&Path>) -> anyhow::Result<WorkerConfig> {
+/// The worker configuration: `path` (if any), then `RETOUCH_*` variables; errors are bad input.
+pub fn load_config(path: Option<&Path>) -> anyhow::Result<WorkerConfig> {
     WorkerConfig::load(path, std::env::vars()).map_err(|e| bad_input(format!("configuration: {e}")))
 }
 
@@ -251,4 +252,44 @@ fn spawn_gpu_memory_gauge(metrics: Arc<Metrics>, device: &str, stop: Cancellatio
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use retouch_amqp::AmqpSettings;
+    use retouch_worker::config::WorkerConfig;
+
+    use super::amqp_settings;
+
+    /// The worker's configuration and the AMQP crate each carry the protocol's default names;
+    /// a worker with no configuration must describe the same topology as the library.
+    #[test]
+    fn default_config_gives_the_default_topology() {
+        let from_config = amqp_settings(&WorkerConfig::default(), "test");
+        let library = AmqpSettings::default();
+        assert_eq!(
+            (
+                &from_config.url,
+                &from_config.jobs_exchange,
+                &from_config.jobs_routing_key,
+                &from_config.jobs_queue,
+                &from_config.results_exchange,
+                &from_config.dead_letter_exchange,
+                &from_config.dead_letter_queue,
+                from_config.delivery_limit,
+                from_config.declare_topology,
+            ),
+            (
+                &library.url,
+                &library.jobs_exchange,
+                &library.jobs_routing_key,
+                &library.jobs_queue,
+                &library.results_exchange,
+                &library.dead_letter_exchange,
+                &library.dead_letter_queue,
+                library.delivery_limit,
+                library.declare_topology,
+            )
+        );
+    }
 }

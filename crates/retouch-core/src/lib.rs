@@ -18,5 +18,6 @@ pub mod imaging;
 pub mod job;
 pub mod params;
 pub mod queue;
+pub mod redact;
 pub mod store;
 pub mod time;

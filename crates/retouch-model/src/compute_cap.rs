@@ -44,7 +44,7 @@ pub fn compatible(compiled: u32, runtime: u32) -> Result<(), String> {
 /// Checks the opened device `n` against the build.
 ///
 /// # Errors
-/// [`crate::ModelError::Device`] when the GPU is older than the kernels.
+/// [`crate::ModelError::Device`] when the kernels cannot run on this GPU ([`compatible`]).
 #[cfg(feature = "cuda")]
 pub fn check(device: &candle_core::Device, n: usize) -> Result<(), crate::ModelError> {
     let candle_core::Device::Cuda(cuda) = device else {
@@ -57,15 +57,12 @@ pub fn check(device: &candle_core::Device, n: usize) -> Result<(), crate::ModelE
         .map_err(|e| crate::ModelError::Device(format!("cuda:{n}: cannot read the compute capability: {e}")))?;
     let runtime = (major * 10 + minor) as u32;
     match compiled() {
-        Some(built) => compatible(built, runtime).map_err(|m| crate::ModelError::Device(format!("cuda:{n}: {m}")))?,
-        None => tracing::warn!(runtime, "the build did not record CUDA_COMPUTE_CAP; cannot check kernel compatibility"),
+        Some(built) => compatible(built, runtime).map_err(|m| crate::ModelError::Device(format!("cuda:{n}: {m}"))),
+        None => {
+            tracing::warn!(runtime, "the build did not record CUDA_COMPUTE_CAP; cannot check kernel compatibility");
+            Ok(())
+        }
     }
-    if let Some(built) = compiled()
-        && runtime / 10 > built / 10
-    {
-        tracing::info!(built, runtime, "kernels are JIT-compiled from PTX for this newer GPU on first use");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

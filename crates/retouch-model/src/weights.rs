@@ -55,8 +55,11 @@ impl MappedFile {
         })?;
         let dtype = DType::try_from(info.dtype)?;
         let tensor = Tensor::from_raw_buffer(bytes, dtype, &info.shape, dev)?;
-        // The copy is made: the pages can go. Only whole pages inside the range are released.
-        let page = 4096;
+        // The copy is made: the pages can go. Only whole pages inside the range are released
+        // (4 KiB on x86-64; 16 or 64 KiB on some arm64 kernels).
+        // SAFETY: sysconf only reads a process constant.
+        #[allow(unsafe_code)]
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
         let (lo, hi) = (begin.div_ceil(page) * page, end / page * page);
         if hi > lo {
             // SAFETY: the mapping is read-only and file-backed, so MADV_DONTNEED only drops

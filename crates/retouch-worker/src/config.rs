@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use retouch_core::redact::redact_url;
 use serde::{Deserialize, Serialize};
 
 /// Everything `retouch worker` can be told.
@@ -264,18 +265,6 @@ impl WorkerConfig {
         let mut copy = self.clone();
         copy.amqp_url = redact_url(&copy.amqp_url);
         toml::to_string(&copy).unwrap_or_else(|e| format!("(unprintable config: {e})"))
-    }
-}
-
-/// Replaces the password of `scheme://user:password@host…` with `***`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    match rest.split_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-            None => url.to_string(),
-        },
-        None => url.to_string(),
     }
 }
 

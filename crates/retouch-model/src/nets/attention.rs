@@ -21,11 +21,16 @@ const SCORE_SLICE_BYTES: usize = 16 << 20;
 const MIN_QUERY_ROWS: usize = 256;
 
 /// Multi-head scaled dot-product attention on `[B, N, H·D]` projections.
-///
-/// Processes `slice` heads at a time and, when one head's `N × M` scores exceed the budget,
-/// `rows` queries at a time. Both depend only on `N`, `M` and the budget — never on `B` — and
-/// softmax is per query row, so each image's result is the same whatever shares its batch.
 fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    sliced_attention(q, k, v, heads, SCORE_SLICE_BYTES)
+}
+
+/// [`scaled_dot_product`] with score slices of at most `budget` bytes: several heads per slice
+/// when a head's `N × M` scores fit, else one head and equal chunks of at least
+/// [`MIN_QUERY_ROWS`] queries. Every head is its own matrix product and softmax is per query
+/// row, so how heads are grouped never changes a result, and the query chunks depend on `N`
+/// and `M` only: each image's result is the same whatever shares its batch.
+fn sliced_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, budget: usize) -> Result<Tensor> {
     let (b, n, inner) = q.dims3()?;
     let m = k.dim(1)?;
     let d = inner / heads;
@@ -38,25 +43,21 @@ fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Resul
     let k_t = k.t()?;
     let heads_total = b * heads;
     let per_head = n * m * 4;
-    let slice = (SCORE_SLICE_BYTES / per_head.max(1)).clamp(1, heads_total);
-    let rows = if per_head > SCORE_SLICE_BYTES { (SCORE_SLICE_BYTES / (m * 4)).max(MIN_QUERY_ROWS).min(n) } else { n };
-    let attend = |q: &Tensor, k_t: &Tensor, v: &Tensor| -> Result<Tensor> {
-        let probs = candle_nn::ops::softmax_last_dim(&(q.matmul(k_t)? * scale)?)?;
-        probs.matmul(v)
-    };
-    let mut outs = Vec::with_capacity(heads_total.div_ceil(slice));
-    for start in (0..heads_total).step_by(slice) {
-        let len = slice.min(heads_total - start);
+    let heads_per_slice = (budget / per_head.max(1)).clamp(1, heads_total);
+    let chunks = per_head.div_ceil(budget.max(1)).clamp(1, n.div_ceil(MIN_QUERY_ROWS).max(1));
+    let rows = n.div_ceil(chunks);
+    let mut outs = Vec::with_capacity(heads_total.div_ceil(heads_per_slice));
+    for start in (0..heads_total).step_by(heads_per_slice) {
+        let len = heads_per_slice.min(heads_total - start);
         let (q, k_t, v) = (q.narrow(0, start, len)?, k_t.narrow(0, start, len)?, v.narrow(0, start, len)?);
-        if rows == n {
-            outs.push(attend(&q, &k_t, &v)?);
-        } else {
-            let parts = (0..n)
-                .step_by(rows)
-                .map(|r0| attend(&q.narrow(1, r0, rows.min(n - r0))?, &k_t, &v))
-                .collect::<Result<Vec<_>>>()?;
-            outs.push(Tensor::cat(&parts, 1)?);
-        }
+        let mut parts = (0..n)
+            .step_by(rows)
+            .map(|r0| {
+                let scores = (q.narrow(1, r0, rows.min(n - r0))?.matmul(&k_t)? * scale)?;
+                candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        outs.push(if parts.len() == 1 { parts.pop().expect("one chunk") } else { Tensor::cat(&parts, 1)? });
     }
     let out = if outs.len() == 1 { outs.pop().expect("one slice") } else { Tensor::cat(&outs, 0)? };
     out.reshape((b, heads, n, d))?.transpose(1, 2)?.reshape((b, n, inner))?.to_dtype(dtype)
@@ -277,5 +278,27 @@ impl VaeAttention {
         let v = self.to_v.forward(&tokens)?;
         let out = self.to_out.forward(&scaled_dot_product(&q, &k, &v, 1)?)?;
         out.transpose(1, 2)?.reshape((b, c, h, w))? + x
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::sliced_attention;
+
+    #[test]
+    fn query_chunks_and_head_slices_give_the_unsliced_result() {
+        let dev = Device::Cpu;
+        // 2 images × 2 heads × 600 queries over 300 keys; head dim 8.
+        let q = Tensor::randn(0f32, 1.0, (2, 600, 16), &dev).expect("q");
+        let k = Tensor::randn(0f32, 1.0, (2, 300, 16), &dev).expect("k");
+        let v = Tensor::randn(0f32, 1.0, (2, 300, 16), &dev).expect("v");
+        let whole = sliced_attention(&q, &k, &v, 2, usize::MAX).expect("one slice");
+        // 600 × 300 × 4 B = 703 KiB per head: a 200 KiB budget forces one head per slice and
+        // query chunks; 4 would be under 256 rows, so 3 chunks of 200 queries.
+        let sliced = sliced_attention(&q, &k, &v, 2, 200 << 10).expect("sliced");
+        let diff = (whole - sliced).expect("diff").abs().expect("abs").max_all().expect("max");
+        assert!(diff.to_scalar::<f32>().expect("scalar") < 1e-6, "{diff}");
     }
 }
