@@ -115,6 +115,10 @@ fn bad_input_exits_2_with_one_line_that_says_what_to_fix() {
         (vec!["--image".into(), not_image.display().to_string()], "not a valid image"),
         (vec!["--image".into(), image.clone(), "--scheduler".into(), "pndm".into()], "pndm"),
         (vec!["--image".into(), image.clone(), "--steps".into(), "0".into()], "--steps"),
+        // GPU levers a CPU run (or a build without them) cannot honour: refused, never ignored.
+        (vec!["--image".into(), image.clone(), "--conv".into(), "cudnn".into()], "cudnn"),
+        (vec!["--image".into(), image.clone(), "--attention".into(), "flash".into()], "flash"),
+        (vec!["--image".into(), image.clone(), "--conv".into(), "winograd".into()], "--conv"),
         (
             vec![
                 "--image".into(),

@@ -177,7 +177,7 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
     let (model, variant, device) = (args.model.clone(), args.variant.clone(), args.device.clone());
     let backend = Arc::new(Backend::spawn(
         move || {
-            load_model(&model, variant.as_deref(), &device, "auto")
+            load_model(&model, variant.as_deref(), &device, "auto", retouch_model::KernelChoice::default())
                 .map(|m| Box::new(m) as Box<dyn Editor>)
                 .map_err(|e| format!("{e:#}"))
         },

@@ -21,7 +21,7 @@ use retouch_core::editor::{EditBatch, EditRequest, Editor, NoProgress};
 use retouch_core::params::SchedulerKind;
 use serde_json::json;
 
-use crate::edit::load_model;
+use crate::edit::{KernelArgs, load_model};
 
 /// Flags of `retouch bench`.
 #[derive(clap::Args, Debug)]
@@ -47,6 +47,8 @@ pub struct BenchArgs {
     /// Weight variant (e.g. fp16).
     #[arg(long)]
     pub variant: Option<String>,
+    #[command(flatten)]
+    pub kernels: KernelArgs,
     /// Untimed runs per stage.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
@@ -91,19 +93,24 @@ impl Stage {
     }
 }
 
+/// Times `f` on `device`: a GPU runs work asynchronously, so each run ends with a device
+/// synchronisation before the clock stops (a no-op on the CPU).
 fn time<T>(
     name: &'static str,
+    device: &candle_core::Device,
     warmup: usize,
     repeats: usize,
     mut f: impl FnMut() -> anyhow::Result<T>,
 ) -> anyhow::Result<Stage> {
     for _ in 0..warmup {
         f()?;
+        device.synchronize()?;
     }
     let mut seconds = Vec::with_capacity(repeats);
     for _ in 0..repeats.max(1) {
         let t = Instant::now();
         f()?;
+        device.synchronize()?;
         seconds.push(t.elapsed().as_secs_f64());
     }
     let stage = Stage { name, seconds };
@@ -127,15 +134,16 @@ fn test_image(size: u32, salt: u32) -> RgbImage {
 /// Model loading and compute failures.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let load_started = Instant::now();
-    let model = load_model(&args.model, args.variant.as_deref(), &args.device, &args.dtype)?;
+    let model = load_model(&args.model, args.variant.as_deref(), &args.device, &args.dtype, args.kernels.choice()?)?;
     let load_seconds = load_started.elapsed().as_secs_f64();
+    let dev = model.device().clone();
     let (_, rss_after_load) = rss_mib();
     let n = args.batch.max(1);
     let images: Vec<RgbImage> = (0..n as u32).map(|i| test_image(args.size, i)).collect();
     let instructions: Vec<String> = (0..n).map(|i| format!("make it look like winter, variant {i}")).collect();
     let (w, r) = (args.warmup, args.repeats);
 
-    let text = time("text_encode", w, r, || {
+    let text = time("text_encode", &dev, w, r, || {
         model.encode_prompt("")?;
         for p in &instructions {
             model.encode_prompt(p)?;
@@ -143,17 +151,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Ok(())
     })?;
     let image_refs: Vec<&RgbImage> = images.iter().collect();
-    let vae_encode = time("vae_encode", w, r, || Ok(model.encode_images(&image_refs)?))?;
+    let vae_encode = time("vae_encode", &dev, w, r, || Ok(model.encode_images(&image_refs)?))?;
 
-    let f = (args.size / 8) as usize;
-    let dev = model.device().clone();
+    let f = (args.size / model.info().size_multiple) as usize;
     let (emb, _) = model.encode_prompt(&instructions[0])?;
     let context = emb.repeat((3 * n, 1, 1))?;
     let x = Tensor::randn(0f32, 1.0, (3 * n, 8, f, f), &dev)?.to_dtype(model.dtype())?;
-    let unet = time("unet_call", w, r, || Ok(model.unet().forward(&x, 999.0, &context)?.to_dtype(DType::F32)?))?;
+    let unet =
+        time("unet_call", &dev, w, r, || Ok(model.unet().forward(&x, 999.0, &context)?.to_dtype(DType::F32)?))?;
 
     let latents = Tensor::randn(0f32, 1.0, (n, 4, f, f), &dev)?;
-    let vae_decode = time("vae_decode", w, r, || Ok(model.decode(&latents)?))?;
+    let vae_decode = time("vae_decode", &dev, w, r, || Ok(model.decode(&latents)?))?;
 
     let batch = EditBatch {
         steps: args.steps,
@@ -172,14 +180,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             })
             .collect(),
     };
-    let edit = time("edit", 0, args.edit_repeats, || Ok(model.run(&batch, &mut NoProgress)?))?;
+    let edit = time("edit", &dev, 0, args.edit_repeats, || Ok(model.run(&batch, &mut NoProgress)?))?;
 
     let (peak, _) = rss_mib();
     let stages = [text, vae_encode, unet, vae_decode, edit];
     println!(
-        "retouch {} | {} | {}×{} px, batch {n}, {} steps, threads {}",
+        "retouch {} | {} {} | {} | {}×{} px, batch {n}, {} steps, threads {}",
         env!("CARGO_PKG_VERSION"),
         args.device,
+        model.info().dtype,
+        model.kernels(),
         args.size,
         args.size,
         args.steps,
@@ -200,6 +210,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "model": args.model,
             "device": args.device,
             "dtype": model.info().dtype,
+            "kernels": {"conv": model.kernels().conv.to_string(), "attention": model.kernels().attention.to_string()},
             "size": args.size,
             "steps": args.steps,
             "batch": n,

@@ -7,7 +7,9 @@ use anyhow::Context;
 use retouch_core::editor::{EditBatch, EditRequest, Editor};
 use retouch_core::imaging::{self, DecodeLimits, ImageError};
 use retouch_core::params::OutputFormat;
-use retouch_model::{DeviceSpec, InstructPix2Pix, LoadOptions, ModelError, ModelSource};
+use retouch_model::{
+    AttentionChoice, ConvChoice, DeviceSpec, InstructPix2Pix, KernelChoice, LoadOptions, ModelError, ModelSource,
+};
 
 use crate::cli_error::bad_input;
 use crate::params::ParamArgs;
@@ -43,16 +45,51 @@ pub struct EditArgs {
     /// Compute precision: auto (f32 on the CPU, f16 on CUDA), f32, f16 or bf16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+    #[command(flatten)]
+    pub kernels: KernelArgs,
     /// JPEG quality (1–100).
     #[arg(long, default_value_t = retouch_core::params::DEFAULT_QUALITY)]
     pub quality: u8,
 }
 
+/// The GPU levers (docs/gpu.md): which implementation runs convolutions and attention.
+#[derive(clap::Args, Debug, Clone)]
+pub struct KernelArgs {
+    /// Convolutions: auto (cuDNN when this build has it and runs on CUDA), cudnn, or im2col
+    /// (candle's on CUDA; the CPU always uses its own).
+    #[arg(long = "conv", default_value = "auto", value_name = "auto|cudnn|im2col")]
+    pub conv: String,
+    /// Attention: auto (flash attention when this build has it, on CUDA in f16/bf16), flash,
+    /// or math (matmul, softmax, matmul).
+    #[arg(long = "attention", default_value = "auto", value_name = "auto|flash|math")]
+    pub attention: String,
+}
+
+impl KernelArgs {
+    /// The parsed choice.
+    ///
+    /// # Errors
+    /// Bad input (exit 2) naming the accepted values.
+    pub fn choice(&self) -> anyhow::Result<KernelChoice> {
+        let conv: ConvChoice = self.conv.parse().map_err(|e: ModelError| bad_input(format!("--conv: {e}")))?;
+        let attention: AttentionChoice =
+            self.attention.parse().map_err(|e: ModelError| bad_input(format!("--attention: {e}")))?;
+        Ok(KernelChoice { conv, attention })
+    }
+}
+
 /// Loads a model from a `--model` string.
 ///
 /// # Errors
-/// Bad input (exit 2) for a missing directory or unparsable source; otherwise model errors.
-pub fn load_model(model: &str, variant: Option<&str>, device: &str, dtype: &str) -> anyhow::Result<InstructPix2Pix> {
+/// Bad input (exit 2) for a missing directory, an unparsable source or a lever this build or
+/// device cannot run; otherwise model errors.
+pub fn load_model(
+    model: &str,
+    variant: Option<&str>,
+    device: &str,
+    dtype: &str,
+    kernels: KernelChoice,
+) -> anyhow::Result<InstructPix2Pix> {
     let device: DeviceSpec = device.parse().map_err(|e: ModelError| bad_input(e.to_string()))?;
     let dtype = retouch_model::device::parse_dtype(dtype).map_err(|e| bad_input(format!("--dtype: {e}")))?;
     let source: ModelSource = model.parse().map_err(|e: ModelError| bad_input(e.to_string()))?;
@@ -62,8 +99,11 @@ pub fn load_model(model: &str, variant: Option<&str>, device: &str, dtype: &str)
         }
         other => anyhow::Error::new(other).context(format!("cannot fetch model {source}")),
     })?;
-    let options = LoadOptions { device, variant: variant.map(str::to_string), dtype };
-    InstructPix2Pix::load(&dir, &source.to_string(), &options).with_context(|| format!("cannot load model {source}"))
+    let options = LoadOptions { device, variant: variant.map(str::to_string), dtype, kernels };
+    InstructPix2Pix::load(&dir, &source.to_string(), &options).map_err(|e| match e {
+        ModelError::Device(message) => bad_input(message),
+        other => anyhow::Error::new(other).context(format!("cannot load model {source}")),
+    })
 }
 
 fn read_init_latents(path: &PathBuf) -> anyhow::Result<Vec<f32>> {
@@ -106,7 +146,8 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
     eprintln!("seed: {}", params.seed);
 
     let load_started = Instant::now();
-    let model = load_model(&args.model, args.variant.as_deref(), &args.device, &args.dtype)?;
+    let kernels = args.kernels.choice()?;
+    let model = load_model(&args.model, args.variant.as_deref(), &args.device, &args.dtype, kernels)?;
     let load_seconds = load_started.elapsed().as_secs_f64();
 
     let multiple = model.info().size_multiple;

@@ -170,7 +170,8 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
                     let dir = resolve_model(&config.model, variant, &config.model_cache_dir, Some(&s3), &handle)?;
                     let device =
                         config.device.parse().map_err(|e: retouch_model::ModelError| bad_input(e.to_string()))?;
-                    let options = LoadOptions { device, variant: variant.map(str::to_string), dtype: None };
+                    let options =
+                        LoadOptions { device, variant: variant.map(str::to_string), ..LoadOptions::default() };
                     Ok(InstructPix2Pix::load(&dir, &config.model, &options)?)
                 };
                 load().map(|m| Box::new(m) as Box<dyn Editor>).map_err(|e| format!("{e:#}"))

@@ -13,7 +13,7 @@ fn main() -> candle_core::Result<()> {
             ("bias".to_string(), Tensor::randn(0f32, 1., c, &dev)?),
         ];
         let vb = candle_nn::VarBuilder::from_tensors(tensors.into(), DType::F32, &dev);
-        let ours = Conv2d::load(c, c, 3, 1, 1, vb.clone())?;
+        let ours = Conv2d::load(c, c, 3, 1, 1, retouch_model::kernels::ConvBackend::Im2col, vb.clone())?;
         let theirs = candle_nn::conv2d(c, c, 3, candle_nn::Conv2dConfig { padding: 1, ..Default::default() }, vb)?;
         let x = Tensor::randn(0f32, 1., (3, c, hw, hw), &dev)?;
         let flops = 3.0 * 2.0 * (c * c * 9 * hw * hw) as f64;

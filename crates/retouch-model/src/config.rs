@@ -213,6 +213,9 @@ pub struct UNetConfig {
     pub cross_attention_dim: usize,
     /// Linear instead of 1×1-conv projections around the transformers.
     pub use_linear_projection: bool,
+    /// `upcast_attention`: attention scores in float32 even when the model computes in f16/bf16
+    /// (SD 1.5 and InstructPix2Pix: false). The CPU computes them in float32 either way.
+    pub upcast_attention: bool,
 }
 
 impl UNetConfig {
@@ -331,9 +334,6 @@ impl UNetConfig {
                 return Err(r.err(key, "only 3 is supported"));
             }
         }
-        // Attention scores are always computed in float32 here, which is what
-        // `upcast_attention = true` asks for; `false` is the same maths in float32.
-        r.bool("upcast_attention", false)?;
 
         let config = Self {
             in_channels: r.usize("in_channels", Some(4))?,
@@ -351,6 +351,7 @@ impl UNetConfig {
             norm_eps: r.f64("norm_eps", 1e-5)?,
             cross_attention_dim,
             use_linear_projection: r.bool("use_linear_projection", false)?,
+            upcast_attention: r.bool("upcast_attention", false)?,
         };
         r.finish()?;
         config.check_divisibility()?;

@@ -9,11 +9,13 @@
 //! * [`rng`]: torch's CPU generator, so seeds reproduce diffusers' noise.
 //! * [`pipeline`]: the batched edit, implementing [`retouch_core::editor::Editor`].
 //! * [`device`]: CPU or CUDA; [`compute_cap`] guards CUDA builds against GPUs they have no
-//!   kernels for.
+//!   kernels for; [`kernels`] picks the convolution and attention implementations (cuDNN and
+//!   flash attention on GPUs).
 
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod kernels;
 pub mod nets;
 pub mod pipeline;
 pub mod rng;
@@ -26,5 +28,6 @@ pub mod compute_cap;
 
 pub use device::DeviceSpec;
 pub use error::ModelError;
+pub use kernels::{AttentionChoice, ConvChoice, KernelChoice, Kernels};
 pub use pipeline::{InstructPix2Pix, LoadOptions};
 pub use source::ModelSource;

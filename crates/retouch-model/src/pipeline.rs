@@ -29,6 +29,7 @@ use serde_json::{Map, Value};
 use crate::config::{TextEncoderConfig, UNetConfig, VaeConfig, read_json_object};
 use crate::device::DeviceSpec;
 use crate::error::ModelError;
+use crate::kernels::{KernelChoice, Kernels};
 use crate::nets::clip::TextEncoder;
 use crate::nets::unet::UNet;
 use crate::nets::vae::AutoencoderKl;
@@ -46,6 +47,8 @@ pub struct LoadOptions {
     pub variant: Option<String>,
     /// Compute dtype; default f32 on CPU, f16 on CUDA.
     pub dtype: Option<DType>,
+    /// Convolution and attention implementations (GPU levers; `auto` by default).
+    pub kernels: KernelChoice,
 }
 
 /// A loaded InstructPix2Pix checkpoint.
@@ -53,6 +56,8 @@ pub struct InstructPix2Pix {
     info: ModelInfo,
     device: Device,
     dtype: DType,
+    /// The convolution and attention implementations the networks were built with.
+    kernels: Kernels,
     tokenizer: ClipTokenizer,
     text_encoder: TextEncoder,
     unet: UNet,
@@ -83,6 +88,7 @@ impl InstructPix2Pix {
         let started = Instant::now();
         let device = options.device.open()?;
         let dtype = options.dtype.unwrap_or(if device.is_cpu() { DType::F32 } else { DType::F16 });
+        let kernels = options.kernels.resolve(&device, dtype)?;
         let variant = options.variant.as_deref();
 
         let index = read_json_object(&dir.join("model_index.json"))?;
@@ -135,9 +141,10 @@ impl InstructPix2Pix {
             TextEncoder::new(&te_config, vb)
         })?;
         let unet_files = find_weight_files(&dir.join("unet"), "diffusion_pytorch_model", variant)?;
-        let unet = load_component("unet", &unet_files, dtype, &device, &[], |vb| UNet::new(&unet_config, vb))?;
+        let unet = load_component("unet", &unet_files, dtype, &device, &[], |vb| UNet::new(&unet_config, kernels, vb))?;
         let vae_files = find_weight_files(&dir.join("vae"), "diffusion_pytorch_model", variant)?;
-        let vae = load_component("vae", &vae_files, dtype, &device, &[], |vb| AutoencoderKl::new(&vae_config, vb))?;
+        let vae =
+            load_component("vae", &vae_files, dtype, &device, &[], |vb| AutoencoderKl::new(&vae_config, kernels, vb))?;
 
         let info = ModelInfo {
             name: name.to_string(),
@@ -146,9 +153,9 @@ impl InstructPix2Pix {
             size_multiple: vae_config.scale_factor() as u32,
             default_scheduler,
         };
-        tracing::info!(model = name, device = %options.device, dtype = %info.dtype,
+        tracing::info!(model = name, device = %options.device, dtype = %info.dtype, %kernels,
             seconds = started.elapsed().as_secs_f64(), "model loaded");
-        Ok(Self { info, device, dtype, tokenizer, text_encoder, unet, vae, scheduler_config })
+        Ok(Self { info, device, dtype, kernels, tokenizer, text_encoder, unet, vae, scheduler_config })
     }
 
     /// The scheduler config shipped with the checkpoint.
@@ -174,6 +181,11 @@ impl InstructPix2Pix {
     /// The device the model runs on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The convolution and attention implementations in use.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     /// Prompt embeddings `[1, 77, hidden]` for one instruction, and whether it was truncated.

@@ -2,13 +2,23 @@
 //! up-samplers (diffusers' `ResnetBlock2D`, `Downsample2D`, `Upsample2D`).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
 pub use super::conv::Conv2d;
+use super::norm::GroupNorm;
+use crate::kernels::ConvBackend;
 
-/// A `k×k` convolution with bias, `padding` on every side and `stride`.
-pub fn conv2d(in_c: usize, out_c: usize, k: usize, padding: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
-    Conv2d::load(in_c, out_c, k, padding, stride, vb)
+/// A `k×k` convolution with bias, `padding` on every side and `stride`, run by `backend`.
+pub fn conv2d(
+    in_c: usize,
+    out_c: usize,
+    k: usize,
+    padding: usize,
+    stride: usize,
+    backend: ConvBackend,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    Conv2d::load(in_c, out_c, k, padding, stride, backend, vb)
 }
 
 /// diffusers' `ResnetBlock2D` with the default time-embedding handling (added after conv1).
@@ -38,20 +48,22 @@ pub struct ResnetSpec {
     pub eps: f64,
     /// The output is divided by this.
     pub output_scale_factor: f64,
+    /// How the convolutions run.
+    pub conv: ConvBackend,
 }
 
 impl ResnetBlock2D {
     /// Loads the block from `vb`.
     pub fn new(spec: ResnetSpec, vb: VarBuilder) -> Result<Self> {
-        let ResnetSpec { in_channels, out_channels, temb_channels, groups, eps, output_scale_factor } = spec;
-        let norm1 = candle_nn::group_norm(groups, in_channels, eps, vb.pp("norm1"))?;
-        let conv1 = conv2d(in_channels, out_channels, 3, 1, 1, vb.pp("conv1"))?;
+        let ResnetSpec { in_channels, out_channels, temb_channels, groups, eps, output_scale_factor, conv } = spec;
+        let norm1 = GroupNorm::load(groups, in_channels, eps, vb.pp("norm1"))?;
+        let conv1 = conv2d(in_channels, out_channels, 3, 1, 1, conv, vb.pp("conv1"))?;
         let time_emb_proj =
             temb_channels.map(|t| candle_nn::linear(t, out_channels, vb.pp("time_emb_proj"))).transpose()?;
-        let norm2 = candle_nn::group_norm(groups, out_channels, eps, vb.pp("norm2"))?;
-        let conv2 = conv2d(out_channels, out_channels, 3, 1, 1, vb.pp("conv2"))?;
+        let norm2 = GroupNorm::load(groups, out_channels, eps, vb.pp("norm2"))?;
+        let conv2 = conv2d(out_channels, out_channels, 3, 1, 1, conv, vb.pp("conv2"))?;
         let conv_shortcut = (in_channels != out_channels)
-            .then(|| conv2d(in_channels, out_channels, 1, 0, 1, vb.pp("conv_shortcut")))
+            .then(|| conv2d(in_channels, out_channels, 1, 0, 1, conv, vb.pp("conv_shortcut")))
             .transpose()?;
         Ok(Self { norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut, output_scale_factor })
     }
@@ -59,12 +71,12 @@ impl ResnetBlock2D {
     /// `x` is `[B, C, H, W]`; `temb` the time embedding, `[1, T]` (shared by the batch) or
     /// `[B, T]` (UNet only).
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
@@ -84,8 +96,8 @@ pub struct Downsample2D {
 
 impl Downsample2D {
     /// Loads `downsamplers.0` (its `conv`).
-    pub fn new(channels: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
-        let conv = conv2d(channels, channels, 3, padding, 2, vb.pp("conv"))?;
+    pub fn new(channels: usize, padding: usize, backend: ConvBackend, vb: VarBuilder) -> Result<Self> {
+        let conv = conv2d(channels, channels, 3, padding, 2, backend, vb.pp("conv"))?;
         Ok(Self { conv, pad_bottom_right: padding == 0 })
     }
 
@@ -108,8 +120,8 @@ pub struct Upsample2D {
 
 impl Upsample2D {
     /// Loads `upsamplers.0` (its `conv`).
-    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { conv: conv2d(channels, channels, 3, 1, 1, vb.pp("conv"))? })
+    pub fn new(channels: usize, backend: ConvBackend, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { conv: conv2d(channels, channels, 3, 1, 1, backend, vb.pp("conv"))? })
     }
 
     /// Resizes to `size` (the skip connection's size in the UNet; twice the input otherwise).

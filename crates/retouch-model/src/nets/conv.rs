@@ -13,11 +13,15 @@
 //!    writing directly into the NCHW output (and 1×1 convolutions multiply the input itself).
 //!
 //! Each image of a batch is computed with the same calls whatever the batch size, so results
-//! stay batch-invariant. Other devices and dtypes use candle's implementation.
+//! stay batch-invariant. On CUDA a convolution runs through cuDNN when the model's kernels say
+//! so ([`crate::kernels::ConvBackend::Cudnn`], module [`super::cudnn`]); every other device and
+//! dtype uses candle's implementation.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
+
+use crate::kernels::ConvBackend;
 
 /// Upper bound of one im2col chunk, in bytes: big enough for efficient matrix products, small
 /// enough not to double the memory of a 512-pixel VAE decode.
@@ -26,12 +30,20 @@ const CHUNK_BYTES: usize = 16 << 20;
 /// A square-kernel convolution with bias.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
+    /// candle's convolution: the weights, and the implementation on devices without our own.
     inner: candle_nn::Conv2d,
+    /// Input channels.
     c_in: usize,
+    /// Output channels.
     c_out: usize,
+    /// Kernel size (square).
     kernel: usize,
+    /// Zero padding on every side.
     padding: usize,
+    /// Stride in both directions.
     stride: usize,
+    /// What runs it on a GPU.
+    backend: ConvBackend,
 }
 
 /// Runs `f` on the float32 data of a CPU tensor without copying it (contiguous tensors only).
@@ -44,22 +56,29 @@ fn with_cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<
 }
 
 impl Conv2d {
-    /// Loads `weight` `[c_out, c_in, k, k]` and `bias` `[c_out]` from `vb`.
+    /// Loads `weight` `[c_out, c_in, k, k]` and `bias` `[c_out]` from `vb`; `backend` says what
+    /// runs it on a GPU.
     pub fn load(
         c_in: usize,
         c_out: usize,
         kernel: usize,
         padding: usize,
         stride: usize,
+        backend: ConvBackend,
         vb: VarBuilder,
     ) -> Result<Self> {
         let inner = candle_nn::conv2d(c_in, c_out, kernel, Conv2dConfig { padding, stride, ..Default::default() }, vb)?;
-        Ok(Self { inner, c_in, c_out, kernel, padding, stride })
+        Ok(Self { inner, c_in, c_out, kernel, padding, stride, backend })
     }
 
     /// The weight tensor.
     pub fn weight(&self) -> &Tensor {
         self.inner.weight()
+    }
+
+    /// What runs this convolution on a GPU.
+    pub fn backend(&self) -> ConvBackend {
+        self.backend
     }
 
     /// `[B, c_in, H, W]` → `[B, c_out, H', W']`.
@@ -71,6 +90,11 @@ impl Conv2d {
                 with_cpu_slice(weight, |w| {
                     with_cpu_slice(bias, |b| with_cpu_slice(&x, |input| self.forward_cpu(&x, input, w, b)))
                 })
+            }
+            #[cfg(feature = "cudnn")]
+            Some(bias) if self.backend == ConvBackend::Cudnn && x.device().is_cuda() => {
+                let y = super::cudnn::conv2d(&x.contiguous()?, weight, self.padding, self.stride)?;
+                y.broadcast_add(&bias.reshape((1, self.c_out, 1, 1))?)
             }
             _ => self.inner.forward(x),
         }
@@ -228,7 +252,7 @@ mod tests {
                 DType::F32,
                 &dev,
             );
-            let conv = Conv2d::load(c_in, c_out, k, p, s, vb).expect("conv");
+            let conv = Conv2d::load(c_in, c_out, k, p, s, ConvBackend::Im2col, vb).expect("conv");
             let x = Tensor::randn(0f32, 1.0, (2, c_in, h, w), &dev).expect("x");
             let ours = conv.forward(&x).expect("ours");
             let candle = conv.inner.forward(&x).expect("candle");

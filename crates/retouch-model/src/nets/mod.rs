@@ -9,6 +9,9 @@ pub mod attention;
 pub mod blocks;
 pub mod clip;
 pub mod conv;
+#[cfg(feature = "cudnn")]
+pub mod cudnn;
 pub mod linear;
+pub mod norm;
 pub mod unet;
 pub mod vae;

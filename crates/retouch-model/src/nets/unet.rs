@@ -4,11 +4,13 @@
 //! (resized to the skip's size, so odd latent sizes work) and the output head.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
 use super::attention::{SpatialTransformer, SpatialTransformerSpec};
 use super::blocks::{Conv2d, Downsample2D, ResnetBlock2D, ResnetSpec, Upsample2D, conv2d};
+use super::norm::GroupNorm;
 use crate::config::UNetConfig;
+use crate::kernels::Kernels;
 
 #[derive(Debug)]
 struct DownBlock {
@@ -40,8 +42,8 @@ pub struct UNet {
 }
 
 impl UNet {
-    /// Builds the UNet described by `config` from the weights under `vb`.
-    pub fn new(config: &UNetConfig, vb: VarBuilder) -> Result<Self> {
+    /// Builds the UNet described by `config` from the weights under `vb`, running on `kernels`.
+    pub fn new(config: &UNetConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
         let c = config;
         let ch0 = c.down_blocks[0].out_channels;
         let temb = ch0 * 4;
@@ -53,6 +55,7 @@ impl UNet {
             groups: c.norm_num_groups,
             eps: c.norm_eps,
             output_scale_factor: scale,
+            conv: kernels.conv,
         };
         let transformer = |channels: usize, heads: usize, layers: usize| SpatialTransformerSpec {
             channels,
@@ -61,6 +64,8 @@ impl UNet {
             context_dim: c.cross_attention_dim,
             groups: c.norm_num_groups,
             linear_projection: c.use_linear_projection,
+            kernels,
+            upcast_attention: c.upcast_attention,
         };
 
         let mut down_blocks = Vec::with_capacity(n);
@@ -82,7 +87,7 @@ impl UNet {
                 }
             }
             let downsampler = (i + 1 < n)
-                .then(|| Downsample2D::new(out_c, c.downsample_padding, vb.pp("downsamplers").pp(0)))
+                .then(|| Downsample2D::new(out_c, c.downsample_padding, kernels.conv, vb.pp("downsamplers").pp(0)))
                 .transpose()?;
             down_blocks.push(DownBlock { resnets, attentions, downsampler });
         }
@@ -119,22 +124,23 @@ impl UNet {
                     )?);
                 }
             }
-            let upsampler = (i + 1 < n).then(|| Upsample2D::new(out_c, vb.pp("upsamplers").pp(0))).transpose()?;
+            let upsampler =
+                (i + 1 < n).then(|| Upsample2D::new(out_c, kernels.conv, vb.pp("upsamplers").pp(0))).transpose()?;
             up_blocks.push(UpBlock { resnets, attentions, upsampler });
             prev_out = out_c;
         }
 
         Ok(Self {
             config: config.clone(),
-            conv_in: conv2d(c.in_channels, ch0, 3, 1, 1, vb.pp("conv_in"))?,
+            conv_in: conv2d(c.in_channels, ch0, 3, 1, 1, kernels.conv, vb.pp("conv_in"))?,
             time_linear_1: candle_nn::linear(ch0, temb, vb.pp("time_embedding.linear_1"))?,
             time_linear_2: candle_nn::linear(temb, temb, vb.pp("time_embedding.linear_2"))?,
             down_blocks,
             mid_resnets,
             mid_attention,
             up_blocks,
-            conv_norm_out: candle_nn::group_norm(c.norm_num_groups, ch0, c.norm_eps, vb.pp("conv_norm_out"))?,
-            conv_out: conv2d(ch0, c.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
+            conv_norm_out: GroupNorm::load(c.norm_num_groups, ch0, c.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv2d(ch0, c.out_channels, 3, 1, 1, kernels.conv, vb.pp("conv_out"))?,
         })
     }
 
@@ -202,7 +208,7 @@ impl UNet {
             }
         }
 
-        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 

@@ -2,17 +2,19 @@
 //! what InstructPix2Pix conditions on, unscaled) we expose — candle-transformers keeps it
 //! private — and a decoder.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
 
 use super::attention::VaeAttention;
 use super::blocks::{Conv2d, Downsample2D, ResnetBlock2D, ResnetSpec, Upsample2D, conv2d};
+use super::norm::GroupNorm;
 use crate::config::VaeConfig;
+use crate::kernels::Kernels;
 
 /// GroupNorm epsilon of every VAE norm (hard-coded in diffusers).
 const VAE_EPS: f64 = 1e-6;
 
-fn vae_resnet(in_c: usize, out_c: usize, groups: usize, vb: VarBuilder) -> Result<ResnetBlock2D> {
+fn vae_resnet(in_c: usize, out_c: usize, groups: usize, kernels: Kernels, vb: VarBuilder) -> Result<ResnetBlock2D> {
     let spec = ResnetSpec {
         in_channels: in_c,
         out_channels: out_c,
@@ -20,6 +22,7 @@ fn vae_resnet(in_c: usize, out_c: usize, groups: usize, vb: VarBuilder) -> Resul
         groups,
         eps: VAE_EPS,
         output_scale_factor: 1.0,
+        conv: kernels.conv,
     };
     ResnetBlock2D::new(spec, vb)
 }
@@ -32,14 +35,14 @@ struct MidBlock {
 }
 
 impl MidBlock {
-    fn new(channels: usize, groups: usize, with_attention: bool, vb: VarBuilder) -> Result<Self> {
+    fn new(channels: usize, groups: usize, with_attention: bool, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             resnets: [
-                vae_resnet(channels, channels, groups, vb.pp("resnets").pp(0))?,
-                vae_resnet(channels, channels, groups, vb.pp("resnets").pp(1))?,
+                vae_resnet(channels, channels, groups, kernels, vb.pp("resnets").pp(0))?,
+                vae_resnet(channels, channels, groups, kernels, vb.pp("resnets").pp(1))?,
             ],
             attention: with_attention
-                .then(|| VaeAttention::new(channels, groups, vb.pp("attentions").pp(0)))
+                .then(|| VaeAttention::new(channels, groups, kernels, vb.pp("attentions").pp(0)))
                 .transpose()?,
         })
     }
@@ -63,7 +66,7 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn new(c: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(c: &VaeConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
         let channels = &c.block_out_channels;
         let mut blocks = Vec::new();
         let mut out_c = channels[0];
@@ -73,21 +76,27 @@ impl Encoder {
             out_c = block_c;
             let resnets = (0..c.layers_per_block)
                 .map(|j| {
-                    vae_resnet(if j == 0 { in_c } else { out_c }, out_c, c.norm_num_groups, vb.pp("resnets").pp(j))
+                    vae_resnet(
+                        if j == 0 { in_c } else { out_c },
+                        out_c,
+                        c.norm_num_groups,
+                        kernels,
+                        vb.pp("resnets").pp(j),
+                    )
                 })
                 .collect::<Result<Vec<_>>>()?;
             let down = (i + 1 < channels.len())
-                .then(|| Downsample2D::new(out_c, 0, vb.pp("downsamplers").pp(0)))
+                .then(|| Downsample2D::new(out_c, 0, kernels.conv, vb.pp("downsamplers").pp(0)))
                 .transpose()?;
             blocks.push((resnets, down));
         }
         let last = *channels.last().expect("config has at least one block");
         Ok(Self {
-            conv_in: conv2d(c.in_channels, channels[0], 3, 1, 1, vb.pp("conv_in"))?,
+            conv_in: conv2d(c.in_channels, channels[0], 3, 1, 1, kernels.conv, vb.pp("conv_in"))?,
             blocks,
-            mid: MidBlock::new(last, c.norm_num_groups, c.mid_block_add_attention, vb.pp("mid_block"))?,
-            norm_out: candle_nn::group_norm(c.norm_num_groups, last, VAE_EPS, vb.pp("conv_norm_out"))?,
-            conv_out: conv2d(last, 2 * c.latent_channels, 3, 1, 1, vb.pp("conv_out"))?,
+            mid: MidBlock::new(last, c.norm_num_groups, c.mid_block_add_attention, kernels, vb.pp("mid_block"))?,
+            norm_out: GroupNorm::load(c.norm_num_groups, last, VAE_EPS, vb.pp("conv_norm_out"))?,
+            conv_out: conv2d(last, 2 * c.latent_channels, 3, 1, 1, kernels.conv, vb.pp("conv_out"))?,
         })
     }
 
@@ -102,7 +111,7 @@ impl Encoder {
             }
         }
         let x = self.mid.forward(&x)?;
-        self.conv_out.forward(&self.norm_out.forward(&x)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&x)?)
     }
 }
 
@@ -116,7 +125,7 @@ struct Decoder {
 }
 
 impl Decoder {
-    fn new(c: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(c: &VaeConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
         let reversed: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
         let mut blocks = Vec::new();
         let mut out_c = reversed[0];
@@ -126,19 +135,27 @@ impl Decoder {
             out_c = block_c;
             let resnets = (0..=c.layers_per_block)
                 .map(|j| {
-                    vae_resnet(if j == 0 { prev } else { out_c }, out_c, c.norm_num_groups, vb.pp("resnets").pp(j))
+                    vae_resnet(
+                        if j == 0 { prev } else { out_c },
+                        out_c,
+                        c.norm_num_groups,
+                        kernels,
+                        vb.pp("resnets").pp(j),
+                    )
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let up = (i + 1 < reversed.len()).then(|| Upsample2D::new(out_c, vb.pp("upsamplers").pp(0))).transpose()?;
+            let up = (i + 1 < reversed.len())
+                .then(|| Upsample2D::new(out_c, kernels.conv, vb.pp("upsamplers").pp(0)))
+                .transpose()?;
             blocks.push((resnets, up));
         }
         let first = c.block_out_channels[0];
         Ok(Self {
-            conv_in: conv2d(c.latent_channels, reversed[0], 3, 1, 1, vb.pp("conv_in"))?,
-            mid: MidBlock::new(reversed[0], c.norm_num_groups, c.mid_block_add_attention, vb.pp("mid_block"))?,
+            conv_in: conv2d(c.latent_channels, reversed[0], 3, 1, 1, kernels.conv, vb.pp("conv_in"))?,
+            mid: MidBlock::new(reversed[0], c.norm_num_groups, c.mid_block_add_attention, kernels, vb.pp("mid_block"))?,
             blocks,
-            norm_out: candle_nn::group_norm(c.norm_num_groups, first, VAE_EPS, vb.pp("conv_norm_out"))?,
-            conv_out: conv2d(first, c.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
+            norm_out: GroupNorm::load(c.norm_num_groups, first, VAE_EPS, vb.pp("conv_norm_out"))?,
+            conv_out: conv2d(first, c.out_channels, 3, 1, 1, kernels.conv, vb.pp("conv_out"))?,
         })
     }
 
@@ -152,7 +169,7 @@ impl Decoder {
                 x = u.forward(&x, None)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&x)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&x)?)
     }
 }
 
@@ -167,21 +184,21 @@ pub struct AutoencoderKl {
 }
 
 impl AutoencoderKl {
-    /// Builds the VAE described by `config` from the weights under `vb`.
-    pub fn new(config: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+    /// Builds the VAE described by `config` from the weights under `vb`, running on `kernels`.
+    pub fn new(config: &VaeConfig, kernels: Kernels, vb: VarBuilder) -> Result<Self> {
         let l = config.latent_channels;
         Ok(Self {
             config: config.clone(),
-            encoder: Encoder::new(config, vb.pp("encoder"))?,
+            encoder: Encoder::new(config, kernels, vb.pp("encoder"))?,
             quant_conv: config
                 .use_quant_conv
-                .then(|| conv2d(2 * l, 2 * l, 1, 0, 1, vb.pp("quant_conv")))
+                .then(|| conv2d(2 * l, 2 * l, 1, 0, 1, kernels.conv, vb.pp("quant_conv")))
                 .transpose()?,
             post_quant_conv: config
                 .use_post_quant_conv
-                .then(|| conv2d(l, l, 1, 0, 1, vb.pp("post_quant_conv")))
+                .then(|| conv2d(l, l, 1, 0, 1, kernels.conv, vb.pp("post_quant_conv")))
                 .transpose()?,
-            decoder: Decoder::new(config, vb.pp("decoder"))?,
+            decoder: Decoder::new(config, kernels, vb.pp("decoder"))?,
         })
     }
 

@@ -1,0 +1,219 @@
+//! Which implementation runs the two heaviest operations — convolutions and attention — chosen
+//! once, when a model loads.
+//!
+//! On the CPU there is one answer each (the crate's own float32 convolution and the exact
+//! float32 attention). On a GPU the fast paths are compile-time features and run-time choices:
+//!
+//! | lever | `auto` picks it when | otherwise |
+//! |---|---|---|
+//! | `--conv cudnn`: cuDNN (feature `cudnn`) | built with `cudnn`, on CUDA | `im2col`: candle's im2col + cuBLAS |
+//! | `--attention flash`: FlashAttention-2 (feature `flash-attn`) | built with `flash-attn`, on CUDA, f16/bf16 | `math`: matmul, softmax, matmul |
+//!
+//! Asking for a lever this build or device cannot run is an error at load time, never a
+//! silent fallback: a benchmark that says "cudnn" ran cuDNN. `auto` is what users get; the
+//! explicit values exist so one binary can measure each lever (deploy/cuda/device-check.sh).
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, Device};
+
+use crate::error::ModelError;
+
+/// The convolution implementation asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConvChoice {
+    /// cuDNN when available, else im2col.
+    #[default]
+    Auto,
+    /// cuDNN (CUDA builds with the `cudnn` feature).
+    Cudnn,
+    /// im2col + matrix products (candle's on CUDA, the crate's own on the CPU).
+    Im2col,
+}
+
+/// The attention implementation asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionChoice {
+    /// Flash attention when available, else the matmul path.
+    #[default]
+    Auto,
+    /// FlashAttention-2 (CUDA builds with the `flash-attn` feature, f16/bf16).
+    Flash,
+    /// Matmul, softmax, matmul, in bounded slices.
+    Math,
+}
+
+/// The levers asked for (`LoadOptions::kernels`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelChoice {
+    /// Convolutions.
+    pub conv: ConvChoice,
+    /// Attention.
+    pub attention: AttentionChoice,
+}
+
+/// A convolution implementation in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvBackend {
+    /// im2col + matrix products.
+    Im2col,
+    /// cuDNN.
+    Cudnn,
+}
+
+/// An attention implementation in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionBackend {
+    /// Matmul, softmax, matmul.
+    Math,
+    /// FlashAttention-2 (layers whose head size it cannot take use the matmul path).
+    Flash,
+}
+
+/// The levers a loaded model runs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kernels {
+    /// Convolutions.
+    pub conv: ConvBackend,
+    /// Attention.
+    pub attention: AttentionBackend,
+}
+
+impl Kernels {
+    /// The CPU's (and tests') levers.
+    pub const CPU: Self = Self { conv: ConvBackend::Im2col, attention: AttentionBackend::Math };
+}
+
+/// Whether this binary was built with cuDNN convolutions.
+pub const HAS_CUDNN: bool = cfg!(feature = "cudnn");
+/// Whether this binary was built with flash attention.
+pub const HAS_FLASH_ATTN: bool = cfg!(feature = "flash-attn");
+
+impl KernelChoice {
+    /// The levers for a model on `device` computing in `dtype`.
+    ///
+    /// # Errors
+    /// [`ModelError::Device`] when an explicit choice cannot run here, saying why.
+    pub fn resolve(self, device: &Device, dtype: DType) -> Result<Kernels, ModelError> {
+        let cuda = device.is_cuda();
+        let conv = match self.conv {
+            ConvChoice::Im2col => ConvBackend::Im2col,
+            ConvChoice::Auto if HAS_CUDNN && cuda => ConvBackend::Cudnn,
+            ConvChoice::Auto => ConvBackend::Im2col,
+            ConvChoice::Cudnn if !HAS_CUDNN => {
+                return Err(ModelError::Device(
+                    "this build of retouch has no cuDNN convolutions; rebuild with `--features cudnn` \
+                     (docs/gpu.md) or use --conv im2col"
+                        .into(),
+                ));
+            }
+            ConvChoice::Cudnn if !cuda => {
+                return Err(ModelError::Device("--conv cudnn needs a CUDA device (--device cuda)".into()));
+            }
+            ConvChoice::Cudnn => ConvBackend::Cudnn,
+        };
+        let half = matches!(dtype, DType::F16 | DType::BF16);
+        let attention = match self.attention {
+            AttentionChoice::Math => AttentionBackend::Math,
+            AttentionChoice::Auto if HAS_FLASH_ATTN && cuda && half => AttentionBackend::Flash,
+            AttentionChoice::Auto => AttentionBackend::Math,
+            AttentionChoice::Flash if !HAS_FLASH_ATTN => {
+                return Err(ModelError::Device(
+                    "this build of retouch has no flash attention; rebuild with `--features flash-attn` \
+                     (docs/gpu.md) or use --attention math"
+                        .into(),
+                ));
+            }
+            AttentionChoice::Flash if !cuda => {
+                return Err(ModelError::Device("--attention flash needs a CUDA device (--device cuda)".into()));
+            }
+            AttentionChoice::Flash if !half => {
+                return Err(ModelError::Device(format!(
+                    "flash attention computes in f16 or bf16, not {dtype:?}; use --dtype f16 or --attention math"
+                )));
+            }
+            AttentionChoice::Flash => AttentionBackend::Flash,
+        };
+        Ok(Kernels { conv, attention })
+    }
+}
+
+impl FromStr for ConvChoice {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cudnn" => Ok(Self::Cudnn),
+            "im2col" => Ok(Self::Im2col),
+            _ => Err(ModelError::Device(format!("unknown convolution {s:?}; expected auto, cudnn or im2col"))),
+        }
+    }
+}
+
+impl FromStr for AttentionChoice {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "flash" => Ok(Self::Flash),
+            "math" => Ok(Self::Math),
+            _ => Err(ModelError::Device(format!("unknown attention {s:?}; expected auto, flash or math"))),
+        }
+    }
+}
+
+impl fmt::Display for ConvBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Im2col => "im2col",
+            Self::Cudnn => "cudnn",
+        })
+    }
+}
+
+impl fmt::Display for AttentionBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Math => "math",
+            Self::Flash => "flash",
+        })
+    }
+}
+
+impl fmt::Display for Kernels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "conv={} attention={}", self.conv, self.attention)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_resolves_auto_to_its_own_paths_and_refuses_gpu_levers_by_name() {
+        let cpu = Device::Cpu;
+        assert_eq!(KernelChoice::default().resolve(&cpu, DType::F32).ok(), Some(Kernels::CPU));
+        assert_eq!(KernelChoice::default().resolve(&cpu, DType::F16).ok(), Some(Kernels::CPU));
+        let cudnn = KernelChoice { conv: ConvChoice::Cudnn, ..Default::default() };
+        let err = cudnn.resolve(&cpu, DType::F32).expect_err("cudnn on the CPU").to_string();
+        assert!(err.contains(if HAS_CUDNN { "needs a CUDA device" } else { "--features cudnn" }), "{err}");
+        let flash = KernelChoice { attention: AttentionChoice::Flash, ..Default::default() };
+        let err = flash.resolve(&cpu, DType::F16).expect_err("flash on the CPU").to_string();
+        assert!(err.contains(if HAS_FLASH_ATTN { "needs a CUDA device" } else { "--features flash-attn" }), "{err}");
+        let explicit = KernelChoice { conv: ConvChoice::Im2col, attention: AttentionChoice::Math };
+        assert_eq!(explicit.resolve(&cpu, DType::BF16).ok(), Some(Kernels::CPU));
+    }
+
+    #[test]
+    fn choices_parse_and_unknown_values_name_the_alternatives() {
+        assert_eq!("cudnn".parse::<ConvChoice>().ok(), Some(ConvChoice::Cudnn));
+        assert_eq!("im2col".parse::<ConvChoice>().ok(), Some(ConvChoice::Im2col));
+        assert_eq!("flash".parse::<AttentionChoice>().ok(), Some(AttentionChoice::Flash));
+        assert_eq!("math".parse::<AttentionChoice>().ok(), Some(AttentionChoice::Math));
+        assert!("winograd".parse::<ConvChoice>().is_err_and(|e| e.to_string().contains("cudnn or im2col")));
+        assert!("sdpa".parse::<AttentionChoice>().is_err_and(|e| e.to_string().contains("flash or math")));
+        assert_eq!(Kernels::CPU.to_string(), "conv=im2col attention=math");
+    }
+}
