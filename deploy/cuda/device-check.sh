@@ -5,20 +5,37 @@
 #
 # Reads ${RETOUCH_GPU_STAGE:-.cache/gpu}/: retouch.xz (or retouch), whl/*.whl (diffusers),
 # bpe_simple_vocab_16e6.txt.gz (CLIP merges for the full-size checkpoint: no network there).
-# Steps (each time-boxed; the whole run keeps to RETOUCH_DEVICE_BUDGET_S, default 480 s):
-#   env      GPU, driver, torch; unpack the binary; find its CUDA libraries (ldd, then the
-#            image's CUDA and pip nvidia/*/lib folders) and record where each came from
-#   ckpt     tests/fixtures/make_full_checkpoint.py (CPU, in the background meanwhile)
-#   matmul   torch f16/bf16 8192^3 matmul rate
-#   parity   deploy/cuda/parity.py on cuda:0 in f16 and f32, and a few cases on the CPU with
-#            the same binary
-#   bench    retouch bench --size 512 --steps 20 --batch 1/4/8 --device cuda:0, nvidia-smi polled
-#   diffusers  deploy/cuda/diffusers_gpu_bench.py fp16, same workload, FLOP count
-#   report   deploy/cuda/report.py -> $OUT/gpu-benchmarks.md (markdown for docs/benchmarks.md)
+# The binary should be built with every lever (deploy/cuda/build.sh: cuda,cudnn,flash-attn);
+# each lever is measured by choosing it at run time (`retouch --conv X --attention Y`):
+#   stock        --conv im2col --attention math    candle's im2col + cuBLAS, f32 attention scores
+#   cudnn        --conv cudnn  --attention math    + cuDNN convolutions
+#   cudnn-flash  --conv cudnn  --attention flash   + FlashAttention-2
+# Steps, in priority order (each time-boxed; the whole run keeps to RETOUCH_DEVICE_BUDGET_S,
+# default 480 s, and a step that would not fit is skipped and reported):
+#   env        GPU, driver, torch, cuDNN; unpack the binary; find its libraries (ldd, then the
+#              image's pip nvidia/*/lib folders -- nvidia/cudnn/lib for libcudnn.so.9 -- and CUDA)
+#              and record where each came from
+#   ckpt       tests/fixtures/make_full_checkpoint.py (CPU, in the background meanwhile)
+#   matmul     torch f16/bf16 8192^3 matmul rate
+#   parity     deploy/cuda/parity.py, f16: every fixture case with the last (fullest) lever, a
+#              subset with each other lever; f32 once (auto levers) while the checkpoint is
+#              still being written, else later
+#   bench      retouch bench --size 512 --steps 20 --batch 1/4/8 per lever, nvidia-smi polled
+#              for peak memory (fullest lever first, then the diffusers baseline, then the others)
+#   diffusers  deploy/cuda/diffusers_gpu_bench.py fp16 (SDPA), same workload, FLOP count
+#   tensorcores  which kernels run the convolutions: ncu (kernel names + tensor-pipe counters) on
+#              a 1-step edit with --conv cudnn; without a usable ncu, cuDNN's API log
+#              (CUDNN_LOGLEVEL_DBG=3) of the same run: algorithm and math type per call
+#   parity-cpu a few cases on the CPU with the same binary
+#   report     deploy/cuda/report.py -> $OUT/gpu-benchmarks.md (markdown for docs/benchmarks.md)
 # $OUT gets: gpu-benchmarks.md, device-check.log, results.tar.gz (every JSON/log).
 # Options (environment): RETOUCH_DEVICE_BUDGET_S, RETOUCH_GPU_STEPS (default all:
-# env,ckpt,matmul,parity,bench,diffusers), RETOUCH_BENCH_BATCHES (default "1 4 8").
-# Without a GPU (testing): RETOUCH_DEVICE=cpu runs the same steps on the CPU at toy sizes.
+# env,ckpt,matmul,parity,bench,diffusers,tensorcores,parity-cpu), RETOUCH_BENCH_BATCHES (default
+# "1 4 8"), RETOUCH_LEVERS (NAME:CONV:ATTENTION ..., fullest last; default above),
+# RETOUCH_PARITY_SUBSET (cases for the other levers).
+# Without a GPU (testing): RETOUCH_DEVICE=cpu runs the same steps on the CPU at toy sizes with
+# the tiny fixture checkpoint; its levers are `stock` (im2col/math) and `auto`, the two a CPU
+# build can run, so every step and table is exercised.
 set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -26,14 +43,44 @@ cd "$REPO" || exit 1
 OUT=${OUT:-$REPO/out/device-check}
 STAGE=${RETOUCH_GPU_STAGE:-.cache/gpu}
 BUDGET=${RETOUCH_DEVICE_BUDGET_S:-480}
-STEPS_WANTED=${RETOUCH_GPU_STEPS:-env,ckpt,matmul,parity,bench,diffusers}
+STEPS_WANTED=${RETOUCH_GPU_STEPS:-env,ckpt,matmul,parity,bench,diffusers,tensorcores,parity-cpu}
 BATCHES=${RETOUCH_BENCH_BATCHES:-1 4 8}
+PARITY_SUBSET=${RETOUCH_PARITY_SUBSET:-ea_default,euler_trailing,ddim,batch3,fp16_variant,b_ea}
 DEV=${RETOUCH_DEVICE:-cuda}
 if [ "$DEV" = cuda ]; then
-  RDEV=cuda:0 SIZE=${RETOUCH_BENCH_SIZE:-512} NSTEPS=${RETOUCH_BENCH_STEPS:-20} TDTYPE=fp16
+  RDEV=cuda:0 SIZE=${RETOUCH_BENCH_SIZE:-512} NSTEPS=${RETOUCH_BENCH_STEPS:-20} TDTYPE=fp16 PDTYPE=f16
+  LEVERS=${RETOUCH_LEVERS:-stock:im2col:math cudnn:cudnn:math cudnn-flash:cudnn:flash}
 else
-  RDEV=cpu SIZE=${RETOUCH_BENCH_SIZE:-64} NSTEPS=${RETOUCH_BENCH_STEPS:-2} TDTYPE=fp32
+  RDEV=cpu SIZE=${RETOUCH_BENCH_SIZE:-64} NSTEPS=${RETOUCH_BENCH_STEPS:-2} TDTYPE=fp32 PDTYPE=f16
+  LEVERS=${RETOUCH_LEVERS:-stock:im2col:math auto:auto:auto}
 fi
+read -r -a LEVER_LIST <<<"$LEVERS"
+FULLEST=${LEVER_LIST[${#LEVER_LIST[@]} - 1]}
+lever_name() { echo "${1%%:*}"; }
+# Drop the levers the staged build lacks (build-info.txt's features; e.g. a `cuda,cudnn` build
+# staged because the flash-attn one did not fit the tool's 64 MiB): asking for them is an error.
+filter_levers() {
+  local f=$STAGE/build-info.txt features kept=() lv
+  [ -f "$f" ] || return 0
+  features=,$(sed -n 's/^features=//p' "$f"),
+  for lv in "${LEVER_LIST[@]}"; do
+    case $lv in
+      *:cudnn:*) case $features in *,cudnn,*) ;; *) log "lever $lv skipped: build features $features"; continue ;; esac ;;
+    esac
+    case $lv in
+      *:flash) case $features in *,flash-attn,*) ;; *) log "lever $lv skipped: build features $features"; continue ;; esac ;;
+    esac
+    kept+=("$lv")
+  done
+  [ ${#kept[@]} -gt 0 ] || return 0
+  LEVER_LIST=("${kept[@]}")
+  LEVERS="${kept[*]}"
+  FULLEST=${LEVER_LIST[${#LEVER_LIST[@]} - 1]}
+}
+lever_flags() { # NAME:CONV:ATTENTION -> --conv CONV --attention ATTENTION
+  local rest=${1#*:}
+  echo "--conv ${rest%%:*} --attention ${rest#*:}"
+}
 mkdir -p "$OUT"
 W=$(mktemp -d /tmp/retouch-gpu.XXXXXX)
 RES=$W/res
@@ -102,7 +149,7 @@ cuda = re.search(r"CUDA Version: ([0-9.]+)", sh("nvidia-smi"))
 ptx = sorted(set(m.decode() for m in re.findall(rb"\n\.target (\w+)", open(binary, "rb").read())))
 libs = []
 for line in open(f"{res}/ldd.txt"):
-    m = re.match(r"\s*(lib(?:cuda|cublas|cublasLt|curand|nvrtc|cudart)\.so\.\S+) => (\S+)", line)
+    m = re.match(r"\s*(lib(?:cuda|cublas|cublasLt|curand|nvrtc|cudart|cudnn)\.so\.\S+) => (\S+)", line)
     if m:
         libs.append(f"{m.group(1)} → {m.group(2)}")
 env = {"date": datetime.date.today().isoformat(), "gpu": q[0] if q and q[0] else "?",
@@ -110,11 +157,19 @@ env = {"date": datetime.date.today().isoformat(), "gpu": q[0] if q and q[0] else
        "driver_cuda": cuda.group(1) if cuda else "?", "retouch_version": sh(f"{binary} --version"),
        "ptx_targets": ", ".join(ptx) or "?", "libs": "; ".join(libs) or "?"}
 import importlib.metadata as md
-for mod in ("torch", "diffusers", "transformers"):
+for mod in ("torch", "diffusers", "transformers", "nvidia-cudnn-cu13"):
     try:
         env[mod] = md.version(mod)
     except Exception:
         env[mod] = "?"
+try:
+    env["levers"] = open(f"{res}/levers.txt").read().split()
+except OSError:
+    pass
+try:  # written by deploy/cuda/build.sh --stage
+    env["build"] = dict(l.strip().split("=", 1) for l in open(f"{res}/build-info.txt") if "=" in l)
+except OSError:
+    pass
 json.dump(env, open(f"{res}/env.json", "w"), indent=2)
 print(json.dumps(env, indent=2))
 PY
@@ -142,7 +197,8 @@ env_step() {
     nvidia-smi 2>&1 | head -20
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.sm,power.limit --format=csv 2>&1
     command -v nvcc >/dev/null && nvcc --version | tail -2
-    python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())' 2>&1
+    python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(), "cudnn", torch.backends.cudnn.version())' 2>&1
+    python3 -m pip list 2>/dev/null | grep -iE '^(nvidia-|cuda-|torch |diffusers)'
     grep -E '^(NAME|VERSION)=' /etc/os-release
     ldd --version | head -1
   } >"$RES/env.txt" 2>&1
@@ -158,6 +214,7 @@ env_step() {
     return 1
   fi
   chmod +x "$BIN"
+  [ -f "$STAGE/build-info.txt" ] && cp "$STAGE/build-info.txt" "$RES/" && cat "$STAGE/build-info.txt"
   # Libraries: the binary names sonames only (no rpath). Look where this image keeps them.
   local dirs=() d lib found
   while IFS= read -r d; do dirs+=("$d"); done < <(
@@ -190,6 +247,13 @@ PY
   done
   ldd "$BIN" | tee "$RES/ldd.txt"
   echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" >>"$RES/ldd.txt"
+  # libcudnn.so.9 is a small front that dlopens libcudnn_{graph,ops,cnn,engines_*}.so.9 by name
+  # at run time: they must sit beside it (the pip wheel and CUDA images keep them together).
+  d=$(ldd "$BIN" | awk '$1 == "libcudnn.so.9" {print $3}' | xargs -r dirname)
+  if [ -n "$d" ]; then
+    for f in "$d"/libcudnn_*.so.9; do [ -e "$f" ] && echo "  cuDNN part: ${f##*/}"; done
+    [ -e "$d/libcudnn_cnn.so.9" ] || log "libcudnn_cnn.so.9 is not beside $d/libcudnn.so.9: cuDNN convolutions will fail"
+  fi
   "$BIN" --version
   ! grep -q 'not found' "$RES/ldd.txt"
 }
@@ -228,12 +292,71 @@ ckpt_wait() {
   [ "$rc" = 0 ]
 }
 
-retouch_bench() { # N
-  poll_mem "$RES/mem-retouch-b$1.log"
-  timeout --kill-after=10 "$STEP_LIMIT" "$BIN" bench --model "$FULL" --size "$SIZE" --steps "$NSTEPS" --batch "$1" --device "$RDEV" \
-    --warmup 1 --repeats 3 --edit-repeats 1 --json "$RES/retouch-bench-b$1.json"
+retouch_bench() { # LEVER N
+  local name flags
+  name=$(lever_name "$1")
+  read -r -a flags <<<"$(lever_flags "$1")"
+  poll_mem "$RES/mem-retouch-$name-b$2.log"
+  timeout --kill-after=10 "$STEP_LIMIT" "$BIN" bench --model "$FULL" --size "$SIZE" --steps "$NSTEPS" --batch "$2" --device "$RDEV" \
+    "${flags[@]}" --warmup 1 --repeats 3 --edit-repeats 1 --json "$RES/retouch-bench-$name-b$2.json"
   local rc=$?
   stop_mem
+  return $rc
+}
+
+# parity_step LEVER DTYPE CASES(all|subset) [ORDER]: deploy/cuda/parity.py with the lever's flags.
+parity_step() {
+  local name flags cases=() tag
+  name=$(lever_name "$1")
+  read -r -a flags <<<"$(lever_flags "$1")"
+  [ "$3" = subset ] && cases=(--cases "$PARITY_SUBSET")
+  tag=${4:-5}-$name-$2
+  timeout --kill-after=10 "$STEP_LIMIT" python3 deploy/cuda/parity.py --retouch "$BIN" --device "$RDEV" --dtype "$2" \
+    "${flags[@]}" "${cases[@]}" --timeout 60 --work "$W/parity-$name-$2" \
+    --json "$RES/parity-$tag.json" --markdown "$RES/parity-$tag.md"
+}
+
+# tensorcores: one short edit with cuDNN convolutions under ncu (kernel names of the
+# convolution launches and the tensor-pipe counters the tool offers), else cuDNN's API log.
+tensorcores_step() {
+  local att=math args metrics=(gpu__time_duration.sum) m rc=1
+  if [ "$DEV" = cuda ]; then
+    case " $LEVERS " in *:cudnn:*) ;; *) log "no cuDNN lever in this build: nothing to check"; return 0 ;; esac
+  fi
+  case " $LEVERS " in *:flash\ *) att=flash ;; esac
+  [ "$DEV" = cuda ] || att=auto
+  args=(bench --model "$FULL" --size "$SIZE" --steps 1 --batch 1 --device "$RDEV" --warmup 0 --repeats 1
+        --edit-repeats 1 --conv "$([ "$DEV" = cuda ] && echo cudnn || echo auto)" --attention "$att")
+  if command -v ncu >/dev/null && [ "$DEV" = cuda ]; then
+    ncu --version | tail -1
+    timeout 30 ncu --query-metrics >"$W/ncu-metrics.txt" 2>&1 || true
+    for m in sm__inst_executed_pipe_tensor_op_hmma:sum sm__inst_executed_pipe_tensor_op_gmma:sum \
+             sm__pipe_tensor_op_hmma_cycles_active:avg.pct_of_peak_sustained_active \
+             sm__pipe_tensor_op_gmma_cycles_active:avg.pct_of_peak_sustained_active; do
+      grep -qw "${m%%:*}" "$W/ncu-metrics.txt" && metrics+=("${m%%:*}.${m#*:}")
+    done
+    log "ncu metrics: ${metrics[*]}"
+    # cuDNN's convolution kernels (and its layout transforms); cuBLAS's GEMMs are not matched.
+    timeout --kill-after=10 $((STEP_LIMIT * 2 / 3)) ncu --clock-control none --target-processes all \
+      --kernel-name "regex:fprop|conv|Conv|implicit|winograd|cudnn" --launch-count 40 \
+      --metrics "$(IFS=,; echo "${metrics[*]}")" --csv --log-file "$RES/ncu.csv" "$BIN" "${args[@]}" >"$W/ncu-app.log" 2>&1
+    rc=$?
+    tail -3 "$W/ncu-app.log"
+    if [ "$rc" = 0 ] && grep -q '"Kernel Name"' "$RES/ncu.csv" 2>/dev/null; then
+      log "ncu: $(grep -c ',"gpu__time_duration.sum",' "$RES/ncu.csv") convolution kernel launches profiled"
+      return 0
+    fi
+    log "ncu did not profile (rc $rc): $(grep -m1 -iE 'error|fail' "$RES/ncu.csv" "$W/ncu-app.log" 2>/dev/null)"
+  else
+    echo "ncu not available ($([ "$DEV" = cuda ] && echo "not on PATH" || echo "not a GPU run"))" | tee "$RES/ncu-unavailable.txt"
+  fi
+  log "falling back to cuDNN's API log (CUDNN_LOGLEVEL_DBG=3) of the same run"
+  CUDNN_LOGLEVEL_DBG=3 CUDNN_LOGDEST_DBG="$RES/cudnn-api.log" \
+    timeout --kill-after=10 $((STEP_LIMIT / 3)) "$BIN" "${args[@]}" >"$W/cudnn-log-app.log" 2>&1
+  rc=$?
+  tail -3 "$W/cudnn-log-app.log"
+  [ -f "$RES/cudnn-api.log" ] || : >"$RES/cudnn-api.log"
+  log "cuDNN API log: $(wc -c <"$RES/cudnn-api.log") bytes, $(grep -c 'cudnnConvolutionForward()' "$RES/cudnn-api.log") cudnnConvolutionForward calls"
   return $rc
 }
 
@@ -247,28 +370,49 @@ diffusers_bench() {
 }
 
 # ---- the run ------------------------------------------------------------------------------------
-log "budget ${BUDGET}s, steps $STEPS_WANTED, device $DEV, work $W"
+log "budget ${BUDGET}s, steps $STEPS_WANTED, device $DEV, levers $LEVERS, work $W"
 if wanted env; then step env 120 env_step || true; else env_step >/dev/null 2>&1 || true; fi
 [ -x "$BIN" ] || { log "no usable binary; stopping"; exit 1; }
+filter_levers
+echo "$LEVERS" >"$RES/levers.txt"
 step wheels 60 wheels_step
 wanted ckpt && ckpt_start
-wanted matmul && step matmul 60 python3 deploy/cuda/diffusers_gpu_bench.py --matmul --device "$DEV" --json "$RES/matmul.json"
+wanted matmul && step matmul 45 python3 deploy/cuda/diffusers_gpu_bench.py --matmul --device "$DEV" --json "$RES/matmul.json"
+ckpt_running() { [ -n "$CKPT_PID" ] && kill -0 "$CKPT_PID" 2>/dev/null; }
+F32_DONE=0
 if wanted parity; then
-  step parity-f16 150 python3 deploy/cuda/parity.py --retouch "$BIN" --device "$RDEV" --dtype f16 --timeout 120 \
-    --work "$W/parity-f16" --json "$RES/parity-1-$DEV-f16.json" --markdown "$RES/parity-1-$DEV-f16.md"
-  step parity-f32 150 python3 deploy/cuda/parity.py --retouch "$BIN" --device "$RDEV" --dtype f32 --timeout 120 \
-    --work "$W/parity-f32" --json "$RES/parity-2-$DEV-f32.json" --markdown "$RES/parity-2-$DEV-f32.md"
-  step parity-cpu 60 python3 deploy/cuda/parity.py --retouch "$BIN" --device cpu --timeout 50 \
-    --cases ea_default,euler_trailing,ddim,batch3,fp16_variant,b_ea --title "same binary on the CPU, f32 (subset)" \
-    --work "$W/parity-cpu" --json "$RES/parity-3-cpu.json" --markdown "$RES/parity-3-cpu.md"
+  # While the checkpoint is written on the CPU: f16 parity, all cases with the fullest lever,
+  # a subset with each other one.
+  n=1
+  step "parity-$PDTYPE-$(lever_name "$FULLEST")" 100 parity_step "$FULLEST" "$PDTYPE" all $n
+  for lv in "${LEVER_LIST[@]}"; do
+    [ "$lv" = "$FULLEST" ] && continue
+    n=$((n + 1))
+    step "parity-$PDTYPE-$(lever_name "$lv")-subset" 35 parity_step "$lv" "$PDTYPE" subset $n
+  done
+  if ckpt_running; then
+    step parity-f32 80 parity_step auto:auto:auto f32 all 8
+    F32_DONE=1
+  fi
 fi
-if wanted bench || wanted diffusers; then
+if wanted bench || wanted diffusers || wanted tensorcores; then
   if wanted ckpt && ckpt_wait; then
+    bench_lever() { local n; for n in $BATCHES; do step "bench-$(lever_name "$1")-b$n" "$((n >= 8 ? 60 : 40))" retouch_bench "$1" "$n"; done; }
+    wanted bench && bench_lever "$FULLEST"
+    wanted diffusers && step diffusers 90 diffusers_bench
     if wanted bench; then
-      for n in $BATCHES; do step "retouch-bench-b$n" 150 retouch_bench "$n"; done
+      for lv in "${LEVER_LIST[@]}"; do [ "$lv" = "$FULLEST" ] || bench_lever "$lv"; done
     fi
-    wanted diffusers && step diffusers 200 diffusers_bench
+    wanted tensorcores && step tensorcores 60 tensorcores_step
   else
     log "no full-size checkpoint: benchmarks skipped"
   fi
+fi
+if wanted parity && [ "$F32_DONE" = 0 ]; then
+  step parity-f32 80 parity_step auto:auto:auto f32 all 8
+fi
+if wanted parity-cpu; then
+  step parity-cpu 30 python3 deploy/cuda/parity.py --retouch "$BIN" --device cpu --timeout 25 \
+    --cases ea_default,ddim,batch3,b_ea --title "same binary on the CPU, f32 (subset)" \
+    --work "$W/parity-cpu" --json "$RES/parity-9-cpu.json" --markdown "$RES/parity-9-cpu.md"
 fi

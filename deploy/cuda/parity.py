@@ -2,6 +2,7 @@
 """Run the diffusers parity fixtures (tests/fixtures/cases.json) through the `retouch` binary.
 
     deploy/cuda/parity.py --retouch BIN [--device cuda:0] [--dtype f16|f32] [--cases a,b]
+                          [--conv auto|cudnn|im2col] [--attention auto|flash|math]
                           [--json OUT.json] [--markdown OUT.md] [--work DIR] [--timeout S]
 
 Each image of each case is one `retouch edit` (a batch case's images run one by one: the results
@@ -12,7 +13,8 @@ diffusers golden: max |Δ|, mean |Δ| and the number of channel values beyond 2/
 acceptance bound).
 
 --dtype: passed as `retouch edit --dtype X`; `default` leaves the binary's choice (f16 on
-CUDA, f32 on the CPU).
+CUDA, f32 on the CPU). --conv/--attention: passed to `retouch edit` as they are (the GPU levers,
+docs/gpu.md); not given, the binary's `auto` applies.
 
 Standard library only (the PNG reader is below), so it runs under any python3 >= 3.8.
 Exit status: 0 when every case ran (whatever the differences), 1 when a run failed, 2 on usage.
@@ -150,7 +152,7 @@ def run_case(args, fixtures: Path, case: dict, work: Path, dtype_flag: list[str]
                "--seed", str(seed), "--steps", str(case["steps"]), "--scheduler", case["scheduler"],
                "--guidance-scale", repr(case["guidance_scale"]),
                "--image-guidance-scale", repr(case["image_guidance_scale"]),
-               "--max-side", str(case["max_side"])] + dtype_flag
+               "--max-side", str(case["max_side"])] + dtype_flag + args.lever_flags
         if case.get("variant"):
             cmd += ["--variant", case["variant"]]
         if case.get("init_latents"):
@@ -212,6 +214,8 @@ def main() -> int:
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--dtype", choices=["default", "f16", "f32"], default="default",
                     help="default: what the binary picks (CUDA f16, CPU f32)")
+    ap.add_argument("--conv", default=None, help="retouch edit --conv (auto|cudnn|im2col)")
+    ap.add_argument("--attention", default=None, help="retouch edit --attention (auto|flash|math)")
     ap.add_argument("--fixtures", default=str(REPO / "tests" / "fixtures"))
     ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
@@ -233,7 +237,11 @@ def main() -> int:
 
     on_cuda = args.device.startswith("cuda")
     native = "f16" if on_cuda else "f32"
-    title = args.title or f"retouch on {args.device}, {args.dtype if args.dtype != 'default' else native}"
+    args.lever_flags = (["--conv", args.conv] if args.conv else []) + (
+        ["--attention", args.attention] if args.attention else [])
+    levers = " ".join(args.lever_flags)
+    title = args.title or (f"retouch on {args.device}, {args.dtype if args.dtype != 'default' else native}"
+                           + (f", `{levers}`" if levers else ""))
     dtype_flag = [] if args.dtype == "default" else ["--dtype", args.dtype]
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="retouch-parity-"))
@@ -244,10 +252,12 @@ def main() -> int:
     def write(done: bool):
         # after every case, so a run cut short still leaves its results
         total = time.perf_counter() - t0
-        text = (f"`retouch edit --device {args.device}` per image, against the diffusers goldens "
+        text = (f"`retouch edit --device {args.device}{' ' + levers if levers else ''}` per image, "
+                f"against the diffusers goldens "
                 f"({total:.0f} s{'' if done else f'; cut short after {len(rows)} images'}).")
         if args.json:
             Path(args.json).write_text(json.dumps({"title": title, "device": args.device, "dtype": args.dtype,
+                                                   "conv": args.conv, "attention": args.attention,
                                                    "seconds": total, "complete": done, "rows": rows}, indent=2) + "\n")
         if args.markdown:
             Path(args.markdown).write_text(markdown(title, rows, text))

@@ -87,6 +87,25 @@ impl Kernels {
 
 /// Whether this binary was built with cuDNN convolutions.
 pub const HAS_CUDNN: bool = cfg!(feature = "cudnn");
+
+/// The FlashAttention-2 head sizes attention layers use (candle-flash-attn rounds a head size up
+/// to the next of 32, 64, 96, 128, 160, 192, 224, 256, 512 and runs that kernel). SD 1.x's UNet
+/// has heads of 40, 80 and 160 (kernels 64, 96, 160), its VAE one head of 512; SD 2.x's heads of
+/// 64 land on 64 too. `deploy/cuda/build.sh` compiles only these kernels (fp16 and bf16, not
+/// causal) out of the 53 candle-flash-attn ships — a sixth of the build time and binary size —
+/// and reads this line to know which: keep it one line. A layer whose kernel is not listed
+/// runs the matmul path.
+pub const FLASH_KERNEL_HEAD_SIZES: [usize; 4] = [64, 96, 160, 512];
+
+/// The FlashAttention-2 kernel (head size) candle-flash-attn runs for heads of `head_dim`,
+/// if we build it: head sizes must be multiples of 8 and at most 512.
+pub fn flash_kernel_for(head_dim: usize) -> Option<usize> {
+    if head_dim == 0 || !head_dim.is_multiple_of(8) || head_dim > 512 {
+        return None;
+    }
+    let kernel = [32, 64, 96, 128, 160, 192, 224, 256, 512].into_iter().find(|&k| head_dim <= k)?;
+    FLASH_KERNEL_HEAD_SIZES.contains(&kernel).then_some(kernel)
+}
 /// Whether this binary was built with flash attention.
 pub const HAS_FLASH_ATTN: bool = cfg!(feature = "flash-attn");
 
@@ -215,5 +234,23 @@ mod tests {
         assert!("winograd".parse::<ConvChoice>().is_err_and(|e| e.to_string().contains("cudnn or im2col")));
         assert!("sdpa".parse::<AttentionChoice>().is_err_and(|e| e.to_string().contains("flash or math")));
         assert_eq!(Kernels::CPU.to_string(), "conv=im2col attention=math");
+    }
+
+    #[test]
+    fn flash_runs_the_head_sizes_of_sd_models_and_no_kernel_left_out_of_the_build() {
+        // SD 1.x UNet heads (320/8, 640/8, 1280/8), SD 2.x heads, the SD VAE's single head.
+        assert_eq!([40, 80, 160, 64, 512].map(flash_kernel_for), [Some(64), Some(96), Some(160), Some(64), Some(512)]);
+        // Not multiples of 8, too large, or rounding to a kernel deploy/cuda/build.sh leaves out.
+        assert_eq!([4, 20, 513, 0, 24, 128, 200].map(flash_kernel_for), [None; 7]);
+        // build.sh reads FLASH_KERNEL_HEAD_SIZES from this file's source: keep that line parseable.
+        let source = include_str!("kernels.rs");
+        let line = source.lines().find(|l| l.starts_with("pub const FLASH_KERNEL_HEAD_SIZES")).expect("the line");
+        let listed: Vec<usize> = line
+            .split('[')
+            .nth(2)
+            .and_then(|rest| rest.split(']').next())
+            .map(|list| list.split(',').filter_map(|v| v.trim().parse().ok()).collect())
+            .unwrap_or_default();
+        assert_eq!(listed, FLASH_KERNEL_HEAD_SIZES);
     }
 }

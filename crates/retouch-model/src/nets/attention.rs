@@ -15,9 +15,9 @@
 //!   so no f16 score can overflow. A checkpoint with `upcast_attention: true` gets float32
 //!   scores, as in diffusers. Slices are larger than on the CPU (bounded by
 //!   [`GPU_SCORE_SLICE_BYTES`]).
-//! * **GPU, FlashAttention-2** (feature `flash-attn`, f16/bf16, head sizes that are multiples of
-//!   8 up to 512 — SD 1.5's 40/80/160 and the VAE's 512 qualify): scores never leave the
-//!   chip. A layer it cannot take uses the matmul path.
+//! * **GPU, FlashAttention-2** (feature `flash-attn`, f16/bf16, head sizes whose kernel is built:
+//!   [`crate::kernels::FLASH_KERNEL_HEAD_SIZES`] — SD 1.5's 40/80/160 and the VAE's 512
+//!   qualify): scores never leave the chip. A layer it cannot take uses the matmul path.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
@@ -25,7 +25,7 @@ use candle_nn::{LayerNorm, VarBuilder};
 use super::blocks::{Conv2d, conv2d};
 use super::linear::Linear;
 use super::norm::GroupNorm;
-use crate::kernels::{AttentionBackend, Kernels};
+use crate::kernels::{AttentionBackend, Kernels, flash_kernel_for};
 
 /// Upper bound on one slice of attention scores on the CPU, in bytes (float32). Below glibc's
 /// largest mmap threshold (see the binary's allocator tuning), so a slice's scores reuse freed
@@ -62,8 +62,7 @@ fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, spec: At
     if spec.backend == AttentionBackend::Flash
         && q.device().is_cuda()
         && matches!(q.dtype(), DType::F16 | DType::BF16)
-        && head_dim.is_multiple_of(8)
-        && head_dim <= 512
+        && flash_kernel_for(head_dim).is_some()
     {
         return flash(q, k, v, heads);
     }
