@@ -15,12 +15,9 @@ from pathlib import Path
 STAGES = ["text_encode", "vae_encode", "unet_call", "vae_decode", "edit"]
 
 
-def retouch_seconds(report: dict, stage: str) -> float:
-    return report["stages"][stage]["median_s"]
-
-
-def diffusers_seconds(report: dict, stage: str) -> float:
-    return report["stages"][stage]["median_ms"] / 1e3
+def diffusers_batch(report: dict, n: int) -> dict:
+    """bench/diffusers_bench.py's entry for batch n (cpu_compare.sh runs one process per n)."""
+    return report["batches"][str(n)]
 
 
 def main() -> None:
@@ -32,15 +29,16 @@ def main() -> None:
         ours = json.loads((out / f"retouch-b{n}.json").read_text())
         theirs_path = out / f"diffusers-b{n}.json"
         theirs = json.loads(theirs_path.read_text()) if theirs_path.exists() else None
+        their_stages = diffusers_batch(theirs, n)["stages"] if theirs else {}
         for stage in STAGES:
             if stage not in ours["stages"]:
                 continue
-            a = retouch_seconds(ours, stage)
-            b = diffusers_seconds(theirs, stage) if theirs and stage in theirs["stages"] else None
+            a = ours["stages"][stage]["median_s"]
+            b = their_stages[stage]["median_s"] if stage in their_stages else None
             rows.append(f"| {n} | {stage} | {a:.2f} | {b:.2f} | {b / a:.2f}× |" if b else f"| {n} | {stage} | {a:.2f} | – | – |")
-        # diffusers reports MB of 2^20 bytes (ru_maxrss KiB / 1024), as retouch's MiB.
+        # Both in MiB: retouch's peak_rss_mb and the diffusers process's peak_rss_mib.
         pa = ours["peak_rss_mb"]
-        pb = theirs["peak_rss_mb"] if theirs else None
+        pb = theirs["peak_rss_mib"] if theirs else None
         memory.append(f"| {n} | {pa:.0f} | {pb:.0f} | {pa / pb:.2f} |" if pb else f"| {n} | {pa:.0f} | – | – |")
     print("\n".join(rows))
     print()

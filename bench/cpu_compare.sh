@@ -49,7 +49,7 @@ for n in $batches; do
   "$bin" --threads "$threads" bench --model "$model" --size "$size" --steps "$steps" --batch "$n" \
     --warmup "$warmup" --repeats "$repeats" --edit-repeats 1 --json "$out/retouch-b$n.json"
   echo "== batch $n: diffusers" >&2
-  "$py" "$REPO/bench/diffusers_bench.py" --model "$model" --size "$size" --steps "$steps" --batch "$n" \
+  "$py" "$REPO/bench/diffusers_bench.py" --model "$model" --size "$size" --steps "$steps" --batches "$n" \
     --threads "$threads" --warmup "$warmup" --repeats "$repeats" --edit-repeats 1 --json "$out/diffusers-b$n.json"
 done
 "$py" "$REPO/bench/compare_table.py" "$out" | tee "$out/table.md"

@@ -7,8 +7,8 @@ RENDER_DIR holds `helm template` outputs named after their values file: default.
 <ci file name>.yaml (e.g. gpu-keda-values.yaml), rendered with
 `--api-versions keda.sh/v1alpha1 --api-versions monitoring.coreos.com/v1`.
 
-For every rendering: the worker's contract (exec args, worker.toml keys and types against
-config/worker.toml, grace period above shutdown_timeout, probes on /healthz and /readyz, the
+For every rendering: the worker's contract (exec args, worker.toml sections, keys and types
+against config/worker.toml, grace period above engine.shutdown_timeout, probes on /healthz and /readyz, the
 AMQP URL from a Secret), the security context of every container, and writable volumes for the
 cache and /tmp. Per file: GPU limits, KEDA/HPA wiring, the PrometheusRule equal to
 deploy/prometheus/alerts.yml, the PVC. Prints one line per file; exit 1 on any failure.
@@ -34,10 +34,16 @@ def duration_s(text):
 
 
 def worker_key_types():
+    """Maps section -> key -> Python type of config/worker.toml's defaults, including the keys
+    documented commented out (`# key = value`) inside a section."""
     text = WORKER_TOML.read_text()
-    types = {k: type(v) for k, v in tomllib.loads(text).items()}
-    for m in re.finditer(r"^# ([a-z0-9_]+) = (.+)$", text, re.M):
-        types.setdefault(m.group(1), type(tomllib.loads(f"x = {m.group(2)}")["x"]))
+    types = {section: {k: type(v) for k, v in table.items()} for section, table in tomllib.loads(text).items()}
+    section = None
+    for line in text.splitlines():
+        if m := re.match(r"^\[([a-z0-9_]+)\]\s*(#.*)?$", line):
+            section = m.group(1)
+        elif (m := re.match(r"^# ([a-z0-9_]+) = (.+)$", line)) and section:
+            types[section].setdefault(m.group(1), type(tomllib.loads(f"x = {m.group(2)}")["x"]))
     return types
 
 
@@ -57,12 +63,17 @@ def check_common(objs, key_types):
 
     cm = next(c for c in objs["ConfigMap"] if c["metadata"]["name"].endswith("-config"))
     config = tomllib.loads(cm["data"]["worker.toml"])
-    for k, v in config.items():
-        assert k in key_types, f"worker.toml key {k} unknown to the worker"
-        assert isinstance(v, key_types[k]), f"worker.toml {k} = {v!r} is not {key_types[k].__name__}"
-    assert "amqp_url" not in config, "amqp_url must come from the Secret, not the ConfigMap"
+    assert list(config) == list(key_types), f"worker.toml sections {list(config)} != {list(key_types)}"
+    for section, table in config.items():
+        assert isinstance(table, dict), f"worker.toml has a flat key {section} (deprecated layout)"
+        for k, v in table.items():
+            assert k in key_types[section], f"worker.toml key {section}.{k} unknown to the worker"
+            want = key_types[section][k]
+            assert isinstance(v, want), f"worker.toml {section}.{k} = {v!r} is not {want.__name__}"
+    assert "url" not in config["amqp"], "amqp.url must come from the Secret, not the ConfigMap"
+    engine, model = config["engine"], config["model"]
     grace = pod["terminationGracePeriodSeconds"]
-    assert grace > duration_s(config["shutdown_timeout"]), "grace period must exceed shutdown_timeout"
+    assert grace > duration_s(engine["shutdown_timeout"]), "grace period must exceed engine.shutdown_timeout"
 
     env = {e["name"]: e for e in worker["env"]}
     assert "secretKeyRef" in env["RETOUCH_AMQP_URL"]["valueFrom"], "RETOUCH_AMQP_URL must come from a Secret"
@@ -74,8 +85,8 @@ def check_common(objs, key_types):
     assert sp["periodSeconds"] * sp["failureThreshold"] >= 600, "startup probe shorter than 10 minutes"
     assert worker["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert worker["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    port = int(config["metrics_addr"].rsplit(":", 1)[1])
-    assert worker["ports"][0]["containerPort"] == port, "container port != metrics_addr"
+    port = int(config["metrics"]["addr"].rsplit(":", 1)[1])
+    assert worker["ports"][0]["containerPort"] == port, "container port != metrics.addr"
 
     assert pod["securityContext"]["runAsNonRoot"] is True
     for c in pod["containers"] + pod.get("initContainers", []):
@@ -85,14 +96,14 @@ def check_common(objs, key_types):
         assert sc["capabilities"]["drop"] == ["ALL"], f"{c['name']}: capabilities not dropped"
         mounts = {m["mountPath"] for m in c["volumeMounts"]}
         assert "/tmp" in mounts, f"{c['name']}: no writable /tmp"
-    model_dir = config["model_cache_dir"]
+    model_dir = model["cache_dir"]
     cache_mount = next(m["mountPath"] for m in worker["volumeMounts"] if m["name"] == "model-cache")
-    assert model_dir.startswith(cache_mount), "model_cache_dir not on the cache volume"
+    assert model_dir.startswith(cache_mount), "model.cache_dir not on the cache volume"
 
     for init in pod.get("initContainers", []):
         if init["name"] == "fetch-model":
             a = init["args"]
-            assert a[0] == "fetch-model" and a[a.index("--model") + 1] == config["model"]
+            assert a[0] == "fetch-model" and a[a.index("--model") + 1] == model["source"]
             assert a[a.index("--cache-dir") + 1] == model_dir
 
     svc = objs["Service"][0]
@@ -125,22 +136,29 @@ def main(render_dir):
             name = f.stem
             if name in ("default", "gpu-keda-values", "hpa-values", "pvc-values"):
                 assert gpu_limit(worker) == 1, "no nvidia.com/gpu limit"
-                assert config["device"].startswith("cuda")
+                assert config["model"]["device"].startswith("cuda")
                 tol = dep["spec"]["template"]["spec"]["tolerations"]
                 assert any(t.get("key") == "nvidia.com/gpu" for t in tol), "no GPU toleration"
                 notes.append("GPU limit + toleration")
             if name == "minimal-values":
-                assert gpu_limit(worker) is None and config["device"] == "cpu"
+                assert gpu_limit(worker) is None and config["model"]["device"] == "cpu"
                 secret = objs["Secret"][0]
                 assert "amqp-url" in secret["stringData"]
-                notes.append("CPU, chart Secret")
+                # Values of nested sections reach the file, and the endpoint the environment.
+                assert config["s3"]["endpoint"] == "http://minio.minio.svc:9000"
+                assert config["engine"]["max_batch"] == 1 and config["engine"]["job_timeout"] == "30m"
+                env = {e["name"]: e.get("value") for e in worker["env"]}
+                assert env["AWS_ENDPOINT_URL_S3"] == config["s3"]["endpoint"]
+                assert env["AWS_REGION"] == config["s3"]["region"]
+                notes.append("CPU, chart Secret, [s3]/[engine] values")
             if name == "gpu-keda-values":
                 assert "replicas" not in dep["spec"], "KEDA owns replicas"
                 so = objs["ScaledObject"][0]
                 trig = so["spec"]["triggers"][0]
                 md = trig["metadata"]
                 assert trig["type"] == "rabbitmq" and md["protocol"] == "http" and md["mode"] == "QueueLength"
-                assert md["queueName"] == config["jobs_queue"]
+                assert md["queueName"] == config["amqp"]["jobs_queue"]
+                assert md["value"] == "16", "keda.value must win over the prefetch"
                 assert isinstance(md["value"], str) and isinstance(md["activationValue"], str)
                 assert so["spec"]["minReplicaCount"] == 0 and "cooldownPeriod" in so["spec"]
                 assert "behavior" in so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]

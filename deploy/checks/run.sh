@@ -10,13 +10,14 @@
 #
 #  helm-lint        helm lint --strict, default values and each helm/retouch/ci/*.yaml
 #  helm-template    helm template of the same sets for Kubernetes 1.29 and 1.33 (with the KEDA
-#                   and prometheus-operator APIs), plus the CRD guard without those APIs
+#                   and prometheus-operator APIs), plus the CRD guard without those APIs; NOTES.txt
+#                   for every set, and its warning on deprecated flat RETOUCH_<KEY> variables
 #  chart-failures   values that must be refused (validation.yaml and the schema), with the
 #                   expected message, and the boundary that must pass
 #  kube-validate    kubernetes-validate --strict of every rendering, against 1.29 and 1.33
 #                   (CRD objects only WARN: no schema bundled)
 #  chart-asserts    chart_asserts.py on the renderings (worker contract, security, KEDA, ...)
-#  meta             meta.py: values docs + README table, schema, config keys vs
+#  meta             meta.py: values docs + README table, schema, config sections and keys vs
 #                   config/worker.toml, metric names vs metrics.rs, dashboard, compose
 #  rules            promtool check rules (alerts, chart copy, dashboard queries), promtool
 #                   test rules, promtool check config of the laptop stack's prometheus.yml
@@ -109,30 +110,47 @@ check_helm_template() {
     "$HELM" template retouch "$WORK/notes-chart" "${CRD_APIS[@]}" "${args[@]}" \
       --show-only templates/checks-notes.yaml >"$WORK/notes.out" || { echo "NOTES.txt failed: $set"; return 1; }
     grep -q 'helm test retouch' "$WORK/notes.out" || { echo "NOTES.txt incomplete: $set"; return 1; }
+    if grep -q 'deprecated flat name' "$WORK/notes.out"; then echo "NOTES.txt warns of a deprecated name: $set"; return 1; fi
   done
   echo "NOTES.txt renders for all ${#VALUE_SETS[@]} value sets"
+  # A flat RETOUCH_<KEY> of the old layout in extraEnv gets a warning naming its new variable.
+  "$HELM" template retouch "$WORK/notes-chart" --show-only templates/checks-notes.yaml \
+    --set 'extraEnv[0].name=RUST_LOG' --set 'extraEnv[0].value=info' \
+    --set 'extraEnv[1].name=RETOUCH_MAX_BATCH' --set 'extraEnv[1].value=2' >"$WORK/notes.out" \
+    || { echo "NOTES.txt failed with extraEnv"; return 1; }
+  grep -q 'extraEnv sets RETOUCH_MAX_BATCH, a deprecated flat name: use RETOUCH_ENGINE_MAX_BATCH' "$WORK/notes.out" \
+    || { echo "NOTES.txt does not warn of extraEnv RETOUCH_MAX_BATCH"; return 1; }
+  echo "NOTES.txt warns of deprecated flat RETOUCH_<KEY> names in extraEnv"
 }
 
 # Each case: description | expected message fragment | helm arguments (no spaces inside one).
 FAILURE_CASES=(
-  "grace <= shutdown_timeout|must exceed config.shutdown_timeout|--set terminationGracePeriodSeconds=120"
-  "grace <= longer shutdown_timeout|must exceed config.shutdown_timeout|--set config.shutdown_timeout=1h --set terminationGracePeriodSeconds=3000"
+  "grace <= shutdown_timeout|must exceed config.engine.shutdown_timeout|--set terminationGracePeriodSeconds=120"
+  "grace <= longer shutdown_timeout|must exceed config.engine.shutdown_timeout|--set config.engine.shutdown_timeout=1h --set terminationGracePeriodSeconds=3000"
+  "prefetch below max_batch|config.amqp.prefetch (3) must be 0|--set config.amqp.prefetch=3"
   "KEDA and HPA together|mutually exclusive: both would create|--set keda.enabled=true --set autoscaling.enabled=true"
   "no credentials|no credentials: set secrets.existingSecret|--set secrets.existingSecret="
   "existingSecret and create|secrets.create and secrets.existingSecret are mutually exclusive|--set secrets.create=true --set secrets.amqpUrl=amqp://u:p@h:5672/%2f"
   "dev Secret without AWS keys|needs secrets.awsAccessKeyId|--set secrets.existingSecret= --set secrets.create=true --set secrets.amqpUrl=amqp://u:p@h:5672/%2f"
   "dev Secret with KEDA, no management URL|needs secrets.rabbitmqManagementUrl|-f $CHART/ci/minimal-values.yaml --set keda.enabled=true"
-  "GPU with device cpu|gpu.enabled=true but config.device|--set config.device=cpu"
+  "GPU with device cpu|gpu.enabled=true but config.model.device|--set config.model.device=cpu"
   "device cuda without GPU|gpu.enabled=false: the container would get no GPU|--set gpu.enabled=false"
   "cuda device on the cpu image|the CPU image has no CUDA support|--set image.variant=cpu"
-  "model cache outside the volume|must lie under modelCache.mountPath|--set config.model_cache_dir=/models"
+  "model cache outside the volume|must lie under modelCache.mountPath|--set config.model.cache_dir=/models"
   "KEDA min > max|must not exceed keda.maxReplicaCount|--set keda.enabled=true --set keda.minReplicaCount=5 --set keda.maxReplicaCount=2"
   "PDB without a bound|needs minAvailable or maxUnavailable|--set podDisruptionBudget.maxUnavailable=null"
-  "schema: unknown config key|Additional property max_bacth is not allowed|--set config.max_bacth=2"
-  "schema: bad duration|does not match pattern|--set config.shutdown_timeout=2x"
+  "schema: unknown config key|Additional property max_bacth is not allowed|--set config.engine.max_bacth=2"
+  "schema: key in the wrong section|Additional property max_batch is not allowed|--set config.amqp.max_batch=2"
+  "schema: unknown config section|Additional property metrics is not allowed|--set config.metrics.addr=0.0.0.0:1"
+  "schema: deprecated flat config key|Additional property max_batch is not allowed|--set config.max_batch=2"
+  "schema: bad duration|does not match pattern|--set config.engine.shutdown_timeout=2x"
+  "schema: bad S3 duration|does not match pattern|--set config.s3.attempt_timeout=1min"
   "schema: unknown top-level key|Additional property replicas is not allowed|--set replicas=2"
+  "schema: url in config.amqp|Additional property url is not allowed|--set config.amqp.url=amqp://x"
   "schema: amqp_url in config|Additional property amqp_url is not allowed|--set config.amqp_url=amqp://x"
-  "schema: bad device|does not match pattern|--set config.device=gpu"
+  "schema: bad device|does not match pattern|--set config.model.device=gpu"
+  "schema: bad dtype|must be one of the following|--set config.model.dtype=f64"
+  "schema: prefetch above 2000|must be less than or equal to 2000|--set config.amqp.prefetch=5000"
 )
 
 check_chart_failures() {
@@ -149,10 +167,13 @@ check_chart_failures() {
     fi
   done
   echo "${#FAILURE_CASES[@]} invalid value sets refused with their messages"
-  # The boundary: one second above the drain timeout renders.
+  # The boundaries: one second above the drain timeout renders, and so does prefetch = max_batch.
   "$HELM" template retouch "$CHART" --set terminationGracePeriodSeconds=121 >/dev/null \
     || { echo "grace 121 s with shutdown_timeout 2m was refused"; failed=1; }
-  echo "boundary ok: terminationGracePeriodSeconds=121 > shutdown_timeout=2m renders"
+  echo "boundary ok: terminationGracePeriodSeconds=121 > engine.shutdown_timeout=2m renders"
+  "$HELM" template retouch "$CHART" --set config.amqp.prefetch=4 >/dev/null \
+    || { echo "prefetch 4 with max_batch 4 was refused"; failed=1; }
+  echo "boundary ok: amqp.prefetch=4 = engine.max_batch renders"
   return "$failed"
 }
 

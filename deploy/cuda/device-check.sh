@@ -22,7 +22,7 @@
 #              still being written, else later
 #   bench      retouch bench --size 512 --steps 20 --batch 1/4/8 per lever, nvidia-smi polled
 #              for peak memory (fullest lever first, then the diffusers baseline, then the others)
-#   diffusers  deploy/cuda/diffusers_gpu_bench.py fp16 (SDPA), same workload, FLOP count
+#   diffusers  bench/diffusers_bench.py fp16 (SDPA), same workload, FLOP count
 #   tensorcores  which kernels run the convolutions: ncu (kernel names + tensor-pipe counters) on
 #              a 1-step edit with --conv cudnn; without a usable ncu, cuDNN's API log
 #              (CUDNN_LOGLEVEL_DBG=3) of the same run: algorithm and math type per call
@@ -362,7 +362,7 @@ tensorcores_step() {
 
 diffusers_bench() {
   poll_mem "$RES/mem-diffusers.log"
-  timeout --kill-after=10 "$STEP_LIMIT" python3 deploy/cuda/diffusers_gpu_bench.py --model "$FULL" --size "$SIZE" --steps "$NSTEPS" \
+  timeout --kill-after=10 "$STEP_LIMIT" python3 bench/diffusers_bench.py --model "$FULL" --size "$SIZE" --steps "$NSTEPS" \
     --batches "$(echo "$BATCHES" | tr ' ' ',')" --device "$DEV" --dtype "$TDTYPE" --flops --json "$RES/diffusers.json"
   local rc=$?
   stop_mem
@@ -377,7 +377,7 @@ filter_levers
 echo "$LEVERS" >"$RES/levers.txt"
 step wheels 60 wheels_step
 wanted ckpt && ckpt_start
-wanted matmul && step matmul 45 python3 deploy/cuda/diffusers_gpu_bench.py --matmul --device "$DEV" --json "$RES/matmul.json"
+wanted matmul && step matmul 45 python3 bench/diffusers_bench.py --matmul --device "$DEV" --json "$RES/matmul.json"
 ckpt_running() { [ -n "$CKPT_PID" ] && kill -0 "$CKPT_PID" 2>/dev/null; }
 F32_DONE=0
 if wanted parity; then

@@ -6,12 +6,12 @@
 Reads from DIR (whatever is there; missing pieces are reported as missing):
   env.json                     GPU, driver, torch, cuDNN, retouch build facts, the levers run
   steps.tsv                    step, status, seconds
-  matmul.json                  f16/bf16 8192^3 matmul rates (diffusers_gpu_bench.py --matmul)
+  matmul.json                  f16/bf16 8192^3 matmul rates (bench/diffusers_bench.py --matmul)
   parity-*.json, parity-*.md   deploy/cuda/parity.py results, one pair per lever and dtype
   retouch-bench-LEVER-bN.json  `retouch bench --json` per lever and images-per-call N
                                (retouch-bench-bN.json: a run without levers, shown as "default")
   mem-retouch-LEVER-bN.log     nvidia-smi memory.used samples (MiB) during that bench
-  diffusers.json, mem-diffusers.log   deploy/cuda/diffusers_gpu_bench.py
+  diffusers.json, mem-diffusers.log   bench/diffusers_bench.py
   ncu.csv                      ncu --csv of the convolution kernels of a short cuDNN run
   cudnn-api.log                cuDNN's API log of the same run (when ncu was not usable)
   ncu-unavailable.txt          why ncu did not run

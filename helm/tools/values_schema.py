@@ -23,23 +23,42 @@ PROBE = {"type": "object", "description": "A Kubernetes Probe (httpGet, periods,
                         "failureThreshold": {"type": "integer", "minimum": 1},
                         "timeoutSeconds": {"type": "integer", "minimum": 1}}}
 
+# One closed object per worker.toml section; [metrics] is derived from service.port and
+# amqp.url comes from the Secret, so neither is a value.
 config = obj({
-    "jobs_exchange": S(minLength=1), "jobs_queue": S(minLength=1), "results_exchange": S(minLength=1),
-    "dead_letter_exchange": S(minLength=1), "dead_letter_queue": S(minLength=1),
-    "declare_topology": B(), "delivery_limit": I(minimum=1), "prefetch": I(minimum=0, maximum=65535),
-    "retry_backoff": DUR, "retry_backoff_max": DUR,
-    "s3_endpoint": {"type": "string", "pattern": "^(https?://.+)?$"}, "s3_region": S(),
-    "s3_force_path_style": {"type": ["boolean", "null"]},
-    "s3_connect_timeout": DUR, "s3_operation_timeout": DUR, "s3_max_attempts": I(minimum=1),
-    "output_prefix": {"type": "string", "pattern": "^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"},
-    "max_input_bytes": I(minimum=1), "max_input_pixels": I(minimum=1),
-    "model": S(minLength=1, pattern="^(hf:[^/\\s]+/[^\\s]+|s3://[^\\s]+|/[^\\s]*)$",
-               description="hf:OWNER/NAME[@REV], s3://bucket/prefix/ or an absolute directory."),
-    "model_variant": S(), "model_cache_dir": S(pattern="^/"),
-    "device": S(pattern="^(cpu|cuda(:[0-9]+)?)$"),
-    "max_batch": I(minimum=1, maximum=64), "max_batch_wait": DUR, "job_timeout": DUR,
-    "shutdown_timeout": DUR, "worker_name": S(),
-}, desc="Worker configuration (worker.toml keys except amqp_url and metrics_addr).")
+    "amqp": obj({
+        "jobs_exchange": S(minLength=1, maxLength=255), "jobs_routing_key": S(maxLength=255),
+        "jobs_queue": S(minLength=1, maxLength=255), "results_exchange": S(minLength=1, maxLength=255),
+        "dead_letter_exchange": S(minLength=1, maxLength=255), "dead_letter_queue": S(minLength=1, maxLength=255),
+        "declare_topology": B(), "delivery_limit": I(minimum=1),
+        "prefetch": I("0 = 3 × engine.max_batch; otherwise at least engine.max_batch.", minimum=0, maximum=2000),
+        "connection_name": S(maxLength=200),
+        "reconnect_backoff_min": DUR, "reconnect_backoff_max": DUR, "publish_timeout": DUR,
+    }, desc="[amqp]: broker topology and consumer (amqp.url comes from the Secret)."),
+    "s3": obj({
+        "endpoint": {"type": "string", "pattern": "^(https?://.+)?$"}, "region": S(),
+        "force_path_style": {"type": ["boolean", "null"]},
+        "connect_timeout": DUR, "operation_timeout": DUR, "attempt_timeout": DUR,
+        "max_attempts": I(minimum=1),
+    }, desc="[s3]: the object store (credentials never here)."),
+    "engine": obj({
+        "output_prefix": {"type": "string", "pattern": "^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"},
+        "max_input_bytes": I(minimum=1), "max_input_pixels": I(minimum=1),
+        "max_batch": I(minimum=1, maximum=64), "max_batch_wait": DUR, "job_timeout": DUR,
+        "shutdown_timeout": DUR, "retry_backoff": DUR, "retry_backoff_max": DUR, "worker_name": S(),
+    }, desc="[engine]: the job engine."),
+    "model": obj({
+        "source": S(minLength=1, pattern="^(hf:[^/\\s]+/[^\\s]+|s3://[^\\s]+|/[^\\s]*)$",
+                    description="hf:OWNER/NAME[@REV], s3://bucket/prefix/ or an absolute directory."),
+        "variant": S(), "cache_dir": S(pattern="^/"),
+        "device": S(pattern="^(cpu|cuda(:[0-9]+)?)$"),
+        "dtype": {"enum": ["auto", "f32", "f16", "bf16"]},
+        "conv": {"enum": ["auto", "cudnn", "im2col"]},
+        "attention": {"enum": ["auto", "flash", "math"]},
+        "safety_checker": {"enum": ["auto", "on", "off", "block"],
+                           "description": "auto (as diffusers), on, off or block (flagged jobs fail with error kind nsfw)."},
+    }, desc="[model]: the model loader (the fields of the `retouch edit` flags)."),
+}, desc="Worker configuration: the sections of worker.toml except [metrics].")
 
 probe_obj = obj({"startup": PROBE, "liveness": PROBE, "readiness": PROBE})
 

@@ -2,14 +2,18 @@
 //! interrupted and resumed), `retouch dead-letters list|redrive`, with a worker running against
 //! the real broker and S3 server; and `retouch batch` on a folder with broken files.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-use retouch_e2e::{Broker, Env, S3Server, Worker, command, run_cli, test_png, tiny_model, unique};
+use retouch_core::job::JobResult;
+use retouch_e2e::{Broker, Env, S3Server, Worker, command, run_cli, temp_dir, test_png, tiny_model, unique};
 
 struct Campaign {
     name: String,
     s3: S3Server,
     broker: Broker,
+    /// Manifests, reports and watch state.
+    files: tempfile::TempDir,
 }
 
 fn setup(test: &str, images: usize) -> Campaign {
@@ -20,7 +24,7 @@ fn setup(test: &str, images: usize) -> Campaign {
         s3.put("inputs", &format!("raw/img{i}.png"), &test_png(i as u8 * 13));
     }
     let broker = Broker::new(&env.amqp_url, &name, 3);
-    Campaign { name, s3, broker }
+    Campaign { files: temp_dir(&name), name, s3, broker }
 }
 
 impl Campaign {
@@ -35,7 +39,7 @@ impl Campaign {
     }
 
     fn tmp(&self, file: &str) -> String {
-        std::env::temp_dir().join(format!("{}-{file}", self.name)).display().to_string()
+        self.files.path().join(file).display().to_string()
     }
 }
 
@@ -43,9 +47,26 @@ fn assert_ok(what: &str, (code, out, err): &(i32, String, String)) {
     assert_eq!(*code, 0, "{what} failed:\nstdout: {out}\nstderr: {err}");
 }
 
+/// The report's rows after the header, read by a CSV parser (quoted fields included).
 fn csv_rows(path: &str) -> Vec<Vec<String>> {
-    let text = std::fs::read_to_string(path).expect("report");
-    text.lines().skip(1).map(|l| l.split(',').map(str::to_string).collect()).collect()
+    let mut reader = csv::Reader::from_path(path).expect("report");
+    let header: Vec<String> = reader.headers().expect("header").iter().map(str::to_string).collect();
+    assert_eq!(
+        header,
+        [
+            "job_id",
+            "source",
+            "output",
+            "status",
+            "error_kind",
+            "error_message",
+            "attempt",
+            "duplicate",
+            "inference_s",
+            "total_s"
+        ]
+    );
+    reader.records().map(|r| r.expect("a CSV row").iter().map(str::to_string).collect()).collect()
 }
 
 #[test]
@@ -178,7 +199,7 @@ fn submit_from_a_manifest_and_a_prefix_then_watch_to_a_report() {
 
 #[test]
 fn an_interrupted_watch_resumes_without_losing_results() {
-    let c = setup("resume", 6);
+    let mut c = setup("resume", 6);
     let out = format!("s3://outputs/{}/edits", c.name);
     assert_ok(
         "submit",
@@ -193,49 +214,62 @@ fn an_interrupted_watch_resumes_without_losing_results() {
             "--output",
             &out,
             "--steps",
-            "12",
+            "20",
         ]),
     );
-    let _worker = c.worker();
+    // One job at a time, stopped after two results: it finishes the job in hand and gives the
+    // others back, so the campaign is unfinished while the first watch runs.
+    let one_at_a_time = [("RETOUCH_MAX_BATCH", "1"), ("RETOUCH_PREFETCH", "1")];
+    let mut worker = Worker::start(&c.name, &c.broker.worker_env(3), &c.s3, &one_at_a_time);
+    worker.wait_ready();
+    let mut early = c.broker.results_until(Duration::from_secs(120), |r| r.len() >= 2);
+    assert_eq!(worker.terminate(Duration::from_secs(60)).code(), Some(0), "{}", worker.logs());
+    early.extend(c.broker.drain_results());
+    let done = early.len();
+    assert!((2..6).contains(&done), "the worker stopped mid-campaign: {done} results");
+
+    // The first watch keeps every result there is, then its deadline interrupts it.
     let (state, report) = (c.tmp("state.jsonl"), c.tmp("report.csv"));
-    // Wait until some results exist, then stop the watch early.
-    std::thread::sleep(Duration::from_secs(4));
-    let first = c.retouch(&[
-        "watch",
-        "--campaign",
-        "resume",
-        "--ledger",
-        &out,
-        "--report",
-        &report,
-        "--state",
-        &state,
-        "--timeout",
-        "1s",
-    ]);
-    let partial = std::fs::read_to_string(&state).unwrap_or_default().lines().count();
-    // Either the deadline cut the first watch short (exit 1, "timed out", fewer than 6 results
-    // kept) or every result was already there; anything else is a failure of the watch itself.
-    let timed_out = first.0 == 1 && first.2.contains("timed out") && partial < 6;
-    assert!(timed_out || (first.0 == 0 && partial == 6), "unexpected first watch: {first:?}, {partial} results kept");
-    let second = c.retouch(&[
-        "watch",
-        "--campaign",
-        "resume",
-        "--ledger",
-        &out,
-        "--report",
-        &report,
-        "--state",
-        &state,
-        "--timeout",
-        "3m",
-    ]);
+    let watch = |timeout: &str| {
+        c.retouch(&[
+            "watch",
+            "--campaign",
+            "resume",
+            "--ledger",
+            &out,
+            "--report",
+            &report,
+            "--state",
+            &state,
+            "--timeout",
+            timeout,
+        ])
+    };
+    let first = watch("5s");
+    assert_eq!(first.0, 1, "{first:?}");
+    assert!(first.2.contains("timed out"), "{first:?}");
+    assert!(first.1.contains(&format!("{done}/6 jobs have results")), "{first:?}");
+    assert_eq!(state_ids(&state), early.keys().cloned().collect(), "the state holds the results so far");
+    assert!(!std::path::Path::new(&report).exists(), "no report before every job has a result");
+
+    // The campaign goes on; the resumed watch adds the rest to the same state.
+    let _worker = c.worker();
+    let second = watch("3m");
     assert_ok("resumed watch", &second);
+    assert!(second.1.contains("6/6 jobs have results"), "{}", second.1);
     let rows = csv_rows(&report);
     assert_eq!(rows.len(), 6);
     assert!(rows.iter().all(|r| r[3] == "succeeded"), "{rows:?}");
-    assert!(second.1.contains("6/6 jobs have results"), "{}", second.1);
+    assert_eq!(state_ids(&state).len(), 6);
+}
+
+/// The job ids in a watch state file.
+fn state_ids(path: &str) -> BTreeSet<String> {
+    std::fs::read_to_string(path)
+        .expect("state file")
+        .lines()
+        .map(|l| serde_json::from_str::<JobResult>(l).expect("a result per line").job_id)
+        .collect()
 }
 
 #[test]
@@ -318,8 +352,8 @@ fn redrive_after_the_cause_is_fixed_brings_dead_letters_to_success() {
 
 #[test]
 fn local_batch_on_a_folder_with_broken_files() {
-    let dir = std::env::temp_dir().join(unique("batch"));
-    let (input, output) = (dir.join("in"), dir.join("out"));
+    let dir = temp_dir(&unique("batch"));
+    let (input, output) = (dir.path().join("in"), dir.path().join("out"));
     std::fs::create_dir_all(&input).expect("mkdir");
     for i in 0..3 {
         std::fs::write(input.join(format!("good{i}.png")), test_png(i * 40)).expect("write");
@@ -362,5 +396,4 @@ fn local_batch_on_a_folder_with_broken_files() {
     // Running it again resumes: nothing is edited twice.
     let (_, out, _) = run(&[]);
     assert!(out.contains("0 edited, 3 already done, 2 failed"), "{out}");
-    std::fs::remove_dir_all(&dir).ok();
 }

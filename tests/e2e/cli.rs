@@ -6,17 +6,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use retouch_core::job::Status;
-use retouch_e2e::{Broker, Env, S3Server, Worker, retouch_bin, run_cli, test_png, tiny_model, unique, workspace};
+use retouch_e2e::{
+    Broker, Env, S3Server, Worker, retouch_bin, run_cli, temp_dir, test_png, tiny_model, unique, workspace,
+};
 use serde_json::json;
 
 fn fixtures() -> PathBuf {
     workspace().join("tests/fixtures")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(unique(name));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    dir
 }
 
 fn edit(args: &[&str]) -> (i32, String, String) {
@@ -34,7 +30,8 @@ fn max_diff(a: &Path, b: &Path) -> u8 {
 
 #[test]
 fn edit_reproduces_the_diffusers_golden_and_writes_every_format() {
-    let dir = tmp("edit");
+    let tmp = temp_dir("edit");
+    let dir = tmp.path();
     let model = tiny_model().display().to_string();
     let image = fixtures().join("images/a.png").display().to_string();
     let out = dir.join("snowy.png");
@@ -104,7 +101,8 @@ fn edit_reproduces_the_diffusers_golden_and_writes_every_format() {
 
 #[test]
 fn bad_input_exits_2_with_one_line_that_says_what_to_fix() {
-    let dir = tmp("badinput");
+    let tmp = temp_dir("badinput");
+    let dir = tmp.path();
     let model = tiny_model().display().to_string();
     let image = fixtures().join("images/a.png").display().to_string();
     let not_image = dir.join("notes.png");
@@ -200,13 +198,14 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn hub_models_load_from_the_cache_offline() {
-    let home = tmp("hfhome");
-    hf_cache(&home, "retouch-test/tiny-ip2p", "main");
+    let tmp = temp_dir("hfhome");
+    let home = tmp.path();
+    hf_cache(home, "retouch-test/tiny-ip2p", "main");
     let out = home.join("out.png");
     let image = fixtures().join("images/a.png").display().to_string();
     let run = |model: &str, out: &Path| {
         let mut cmd = Command::new(retouch_bin());
-        cmd.arg("edit").env("HF_HOME", &home).env("HF_HUB_OFFLINE", "1").env("RUST_LOG", "warn");
+        cmd.arg("edit").env("HF_HOME", home).env("HF_HUB_OFFLINE", "1").env("RUST_LOG", "warn");
         run_cli(
             cmd,
             &[
@@ -246,7 +245,8 @@ fn a_worker_loads_its_model_from_s3() {
     }
     s3.put("inputs", "a.png", &test_png(5));
     let mut broker = Broker::new(&env.amqp_url, &name, 3);
-    let cache = tmp("modelcache");
+    let cache_tmp = temp_dir("modelcache");
+    let cache = cache_tmp.path();
     let cache_dir = cache.display().to_string();
     let mut worker = Worker::start(
         &name,

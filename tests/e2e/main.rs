@@ -3,4 +3,6 @@
 
 mod campaign;
 mod cli;
+mod safety;
+mod samplers;
 mod worker;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use retouch_core::error::ErrorKind;
 use retouch_core::imaging::png_claiming;
 use retouch_core::job::{JobResult, Status};
-use retouch_e2e::{Broker, Env, PrivateBroker, S3Server, Worker, test_png, unique, wait_for};
+use retouch_e2e::{Broker, Env, PrivateBroker, S3Server, Worker, temp_dir, test_png, unique, wait_for};
 use serde_json::json;
 
 fn setup(test: &str, delivery_limit: u32, inputs: usize) -> (Env, String, S3Server, Broker) {
@@ -38,11 +38,16 @@ fn output_image(s3: &S3Server, result: &JobResult) -> image::RgbImage {
     image::load_from_memory(&bytes).expect("the output decodes").to_rgb8()
 }
 
+/// The value of the sample `name` (with its labels, as rendered) on the worker's `/metrics`.
+fn metric(worker: &Worker, name: &str) -> Option<f64> {
+    let (_, metrics) = worker.get("/metrics")?;
+    metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// Waits until the worker has handed a batch to the model.
 fn wait_for_inference(worker: &Worker) {
     wait_for("a batch to reach the model", Duration::from_secs(30), || {
-        let (_, metrics) = worker.get("/metrics")?;
-        metrics.lines().any(|l| l.starts_with("retouch_batch_size_count") && !l.ends_with(" 0")).then_some(())
+        metric(worker, "retouch_batch_size_count").filter(|n| *n > 0.0)
     });
 }
 
@@ -65,7 +70,8 @@ fn jobs_become_outputs_and_results_and_metrics_pass_promtool() {
     let (status, metrics) = worker.get("/metrics").expect("metrics");
     assert_eq!(status, 200);
     assert!(metrics.contains(r#"retouch_jobs_total{error_kind="none",outcome="succeeded"} 5"#), "{metrics}");
-    let file = std::env::temp_dir().join(format!("{name}.metrics"));
+    let dir = temp_dir(&name);
+    let file = dir.path().join("metrics.txt");
     std::fs::write(&file, &metrics).expect("write metrics");
     let lint = std::process::Command::new(&env.promtool)
         .args(["check", "metrics"])
@@ -114,8 +120,10 @@ fn kill_9_in_the_middle_of_a_batch_then_restart_loses_nothing() {
     for i in 0..6 {
         broker.publish_json(&job(&format!("kill-{i}"), i, 20));
     }
-    wait_for_inference(&first);
-    std::thread::sleep(Duration::from_millis(300));
+    // Killed once the model is denoising (a step has completed), not before.
+    wait_for("a denoising step", Duration::from_secs(30), || {
+        metric(&first, "retouch_denoise_step_duration_seconds_count").filter(|n| *n > 0.0)
+    });
     first.kill();
     let mut second = Worker::start(&name, &broker.worker_env(5), &s3, &extra);
     second.wait_ready();
@@ -202,7 +210,10 @@ fn a_storage_outage_is_retried_then_the_job_succeeds() {
     worker.wait_ready();
     s3.stop();
     broker.publish_json(&job("outage-1", 0, 4));
-    std::thread::sleep(Duration::from_secs(4));
+    // S3 comes back once the outage has cost the job an attempt.
+    wait_for("a storage failure to be retried", Duration::from_secs(60), || {
+        metric(&worker, r#"retouch_jobs_total{error_kind="storage",outcome="retried"}"#).filter(|n| *n >= 1.0)
+    });
     s3.resume();
     let results = broker.results_until(Duration::from_secs(90), count(1));
     let r = &results["outage-1"];

@@ -4,8 +4,9 @@
 //!   script, promtool). A missing variable fails the test with instructions — never a skip.
 //! * [`S3Server`]: an s3s-fs process (SigV4-checking) with its own data dir and keys; can be
 //!   stopped and restarted on the same port.
-//! * [`Broker`]: a lapin connection with per-test names (`e2e.<test>.<nonce>.*`), publishing
-//!   jobs, collecting results from a queue bound to the results exchange, reading dead letters.
+//! * [`Broker`]: per-test names (`e2e.<test>.<nonce>.*`); publishes jobs through retouch-amqp's
+//!   [`AmqpPublisher`] (so an unroutable job fails the test) and inspects with plain lapin:
+//!   results from a queue bound to the results exchange, queue depths, dead letters.
 //! * [`Worker`]: `retouch worker` configured through `RETOUCH_*` variables; SIGKILL, SIGTERM,
 //!   exit status, logs, `/metrics`.
 
@@ -14,16 +15,18 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicGetOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection, ConnectionProperties};
+use retouch_amqp::{AmqpPublisher, JobPublishOptions};
 use retouch_core::job::JobResult;
+use retouch_core::queue::QueueCounters;
 
 /// Access key every test S3 server accepts.
 pub const ACCESS_KEY: &str = "e2e-access";
@@ -117,25 +120,32 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// A temporary directory (removed when dropped) whose name starts with `name`.
+pub fn temp_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("{name}-")).tempdir().expect("temporary directory")
+}
+
 /// An s3s-fs server: each directory under its root is a bucket.
 pub struct S3Server {
     bin: PathBuf,
-    /// The data directory.
+    /// The data directory (`<dir>/data`).
     pub root: PathBuf,
     /// Its port.
     pub port: u16,
     child: Option<Child>,
+    /// Holds the data directory and the log; removed after the server stops.
+    dir: tempfile::TempDir,
 }
 
 impl S3Server {
     /// Starts a server with the given buckets.
     pub fn start(env: &Env, name: &str, buckets: &[&str]) -> Self {
-        let root = std::env::temp_dir().join(format!("{name}-s3"));
-        let _ = std::fs::remove_dir_all(&root);
+        let dir = temp_dir(&format!("{name}-s3"));
+        let root = dir.path().join("data");
         for b in buckets {
             std::fs::create_dir_all(root.join(b)).expect("bucket dir");
         }
-        let mut server = Self { bin: env.s3s_bin.clone(), root, port: free_port(), child: None };
+        let mut server = Self { bin: env.s3s_bin.clone(), root, port: free_port(), child: None, dir };
         server.resume();
         server
     }
@@ -167,7 +177,8 @@ impl S3Server {
 
     /// (Re)starts the server on its port and waits until it accepts connections.
     pub fn resume(&mut self) {
-        let log = std::fs::File::create(self.root.with_extension("log")).expect("log");
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("s3s.log")).expect("log");
         let child = Command::new(&self.bin)
             .args([
                 "--host",
@@ -198,14 +209,21 @@ impl Drop for S3Server {
     }
 }
 
-/// One test's view of a broker: its own exchange/queue names and a results queue.
+/// One test's view of a broker: its own exchange/queue names and a results queue. Jobs go out
+/// through [`AmqpPublisher`] (the project's one confirmed publish); a plain lapin connection
+/// inspects queues.
 pub struct Broker {
     /// Name prefix of this test's objects.
     pub prefix: String,
     /// The broker URL.
     pub url: String,
+    /// Drives the publisher and the inspection connection (only while a method runs).
     runtime: tokio::runtime::Runtime,
+    /// Publishes jobs; reconnects by itself after a broker restart.
+    publisher: Option<AmqpPublisher>,
+    /// Inspection channel (`basic.get`, passive declares, clean-up).
     channel: Option<Channel>,
+    /// Its connection.
     connection: Option<Connection>,
 }
 
@@ -214,13 +232,22 @@ impl Broker {
     /// queue bound to the results exchange with `#`.
     pub fn new(url: &str, prefix: &str, delivery_limit: u32) -> Self {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        let mut broker =
-            Self { prefix: prefix.to_string(), url: url.to_string(), runtime, channel: None, connection: None };
+        let mut broker = Self {
+            prefix: prefix.to_string(),
+            url: url.to_string(),
+            runtime,
+            publisher: None,
+            channel: None,
+            connection: None,
+        };
         broker.reconnect();
         let settings = broker.settings(delivery_limit);
         let channel = broker.channel();
-        broker.runtime.block_on(async {
-            retouch_amqp::declare_topology(&channel, &settings).await.expect("declare topology");
+        let publisher = broker.runtime.block_on(async {
+            // Declares the topology, as the worker will.
+            let publisher = AmqpPublisher::connect(settings.clone(), Arc::new(QueueCounters::default()))
+                .await
+                .expect("publisher (declares the topology)");
             channel
                 .queue_declare(
                     broker.results_queue().as_str().into(),
@@ -239,18 +266,20 @@ impl Broker {
                 )
                 .await
                 .expect("bind results");
+            publisher
         });
+        broker.publisher = Some(publisher);
         broker
     }
 
-    /// (Re)opens the connection, retrying for up to 60 s (the broker may be restarting).
+    /// (Re)opens the inspection connection, retrying for up to 60 s (the broker may be
+    /// restarting); the publisher reconnects by itself.
     pub fn reconnect(&mut self) {
         let url = self.url.clone();
         let (connection, channel) = wait_for("the broker to accept a connection", Duration::from_secs(60), || {
             self.runtime.block_on(async {
                 let connection = Connection::connect(&url, ConnectionProperties::default()).await.ok()?;
                 let channel = connection.create_channel().await.ok()?;
-                channel.confirm_select(ConfirmSelectOptions::default()).await.ok()?;
                 Some((connection, channel))
             })
         });
@@ -297,29 +326,16 @@ impl Broker {
         format!("{}.results-tap", self.prefix)
     }
 
-    /// Publishes a raw job body (persistent, confirmed, with a timestamp).
+    /// Publishes a raw job body through [`AmqpPublisher::publish_job`] (persistent,
+    /// `mandatory`, confirmed, with a timestamp).
+    ///
+    /// # Panics
+    /// When the broker does not confirm it, or returns it as unroutable.
     pub fn publish(&self, body: &[u8], message_id: &str) {
-        let channel = self.channel();
-        let exchange = format!("{}.jobs", self.prefix);
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into())
-            .with_message_id(message_id.into())
-            .with_timestamp(now);
-        self.runtime.block_on(async {
-            let confirm = channel
-                .basic_publish(
-                    exchange.as_str().into(),
-                    "retouch.jobs".into(),
-                    BasicPublishOptions { mandatory: true, ..Default::default() },
-                    body,
-                    props,
-                )
-                .await
-                .expect("publish");
-            assert!(confirm.await.expect("confirm").is_ack(), "job not confirmed");
-        });
+        let publisher = self.publisher.as_ref().expect("connected");
+        self.runtime
+            .block_on(publisher.publish_job(body, message_id, JobPublishOptions::default()))
+            .unwrap_or_else(|e| panic!("job {message_id} not delivered: {e}"));
     }
 
     /// Publishes a protocol job.
@@ -431,6 +447,9 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
+        if let Some(publisher) = self.publisher.take() {
+            self.runtime.block_on(publisher.shutdown());
+        }
         let Some(channel) = self.channel.clone() else { return };
         let prefix = self.prefix.clone();
         let results = self.results_queue();
@@ -454,6 +473,8 @@ pub struct Worker {
     pub log: PathBuf,
     /// Its `/metrics` port.
     pub metrics_port: u16,
+    /// Holds the log; removed after the process is gone.
+    _dir: tempfile::TempDir,
 }
 
 impl Worker {
@@ -461,13 +482,14 @@ impl Worker {
     /// and `extra` variables (which win).
     pub fn start(name: &str, broker_env: &[(String, String)], s3: &S3Server, extra: &[(&str, &str)]) -> Self {
         let metrics_port = free_port();
-        let log = std::env::temp_dir().join(format!("{name}-worker-{metrics_port}.log"));
+        let dir = temp_dir(&format!("{name}-worker"));
+        let log = dir.path().join("worker.log");
         let file = std::fs::File::create(&log).expect("log file");
         let port = format!("127.0.0.1:{metrics_port}");
         let mut cmd = command(name, broker_env, s3, &[&[("RETOUCH_METRICS_ADDR", port.as_str())], extra].concat());
         cmd.arg("worker").stdout(Stdio::from(file.try_clone().expect("log"))).stderr(Stdio::from(file));
         let child = cmd.spawn().expect("start retouch worker");
-        Self { child: Some(child), log, metrics_port }
+        Self { child: Some(child), log, metrics_port, _dir: dir }
     }
 
     /// Waits until `/readyz` answers 200.
@@ -613,7 +635,8 @@ pub fn test_png(seed: u8) -> Vec<u8> {
 /// shared broker.
 pub struct PrivateBroker {
     script: PathBuf,
-    dir: PathBuf,
+    /// The node's data directory; removed after the node stops.
+    dir: tempfile::TempDir,
     /// Its AMQP port.
     pub port: u16,
 }
@@ -621,16 +644,15 @@ pub struct PrivateBroker {
 impl PrivateBroker {
     /// Starts a node.
     pub fn start(env: &Env, name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("{name}-rabbit"));
-        let _ = std::fs::remove_dir_all(&dir);
-        let broker = Self { script: env.rabbitmq_node.clone(), dir, port: free_port() };
+        let broker =
+            Self { script: env.rabbitmq_node.clone(), dir: temp_dir(&format!("{name}-rabbit")), port: free_port() };
         broker.run("start");
         broker
     }
 
     fn run(&self, action: &str) {
         let status = Command::new(&self.script)
-            .args([action, &self.dir.display().to_string(), &self.port.to_string()])
+            .args([action, &self.dir.path().display().to_string(), &self.port.to_string()])
             .status()
             .expect("rabbitmq-node.sh");
         assert!(status.success(), "rabbitmq-node.sh {action} failed");
@@ -649,7 +671,8 @@ impl PrivateBroker {
 
 impl Drop for PrivateBroker {
     fn drop(&mut self) {
-        let _ =
-            Command::new(&self.script).args(["stop", &self.dir.display().to_string(), &self.port.to_string()]).status();
+        let _ = Command::new(&self.script)
+            .args(["stop", &self.dir.path().display().to_string(), &self.port.to_string()])
+            .status();
     }
 }

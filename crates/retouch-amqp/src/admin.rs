@@ -1,39 +1,37 @@
-//! Operator tools on the broker: a campaign's own durable results queue (for `retouch watch`)
-//! and reading or re-driving the dead letters (`retouch dead-letters`).
+//! [`Admin`], operator tools on the broker: a campaign's own durable results queue (declared by
+//! [`crate::topology::declare_campaign_queue`], consumed through [`ResultsConsumer`], deleted
+//! when done: `retouch submit` and `retouch watch`) and reading or re-driving the dead letters
+//! (`retouch dead-letters`).
 //!
 //! Dead letters are read with `basic.get` and held unacknowledged until the end of a pass, so
 //! a pass sees every message that was in the queue when it began exactly once; messages that
 //! are only listed (or do not match a re-drive filter) are returned with `nack(requeue)`.
-//! Re-driven messages are published to the jobs exchange with confirms and `mandatory`, and
-//! only then acknowledged on the dead-letter queue: nothing is lost if the tool dies midway.
+//! Re-driven messages are published to the jobs exchange through [`crate::confirm`] (confirms,
+//! `mandatory`, unroutable is a failure), and only then acknowledged on the dead-letter queue:
+//! nothing is lost if the tool dies midway.
 
-use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+use lapin::{BasicProperties, Channel};
 use retouch_core::job::EditJob;
 use retouch_core::queue::QueueError;
 
-use crate::connection::open;
+use crate::confirm::{self, Message};
 use crate::delivery::{HEADER_ATTEMPT, HEADER_DEAD_LETTERED_AT, HEADER_ERROR_KIND, HEADER_ERROR_MESSAGE};
+use crate::results::ResultsConsumer;
+use crate::session::{Session, Topology};
 use crate::settings::AmqpSettings;
-use crate::topology::short;
+use crate::topology::{declare_campaign_queue, short};
 
 fn broker(what: &str, e: impl std::fmt::Display) -> QueueError {
     QueueError::Broker(format!("{what}: {e}"))
 }
 
-/// The name of a campaign's results queue.
-pub fn campaign_queue(settings: &AmqpSettings, campaign: &str) -> String {
-    format!("{}.campaign.{campaign}", settings.results_exchange)
-}
-
-/// A connection for operator commands, with a confirm channel.
+/// A session for operator commands (it declares nothing on connect).
 pub struct Admin {
-    connection: Connection,
-    channel: Channel,
+    /// The connection and its confirm channel, used for everything here.
+    session: Session,
+    /// Names, `publish_timeout`.
     settings: AmqpSettings,
 }
 
@@ -155,61 +153,44 @@ impl DeadLetter {
 }
 
 impl Admin {
-    /// Connects.
+    /// Connects (declaring nothing).
     ///
     /// # Errors
-    /// [`QueueError::Broker`] when the broker is unreachable.
+    /// [`QueueError::Broker`] for invalid settings or an unreachable broker.
     pub async fn connect(settings: AmqpSettings) -> Result<Self, QueueError> {
         settings.validate().map_err(|e| QueueError::Broker(format!("invalid AMQP settings: {e}")))?;
-        let connection = open(&settings, "admin").await.map_err(QueueError::Broker)?;
-        let channel = connection.create_channel().await.map_err(|e| broker("opening a channel", e))?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| broker("confirm.select", e))?;
-        Ok(Self { connection, channel, settings })
+        let session = Session::open(&settings, "admin", Topology::Skip).await?;
+        Ok(Self { session, settings })
     }
 
-    /// The channel (confirm mode).
-    pub fn channel(&self) -> &Channel {
-        &self.channel
+    fn channel(&self) -> &Channel {
+        &self.session.confirm
     }
 
-    /// Declares (idempotently) the durable queue that collects `campaign`'s results, bound to
-    /// the results exchange with `succeeded.<campaign>` and `failed.<campaign>`, and returns
-    /// its name. Declared by `retouch submit` before any job is published, so no result of
-    /// the campaign is missed even when nobody watches yet.
+    /// Declares (idempotently) `campaign`'s results queue and returns its name; see
+    /// [`declare_campaign_queue`].
     ///
     /// # Errors
-    /// [`QueueError::Broker`] on broker errors.
+    /// [`QueueError::Broker`] on broker errors or an existing queue with other arguments.
     pub async fn declare_campaign_queue(&self, campaign: &str) -> Result<String, QueueError> {
-        let exchange = short(&self.settings.results_exchange);
-        self.channel
-            .exchange_declare(
-                exchange.clone(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions { durable: true, ..Default::default() },
-                FieldTable::default(),
-            )
+        // A channel of its own: a failed declaration closes its channel.
+        let channel = self.session.channel("opening a channel").await?;
+        let name = declare_campaign_queue(&channel, &self.settings, campaign)
             .await
-            .map_err(|e| broker("declaring the results exchange", e))?;
-        let name = campaign_queue(&self.settings, campaign);
-        let mut args = FieldTable::default();
-        args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-        self.channel
-            .queue_declare(short(&name), QueueDeclareOptions { durable: true, ..Default::default() }, args)
-            .await
-            .map_err(|e| broker(&format!("declaring {name}"), e))?;
-        for status in ["succeeded", "failed"] {
-            self.channel
-                .queue_bind(
-                    short(&name),
-                    exchange.clone(),
-                    short(&format!("{status}.{campaign}")),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| broker(&format!("binding {name}"), e))?;
-        }
+            .map_err(|e| broker(&format!("declaring the results queue of campaign {campaign}"), e))?;
+        let _ = channel.close(200, "declared".into()).await;
         Ok(name)
+    }
+
+    /// Consumes `queue` (a campaign's results queue) with up to `prefetch` unacknowledged
+    /// results, on a channel of its own.
+    ///
+    /// # Errors
+    /// [`QueueError::Broker`] when the channel, `basic.qos` or `basic.consume` fails (e.g. the
+    /// queue does not exist).
+    pub async fn consume_results(&self, queue: &str, prefetch: u16) -> Result<ResultsConsumer, QueueError> {
+        let channel = self.session.channel("opening the results channel").await?;
+        ResultsConsumer::subscribe(channel, queue, prefetch, &self.settings.connection_name).await
     }
 
     /// Deletes a queue (a finished campaign's results queue).
@@ -217,27 +198,28 @@ impl Admin {
     /// # Errors
     /// [`QueueError::Broker`] on broker errors.
     pub async fn delete_queue(&self, name: &str) -> Result<(), QueueError> {
-        self.channel
+        self.channel()
             .queue_delete(short(name), QueueDeleteOptions::default())
             .await
             .map(|_| ())
             .map_err(|e| broker(&format!("deleting {name}"), e))
     }
 
-    /// Messages ready in `queue` (passive declare).
+    /// Messages ready in `queue` (passive declare, on a channel of its own: a missing queue
+    /// closes the channel it was asked on).
     ///
     /// # Errors
     /// [`QueueError::Broker`] when the queue does not exist.
     pub async fn ready(&self, queue: &str) -> Result<u32, QueueError> {
-        self.channel
-            .queue_declare(
-                short(queue),
-                QueueDeclareOptions { passive: true, ..Default::default() },
-                FieldTable::default(),
-            )
+        let channel = self.session.channel("opening a channel").await?;
+        let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+        let ready = channel
+            .queue_declare(short(queue), passive, FieldTable::default())
             .await
             .map(|q| q.message_count())
-            .map_err(|e| broker(&format!("queue {queue}"), e))
+            .map_err(|e| broker(&format!("queue {queue}"), e))?;
+        let _ = channel.close(200, "checked".into()).await;
+        Ok(ready)
     }
 
     /// One pass over the dead letters present now: `decide` sees each (up to `limit`) and says
@@ -254,11 +236,11 @@ impl Admin {
         let queue = self.settings.dead_letter_queue.clone();
         let present = self.ready(&queue).await? as usize;
         let budget = limit.map_or(present, |l| l.min(present));
+        let channel = self.channel();
         let mut summary = PassSummary::default();
         let mut kept = Vec::new();
         while summary.seen < budget {
-            let Some(message) = self
-                .channel
+            let Some(message) = channel
                 .basic_get(short(&queue), BasicGetOptions { no_ack: false })
                 .await
                 .map_err(|e| broker("reading the dead letters", e))?
@@ -271,27 +253,23 @@ impl Admin {
             match decide(&letter) {
                 Disposition::Keep => kept.push(tag),
                 Disposition::Redrive => {
-                    let confirm = self
-                        .channel
-                        .basic_publish(
-                            short(&self.settings.jobs_exchange),
-                            short(&self.settings.jobs_routing_key),
-                            BasicPublishOptions { mandatory: true, immediate: false },
-                            &letter.body,
-                            letter.redrive_properties(),
-                        )
-                        .await
-                        .map_err(|e| broker("re-publishing a job", e))?
-                        .await
-                        .map_err(|e| broker("waiting for the confirm", e))?;
-                    if !confirm.is_ack() || confirm.take_message().is_some() {
+                    let job = Message {
+                        exchange: short(&self.settings.jobs_exchange),
+                        routing_key: short(&self.settings.jobs_routing_key),
+                        body: &letter.body,
+                        properties: letter.redrive_properties(),
+                    };
+                    if let Err(e) = confirm::publish(channel, job, self.settings.publish_timeout).await {
+                        // Unacknowledged, it goes back to the dead-letter queue with the others
+                        // (or when the connection closes).
                         kept.push(tag);
                         return Err(QueueError::Unconfirmed(format!(
-                            "the jobs exchange {} did not accept a re-driven job (is the jobs queue bound?)",
+                            "re-driving {} to the jobs exchange {:?}: {e} (is the jobs queue bound?)",
+                            letter.job_id.as_deref().or(letter.message_id.as_deref()).unwrap_or("a dead letter"),
                             self.settings.jobs_exchange
                         )));
                     }
-                    self.channel
+                    channel
                         .basic_ack(tag, BasicAckOptions::default())
                         .await
                         .map_err(|e| broker("acknowledging a re-driven dead letter", e))?;
@@ -300,7 +278,7 @@ impl Admin {
             }
         }
         for tag in kept {
-            self.channel
+            channel
                 .basic_nack(tag, BasicNackOptions { multiple: false, requeue: true })
                 .await
                 .map_err(|e| broker("returning a dead letter", e))?;
@@ -310,7 +288,6 @@ impl Admin {
 
     /// Closes the connection.
     pub async fn close(self) {
-        let _ = self.channel.wait_for_confirms().await;
-        let _ = self.connection.close(200, "done".into()).await;
+        self.session.close("done").await;
     }
 }

@@ -6,7 +6,7 @@
 //! | `ack` | `basic.ack` | — |
 //! | `retry(delay)` | wait `delay` holding the message, then `basic.reject(requeue=true)` | yes (all versions; on 4.3+ only reject counts, not nack) |
 //! | `release` | `basic.nack(requeue=true)` | ≤ 4.2: yes; 4.3+: no |
-//! | `dead_letter` | publish body + properties + reason headers to the dead-letter exchange (confirmed, mandatory), then `basic.ack`; fallback `basic.reject(requeue=false)` | — |
+//! | `dead_letter` | publish body + properties + reason headers to the dead-letter exchange ([`crate::confirm`]: confirmed, mandatory, unroutable is a failure), then `basic.ack`; fallback `basic.reject(requeue=false)` | — |
 //!
 //! Settlements go to the delivery's own channel. When that channel is gone (connection
 //! lost, consumer timeout, reconnected since), lapin answers `Ok(false)`: the broker has
@@ -17,13 +17,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, UNIX_EPOCH};
 
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions, BasicRejectOptions};
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::{BasicProperties, Channel};
 use retouch_core::error::JobError;
 use retouch_core::queue::{Delivery, DeliveryInfo, QueueCounters, QueueError};
 use tracing::{debug, error, warn};
 
+use crate::confirm::{self, Message, PublishError};
 use crate::settings::AmqpSettings;
 use crate::topology::short;
 
@@ -135,33 +136,19 @@ impl AmqpDelivery {
     }
 
     /// Publishes the dead letter and waits for its confirm; `Err` says why it is not safe.
-    async fn publish_dead_letter(&self, error: &JobError) -> Result<(), String> {
-        let properties =
-            self.inner.properties.clone().with_headers(self.dead_letter_headers(error)).with_delivery_mode(2);
-        let exchange = &self.settings.dead_letter_exchange;
-        let publish = async {
-            self.confirm
-                .basic_publish(
-                    short(exchange),
-                    self.inner.routing_key.clone(),
-                    BasicPublishOptions { mandatory: true, immediate: false },
-                    &self.inner.data,
-                    properties,
-                )
-                .await?
-                .await
+    async fn publish_dead_letter(&self, error: &JobError) -> Result<(), PublishError> {
+        let message = Message {
+            exchange: short(&self.settings.dead_letter_exchange),
+            routing_key: self.inner.routing_key.clone(),
+            body: &self.inner.data,
+            properties: self
+                .inner
+                .properties
+                .clone()
+                .with_headers(self.dead_letter_headers(error))
+                .with_delivery_mode(2),
         };
-        match tokio::time::timeout(self.settings.publish_timeout, publish).await {
-            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(format!(
-                "returned by the broker ({} {}): no queue is bound to dead-letter exchange {exchange:?}",
-                returned.reply_code, returned.reply_text
-            )),
-            Ok(Ok(Confirmation::Nack(_))) => Err(format!("negatively confirmed by the broker (exchange {exchange:?})")),
-            Ok(Ok(Confirmation::NotRequested)) => Err("the confirm channel is not in confirm mode (a bug)".into()),
-            Ok(Err(e)) => Err(format!("publishing to dead-letter exchange {exchange:?}: {e}")),
-            Err(_) => Err(format!("no confirm within {:?}", self.settings.publish_timeout)),
-        }
+        confirm::publish(&self.confirm, message, self.settings.publish_timeout).await
     }
 }
 
@@ -214,7 +201,11 @@ impl Delivery for AmqpDelivery {
                     }
                     Err(e) => format!("and the fallback failed: {e}"),
                 };
-                Err(QueueError::Unconfirmed(format!("dead letter of job {}: {why}; {fallback}", self.id())))
+                Err(QueueError::Unconfirmed(format!(
+                    "dead letter of job {} to exchange {:?}: {why}; {fallback}",
+                    self.id(),
+                    self.settings.dead_letter_exchange
+                )))
             }
         }
     }

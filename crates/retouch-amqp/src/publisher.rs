@@ -1,5 +1,6 @@
-//! [`AmqpPublisher`]: results (implements [`ResultSink`]) and jobs, with publisher confirms
-//! and `mandatory`, over a connection of its own that it rebuilds when lost.
+//! [`AmqpPublisher`]: results (implements [`ResultSink`]) and jobs, through the one confirmed
+//! publish of [`crate::confirm`] (confirms, `mandatory`), over a session of its own that it
+//! rebuilds when lost.
 //!
 //! * A result goes to the results topic exchange (routing key `<status>.<campaign|none>`)
 //!   and, when the job had a `reply_to`, to that queue through the default exchange with the
@@ -19,18 +20,19 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
+use lapin::{BasicProperties, Channel};
+use retouch_core::backoff::Backoff;
 use retouch_core::job::JobResult;
 use retouch_core::queue::{DeliveryInfo, QueueCounters, QueueError, ResultSink};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::connection::{Backoff, open};
+use crate::confirm::{self, Message, Pending, PublishError};
+use crate::session::{Session, Topology};
 use crate::settings::AmqpSettings;
-use crate::topology::{TopologyError, declare_topology, short};
+use crate::topology::short;
 
 /// Publishes in flight (unconfirmed) at most, in [`AmqpPublisher::publish_jobs`]. A few
 /// thousand keeps the broker's confirm batching busy without holding much memory.
@@ -59,7 +61,9 @@ pub struct OutgoingJob {
 /// Confirmed publishing of results and jobs. Share it by reference (`&self` everywhere);
 /// create it with [`AmqpPublisher::connect`].
 pub struct AmqpPublisher {
+    /// Names, `publish_timeout`, reconnect backoff.
     settings: Arc<AmqpSettings>,
+    /// Receives `unroutable_results` and `reconnects`.
     counters: Arc<QueueCounters>,
     /// Held while (re)connecting, never while publishing: see the module docs.
     state: Mutex<State>,
@@ -71,66 +75,14 @@ impl std::fmt::Debug for AmqpPublisher {
     }
 }
 
+/// The publisher's connection state, owned behind [`AmqpPublisher::state`].
 struct State {
+    /// The current session; `None` after a loss until the next publish reconnects.
     session: Option<Session>,
+    /// Reconnect delays; reset by a successful reconnect.
     backoff: Backoff,
     /// No reconnect attempt before this (the backoff after a failed one).
     not_before: Option<Instant>,
-}
-
-struct Session {
-    connection: Connection,
-    channel: Channel,
-}
-
-impl Session {
-    fn healthy(&self) -> bool {
-        self.connection.status().connected() && self.channel.status().connected()
-    }
-
-    async fn open(settings: &AmqpSettings) -> Result<Self, (bool, String)> {
-        let transient = |e: String| (false, e);
-        let connection = open(settings, "publish").await.map_err(transient)?;
-        let setup = connection.create_channel().await.map_err(|e| transient(e.to_string()))?;
-        declare_topology(&setup, settings).await.map_err(|e| match e {
-            e @ TopologyError::Broker { .. } => (false, e.to_string()),
-            e => (true, e.to_string()),
-        })?;
-        let _ = setup.close(200, "topology declared".into()).await;
-        let channel = connection.create_channel().await.map_err(|e| transient(e.to_string()))?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| transient(e.to_string()))?;
-        Ok(Self { connection, channel })
-    }
-}
-
-/// What became of one publish.
-enum Outcome {
-    Confirmed,
-    /// Acked but returned by the broker: no queue bound for it.
-    Unroutable(String),
-    /// Nacked, or the transport failed before a confirm: worth one retry on a new channel.
-    Failed {
-        message: String,
-        transport: bool,
-    },
-}
-
-async fn outcome(confirm: lapin::Result<PublisherConfirm>) -> Outcome {
-    let confirm = match confirm {
-        Ok(c) => c,
-        Err(e) => return Outcome::Failed { message: format!("publish failed: {e}"), transport: true },
-    };
-    match confirm.await {
-        Ok(Confirmation::Ack(None)) => Outcome::Confirmed,
-        Ok(Confirmation::Ack(Some(r))) => Outcome::Unroutable(format!("{} {}", r.reply_code, r.reply_text)),
-        Ok(Confirmation::Nack(_)) => {
-            Outcome::Failed { message: "negatively confirmed by the broker".into(), transport: false }
-        }
-        Ok(Confirmation::NotRequested) => {
-            Outcome::Failed { message: "channel not in confirm mode (a bug)".into(), transport: false }
-        }
-        Err(e) => Outcome::Failed { message: format!("no confirm: {e}"), transport: true },
-    }
 }
 
 fn now_secs() -> u64 {
@@ -149,6 +101,11 @@ fn base_properties() -> BasicProperties {
         .with_timestamp(now_secs())
 }
 
+/// Where a result went, for messages.
+fn target(exchange: &str, key: &str) -> String {
+    if exchange.is_empty() { format!("reply_to {key:?}") } else { format!("exchange {exchange:?}") }
+}
+
 impl AmqpPublisher {
     /// Validates `settings`, connects and declares (or checks) the topology. `counters`
     /// receives `unroutable_results` and `reconnects` (share the source's, or not).
@@ -163,10 +120,14 @@ impl AmqpPublisher {
     /// [`AmqpSource::connect`]: crate::AmqpSource::connect
     pub async fn connect(settings: AmqpSettings, counters: Arc<QueueCounters>) -> Result<Self, QueueError> {
         settings.validate().map_err(|e| QueueError::Broker(format!("invalid AMQP settings: {e}")))?;
-        let session = Session::open(&settings).await.map_err(|(_, e)| QueueError::Broker(e))?;
+        let session = Session::open(&settings, "publish", Topology::Declare).await?;
         info!(url = %settings.redacted_url(), results = %settings.results_exchange, "publisher connected");
         Ok(Self {
-            state: Mutex::new(State { session: Some(session), backoff: Backoff::new(&settings), not_before: None }),
+            state: Mutex::new(State {
+                session: Some(session),
+                backoff: settings.reconnect_backoff(),
+                not_before: None,
+            }),
             settings: Arc::new(settings),
             counters,
         })
@@ -180,8 +141,7 @@ impl AmqpPublisher {
     /// Closes the connection after waiting for outstanding confirms.
     pub async fn shutdown(self) {
         if let Some(s) = self.state.into_inner().session {
-            let _ = s.channel.wait_for_confirms().await;
-            let _ = s.connection.close(200, "shutting down".into()).await;
+            s.close("shutting down").await;
         }
     }
 
@@ -192,7 +152,7 @@ impl AmqpPublisher {
         loop {
             if let Some(s) = &state.session {
                 if s.healthy() {
-                    return Ok(s.channel.clone());
+                    return Ok(s.confirm.clone());
                 }
                 state.session = None;
                 warn!("AMQP publisher connection lost; reconnecting");
@@ -200,7 +160,7 @@ impl AmqpPublisher {
             if let Some(at) = state.not_before {
                 tokio::time::sleep_until(at).await;
             }
-            match Session::open(&self.settings).await {
+            match Session::open(&self.settings, "publish", Topology::Declare).await {
                 Ok(s) => {
                     state.session = Some(s);
                     state.backoff.reset();
@@ -208,10 +168,10 @@ impl AmqpPublisher {
                     self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
                     info!("AMQP publisher reconnected");
                 }
-                Err((permanent, e)) => {
+                Err(e) => {
                     state.not_before = Some(Instant::now() + state.backoff.next_delay());
-                    if permanent {
-                        return Err(QueueError::Broker(e));
+                    if e.is_permanent() {
+                        return Err(e.into());
                     }
                     warn!(error = %e, "AMQP publisher reconnect failed");
                 }
@@ -222,7 +182,7 @@ impl AmqpPublisher {
     /// Forgets `channel`'s session if it is still the current one (after a transport failure).
     async fn invalidate(&self, channel: &Channel) {
         let mut state = self.state.lock().await;
-        if state.session.as_ref().is_some_and(|s| s.channel.id() == channel.id() && !s.healthy()) {
+        if state.session.as_ref().is_some_and(|s| s.confirm.id() == channel.id() && !s.healthy()) {
             state.session = None;
         }
     }
@@ -260,80 +220,67 @@ impl AmqpPublisher {
     {
         let timeout = self.settings.publish_timeout;
         let channel = self.timed("connecting", self.channel()).await?;
-        let exchange = short(&self.settings.jobs_exchange);
-        let key = short(&self.settings.jobs_routing_key);
-        let options = BasicPublishOptions { mandatory: true, immediate: false };
-        let mut window: VecDeque<(String, PublisherConfirm)> = VecDeque::with_capacity(JOB_CONFIRM_WINDOW.min(1024));
+        let mut window: VecDeque<(String, Pending)> = VecDeque::with_capacity(JOB_CONFIRM_WINDOW.min(1024));
         let mut confirmed = 0u64;
-        let mut failure: Option<String> = None;
-        let mut transport_failed = false;
-
-        // Settles the oldest publish in flight.
-        async fn settle(
-            (id, confirm): (String, PublisherConfirm),
-            timeout: std::time::Duration,
-            confirmed: &mut u64,
-            failure: &mut Option<String>,
-            transport_failed: &mut bool,
-        ) {
-            let why = match tokio::time::timeout(timeout, outcome(Ok(confirm))).await {
-                Ok(Outcome::Confirmed) => {
-                    *confirmed += 1;
-                    return;
+        // The first failure: the job's id and why.
+        let mut failure: Option<(String, PublishError)> = None;
+        // Awaits the oldest confirm in flight.
+        let mut settle =
+            async |(id, pending): (String, Pending), failure: &mut Option<(String, PublishError)>| match pending
+                .wait(timeout)
+                .await
+            {
+                Ok(()) => confirmed += 1,
+                Err(e) => {
+                    failure.get_or_insert((id, e));
                 }
-                Ok(Outcome::Unroutable(reply)) => format!("unroutable ({reply}): no queue is bound to receive it"),
-                Ok(Outcome::Failed { message, transport }) => {
-                    *transport_failed |= transport;
-                    message
-                }
-                Err(_) => format!("not confirmed within {timeout:?}"),
             };
-            if failure.is_none() {
-                *failure = Some(format!("job {id:?}: {why}"));
-            }
-        }
 
         for job in jobs {
             if window.len() >= JOB_CONFIRM_WINDOW
                 && let Some(oldest) = window.pop_front()
             {
-                settle(oldest, timeout, &mut confirmed, &mut failure, &mut transport_failed).await;
+                settle(oldest, &mut failure).await;
             }
             if failure.is_some() {
                 break;
             }
-            let mut props = base_properties().with_message_id(short_prop("message_id", &job.message_id)?);
+            let mut properties = base_properties().with_message_id(short_prop("message_id", &job.message_id)?);
             if let Some(r) = &job.options.reply_to {
-                props = props.with_reply_to(short_prop("reply_to", r)?);
+                properties = properties.with_reply_to(short_prop("reply_to", r)?);
             }
             if let Some(c) = &job.options.correlation_id {
-                props = props.with_correlation_id(short_prop("correlation_id", c)?);
+                properties = properties.with_correlation_id(short_prop("correlation_id", c)?);
             }
-            match channel.basic_publish(exchange.clone(), key.clone(), options, &job.body, props).await {
-                Ok(confirm) => window.push_back((job.message_id, confirm)),
+            let message = Message {
+                exchange: short(&self.settings.jobs_exchange),
+                routing_key: short(&self.settings.jobs_routing_key),
+                body: &job.body,
+                properties,
+            };
+            match confirm::send(&channel, message).await {
+                Ok(pending) => window.push_back((job.message_id, pending)),
                 Err(e) => {
-                    transport_failed = true;
-                    failure = Some(format!("job {:?}: publish failed: {e}", job.message_id));
+                    failure = Some((job.message_id, e));
                     break;
                 }
             }
         }
         while let Some(oldest) = window.pop_front() {
-            settle(oldest, timeout, &mut confirmed, &mut failure, &mut transport_failed).await;
+            settle(oldest, &mut failure).await;
         }
-        if transport_failed {
+        let Some((id, why)) = failure else { return Ok(confirmed) };
+        if why.is_transport() {
             self.invalidate(&channel).await;
         }
-        match failure {
-            None => Ok(confirmed),
-            Some(why) => Err(QueueError::Unconfirmed(format!(
-                "publishing to exchange {:?} with key {:?}: {why} ({confirmed} jobs confirmed)",
-                self.settings.jobs_exchange, self.settings.jobs_routing_key
-            ))),
-        }
+        Err(QueueError::Unconfirmed(format!(
+            "publishing to exchange {:?} with key {:?}: job {id:?}: {why} ({confirmed} jobs confirmed)",
+            self.settings.jobs_exchange, self.settings.jobs_routing_key
+        )))
     }
 
-    /// One attempt at publishing a result (and its reply).
+    /// One attempt at publishing a result (and its reply); the error says whether the channel
+    /// failed underneath (worth one more attempt).
     async fn publish_result_once(
         &self,
         body: &[u8],
@@ -342,14 +289,13 @@ impl AmqpPublisher {
         info: &DeliveryInfo,
     ) -> Result<(), (QueueError, bool)> {
         let channel = self.channel().await.map_err(|e| (e, false))?;
-        let mut props = base_properties();
+        let mut properties = base_properties();
         if !message_id.is_empty() {
-            props = props.with_message_id(short_prop("message_id", message_id).map_err(|e| (e, false))?);
+            properties = properties.with_message_id(short_prop("message_id", message_id).map_err(|e| (e, false))?);
         }
         if let Some(c) = &info.correlation_id {
-            props = props.with_correlation_id(short_prop("correlation_id", c).map_err(|e| (e, false))?);
+            properties = properties.with_correlation_id(short_prop("correlation_id", c).map_err(|e| (e, false))?);
         }
-        let options = BasicPublishOptions { mandatory: true, immediate: false };
         let mut targets = vec![(self.settings.results_exchange.as_str(), routing_key)];
         if let Some(reply_to) = &info.reply_to {
             targets.push(("", reply_to.as_str()));
@@ -357,27 +303,36 @@ impl AmqpPublisher {
         // Both publishes go out before either confirm is awaited.
         let mut pending = Vec::with_capacity(targets.len());
         for (exchange, key) in &targets {
-            let key = short_prop("routing key", key).map_err(|e| (e, false))?;
-            pending.push(channel.basic_publish(short(exchange), key, options, body, props.clone()).await);
+            let message = Message {
+                exchange: short(exchange),
+                routing_key: short_prop("routing key", key).map_err(|e| (e, false))?,
+                body,
+                properties: properties.clone(),
+            };
+            pending.push(confirm::send(&channel, message).await);
         }
         let mut error = None;
-        for ((exchange, key), confirm) in targets.iter().zip(pending) {
-            match outcome(confirm).await {
-                Outcome::Confirmed => debug!(exchange, key, job = message_id, "result published"),
-                Outcome::Unroutable(reply) => {
+        for ((exchange, key), sent) in targets.iter().zip(pending) {
+            let outcome = match sent {
+                Ok(p) => p.confirmed().await,
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(()) => debug!(exchange, key, job = message_id, "result published"),
+                Err(PublishError::Unroutable { code, text }) => {
                     self.counters.unroutable_results.fetch_add(1, Ordering::Relaxed);
-                    warn!(exchange, key, job = message_id, reply, "result unroutable: nothing is bound to receive it");
+                    warn!(
+                        exchange,
+                        key,
+                        job = message_id,
+                        code,
+                        text,
+                        "result unroutable: nothing is bound to receive it"
+                    );
                 }
-                Outcome::Failed { message, transport } => {
-                    let target = if exchange.is_empty() {
-                        format!("reply_to {key:?}")
-                    } else {
-                        format!("exchange {exchange:?}")
-                    };
-                    error.get_or_insert((
-                        QueueError::Unconfirmed(format!("result of {message_id:?} to {target}: {message}")),
-                        transport,
-                    ));
+                Err(e) => {
+                    let message = format!("result of {message_id:?} to {}: {e}", target(exchange, key));
+                    error.get_or_insert((QueueError::Unconfirmed(message), e.is_transport()));
                 }
             }
         }

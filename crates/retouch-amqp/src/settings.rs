@@ -5,6 +5,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use retouch_core::backoff::Backoff;
 use retouch_core::redact::redact_url;
 
 /// Everything the AMQP source and publisher need. `Debug` redacts the password in [`url`].
@@ -150,6 +151,14 @@ impl AmqpSettings {
     /// The URL with its password replaced by `***`, for logs.
     pub fn redacted_url(&self) -> String {
         redact_url(&self.url)
+    }
+
+    /// The reconnect delays: from [`reconnect_backoff_min`](Self::reconnect_backoff_min),
+    /// doubling per failed attempt up to [`reconnect_backoff_max`](Self::reconnect_backoff_max),
+    /// each scaled by a random factor in [0.5, 1] so that a fleet that lost the same broker
+    /// does not return in step.
+    pub fn reconnect_backoff(&self) -> Backoff {
+        Backoff::new(self.reconnect_backoff_min, self.reconnect_backoff_max).with_jitter(0.5, 1.0)
     }
 }
 

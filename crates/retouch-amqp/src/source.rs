@@ -1,9 +1,9 @@
 //! [`AmqpSource`]: the jobs queue as a [`JobSource`], over one connection the source
 //! supervises itself.
 //!
-//! A session is: connect → declare (or check) the topology on a throwaway channel →
-//! `basic.qos(prefetch, global=false)` → `basic.consume` (manual acks) on the consuming
-//! channel, plus a publisher-confirm channel for dead letters. When the consumer stream
+//! A session is a `session::Session` (connect, declare or check the topology, a
+//! publisher-confirm channel for dead letters) plus a consuming channel:
+//! `basic.qos(prefetch, global=false)` → `basic.consume` (manual acks). When the consumer stream
 //! fails or ends (connection lost, channel closed by a consumer timeout, consumer cancelled
 //! by the broker) while the source is not closing, [`next`](JobSource::next) drops the
 //! session, marks `connected = false`, backs off (capped exponential with jitter) and builds a
@@ -19,19 +19,18 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_lite::StreamExt;
-use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, ConfirmSelectOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
-use lapin::{Channel, Connection, Consumer, Event};
+use lapin::{Channel, Consumer, Event};
+use retouch_core::backoff::Backoff;
 use retouch_core::queue::{JobSource, QueueCounters, QueueError};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::connection::{Backoff, open};
 use crate::delivery::AmqpDelivery;
+use crate::session::{OpenError, Session, Topology};
 use crate::settings::AmqpSettings;
-use crate::topology::{TopologyError, declare_topology, short};
+use crate::topology::short;
 
 /// How long [`AmqpSource::close`] waits for deliveries the broker sent before the cancel
 /// took effect (they are released, not dropped).
@@ -41,7 +40,10 @@ const CANCEL_DRAIN: Duration = Duration::from_secs(5);
 pub struct AmqpSource {
     settings: Arc<AmqpSettings>,
     counters: Arc<QueueCounters>,
-    session: Option<Session>,
+    /// The current subscription; `None` after a loss until [`next`](JobSource::next)
+    /// reconnects, and after [`shutdown`](Self::shutdown).
+    consuming: Option<Consuming>,
+    /// Reconnect delays; reset by a successful reconnect.
     backoff: Backoff,
     /// `close()` was called: no more deliveries, no more reconnects.
     closed: bool,
@@ -53,61 +55,43 @@ impl std::fmt::Debug for AmqpSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AmqpSource")
             .field("queue", &self.settings.jobs_queue)
-            .field("connected", &self.session.is_some())
+            .field("connected", &self.consuming.is_some())
             .field("closed", &self.closed)
             .field("sessions", &self.sessions)
             .finish_non_exhaustive()
     }
 }
 
-/// One connection's worth of consuming.
-struct Session {
-    connection: Connection,
+/// One session's worth of consuming.
+struct Consuming {
+    /// The connection and the publisher-confirm channel for dead letters (rebuilt on the same
+    /// connection if the broker closes it, e.g. 404 for a missing dead-letter exchange).
+    session: Session,
+    /// The consuming channel (`basic.qos` per consumer, manual acks).
     channel: Channel,
-    /// Publisher-confirm channel for dead letters; rebuilt on the same connection if the
-    /// broker closes it (e.g. 404 for a missing dead-letter exchange).
-    confirm: Channel,
+    /// The subscription on [`channel`](Self::channel).
     consumer: Consumer,
+    /// Its consumer tag, for `basic.cancel`.
     tag: ShortString,
+    /// Flips `connected` to `false` on a connection error; aborted on drop.
     watcher: JoinHandle<()>,
 }
 
-impl Drop for Session {
+impl Drop for Consuming {
     fn drop(&mut self) {
         self.watcher.abort();
     }
 }
 
-/// Why a session could not be built.
-enum OpenError {
-    /// Needs an operator (topology mismatch, missing queue): reported, not retried.
-    Permanent(String),
-    /// Worth another attempt after the backoff.
-    Transient(String),
-}
-
-impl Session {
+impl Consuming {
     async fn open(settings: &AmqpSettings, counters: &Arc<QueueCounters>) -> Result<Self, OpenError> {
-        let connection = open(settings, "consume").await.map_err(OpenError::Transient)?;
-        let transient = |what: &str| {
-            let what = what.to_owned();
-            move |e: lapin::Error| OpenError::Transient(format!("{what}: {e}"))
-        };
-        // Declarations on a channel of their own: a failed declaration closes its channel.
-        let setup = connection.create_channel().await.map_err(transient("opening a channel"))?;
-        declare_topology(&setup, settings).await.map_err(|e| match e {
-            e @ TopologyError::Broker { .. } => OpenError::Transient(e.to_string()),
-            e => OpenError::Permanent(e.to_string()),
-        })?;
-        let _ = setup.close(200, "topology declared".into()).await;
-
-        let channel = connection.create_channel().await.map_err(transient("opening the consuming channel"))?;
+        let session = Session::open(settings, "consume", Topology::Declare).await?;
+        let channel = session.channel("opening the consuming channel").await?;
         // global=false: per consumer; quorum queues refuse global QoS with a connection error.
         channel
             .basic_qos(settings.prefetch, BasicQosOptions { global: false })
             .await
-            .map_err(transient("basic.qos"))?;
-        let confirm = confirm_channel(&connection).await.map_err(transient("opening the confirm channel"))?;
+            .map_err(OpenError::channel("basic.qos"))?;
         let tag = ShortString::from(format!("{}-{:016x}", short(&settings.connection_name), rand::random::<u64>()));
         let consumer = channel
             .basic_consume(
@@ -117,10 +101,10 @@ impl Session {
                 FieldTable::default(),
             )
             .await
-            .map_err(transient("basic.consume"))?;
+            .map_err(OpenError::channel("basic.consume"))?;
 
         let watcher = {
-            let mut events = connection.events_listener();
+            let mut events = session.connection.events_listener();
             let counters = counters.clone();
             tokio::spawn(async move {
                 while let Some(event) = events.next().await {
@@ -132,14 +116,8 @@ impl Session {
                 }
             })
         };
-        Ok(Self { connection, channel, confirm, consumer, tag, watcher })
+        Ok(Self { session, channel, consumer, tag, watcher })
     }
-}
-
-async fn confirm_channel(connection: &Connection) -> lapin::Result<Channel> {
-    let c = connection.create_channel().await?;
-    c.confirm_select(ConfirmSelectOptions::default()).await?;
-    Ok(c)
 }
 
 impl AmqpSource {
@@ -158,17 +136,14 @@ impl AmqpSource {
     pub async fn connect(settings: AmqpSettings, counters: Arc<QueueCounters>) -> Result<Self, QueueError> {
         settings.validate().map_err(|e| QueueError::Broker(format!("invalid AMQP settings: {e}")))?;
         let settings = Arc::new(settings);
-        let session = match Session::open(&settings, &counters).await {
-            Ok(s) => s,
-            Err(OpenError::Permanent(e) | OpenError::Transient(e)) => return Err(QueueError::Broker(e)),
-        };
+        let consuming = Consuming::open(&settings, &counters).await?;
         counters.connected.store(true, Ordering::Relaxed);
         info!(queue = %settings.jobs_queue, prefetch = settings.prefetch, url = %settings.redacted_url(), "consuming");
         Ok(Self {
-            backoff: Backoff::new(&settings),
+            backoff: settings.reconnect_backoff(),
             settings,
             counters,
-            session: Some(session),
+            consuming: Some(consuming),
             closed: false,
             sessions: 1,
         })
@@ -189,15 +164,15 @@ impl AmqpSource {
     pub async fn shutdown(mut self) {
         self.closed = true;
         self.counters.connected.store(false, Ordering::Relaxed);
-        if let Some(s) = self.session.take() {
-            let _ = s.connection.close(200, "shutting down".into()).await;
+        if let Some(c) = self.consuming.take() {
+            let _ = c.session.connection.close(200, "shutting down".into()).await;
         }
     }
 
     /// Drops the current session after a failure.
     fn lose_session(&mut self, why: &str) {
         self.counters.connected.store(false, Ordering::Relaxed);
-        if let Some(s) = self.session.take() {
+        if let Some(s) = self.consuming.take() {
             warn!(queue = %self.settings.jobs_queue, reason = why, "AMQP consumer lost; reconnecting");
             // Deliveries still in flight keep their channel (and so the connection) alive;
             // a dead connection is simply dropped.
@@ -212,9 +187,9 @@ impl AmqpSource {
             let delay = self.backoff.next_delay();
             debug!(?delay, "reconnecting after");
             tokio::time::sleep(delay).await;
-            match Session::open(&self.settings, &self.counters).await {
-                Ok(s) => {
-                    self.session = Some(s);
+            match Consuming::open(&self.settings, &self.counters).await {
+                Ok(c) => {
+                    self.consuming = Some(c);
                     self.sessions += 1;
                     self.backoff.reset();
                     self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -222,10 +197,8 @@ impl AmqpSource {
                     info!(queue = %self.settings.jobs_queue, "AMQP consumer reconnected");
                     return Ok(());
                 }
-                Err(OpenError::Permanent(e)) => {
-                    return Err(QueueError::Broker(format!("reconnecting: {e}")));
-                }
-                Err(OpenError::Transient(e)) => warn!(error = %e, "AMQP reconnect failed"),
+                Err(e) if e.is_permanent() => return Err(QueueError::Broker(format!("reconnecting: {e}"))),
+                Err(e) => warn!(error = %e, "AMQP reconnect failed"),
             }
         }
     }
@@ -245,28 +218,23 @@ impl JobSource for AmqpSource {
             if self.closed {
                 return Ok(None);
             }
-            let Some(session) = self.session.as_mut() else {
+            let Some(consuming) = self.consuming.as_mut() else {
                 self.reconnect().await?;
                 continue;
             };
-            match session.consumer.next().await {
+            match consuming.consumer.next().await {
                 Some(Ok(d)) => {
                     if !d.acker.usable() {
                         // Prefetched on a channel that has since died: the broker requeued it.
                         continue;
                     }
-                    if !session.confirm.status().connected() {
-                        match confirm_channel(&session.connection).await {
-                            Ok(c) => session.confirm = c,
-                            Err(e) => {
-                                warn!(error = %e, "could not reopen the confirm channel; dead letters will fall back to reject")
-                            }
-                        }
+                    if let Err(e) = consuming.session.ensure_confirm().await {
+                        warn!(error = %e, "could not reopen the confirm channel; dead letters will fall back to reject");
                     }
                     return Ok(Some(AmqpDelivery::new(
                         d,
-                        session.channel.clone(),
-                        session.confirm.clone(),
+                        consuming.channel.clone(),
+                        consuming.session.confirm.clone(),
                         self.settings.clone(),
                         self.counters.clone(),
                     )));
@@ -284,10 +252,10 @@ impl JobSource for AmqpSource {
         }
         self.closed = true;
         self.counters.connected.store(false, Ordering::Relaxed);
-        let Some(session) = self.session.as_mut() else {
+        let Some(consuming) = self.consuming.as_mut() else {
             return Ok(());
         };
-        if let Err(e) = session.channel.basic_cancel(session.tag.clone(), BasicCancelOptions::default()).await {
+        if let Err(e) = consuming.channel.basic_cancel(consuming.tag.clone(), BasicCancelOptions::default()).await {
             // The connection is gone: nothing more will arrive, and the broker requeued
             // whatever was unacknowledged.
             warn!(error = %e, "basic.cancel failed");
@@ -296,7 +264,7 @@ impl JobSource for AmqpSource {
         // Deliveries the broker sent before the cancel took effect, never handed out: give
         // them back now rather than hold them until the connection closes.
         let mut released = 0u32;
-        while let Ok(Some(Ok(d))) = tokio::time::timeout(CANCEL_DRAIN, session.consumer.next()).await {
+        while let Ok(Some(Ok(d))) = tokio::time::timeout(CANCEL_DRAIN, consuming.consumer.next()).await {
             if let Ok(true) = d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await {
                 released += 1;
             }

@@ -5,9 +5,11 @@
 //!                                                        x-dead-letter-exchange=retouch.dlx)
 //! retouch.dlx (fanout) ------------------> retouch.dead (quorum)
 //! retouch.results (topic)                  <status>.<campaign|none>; nothing bound by default
+//! retouch.results --{succeeded,failed}.<c>--> retouch.results.campaign.<c> (quorum; per campaign,
+//!                                                        declared by `retouch submit`/`watch`)
 //! ```
 //!
-//! `config/rabbitmq/definitions.json` is the same topology for brokers that are provisioned
+//! Every declaration of this crate is here. `config/rabbitmq/definitions.json` is the same topology for brokers that are provisioned
 //! ahead (`declare_topology = false`); a test checks the two agree.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
@@ -88,9 +90,18 @@ pub fn jobs_queue_arguments(settings: &AmqpSettings) -> FieldTable {
 /// The arguments the dead-letter queue is declared with (a quorum queue without a limit or
 /// a dead-letter target of its own: it is the end of the line).
 pub fn dead_letter_queue_arguments() -> FieldTable {
+    quorum_arguments()
+}
+
+/// `x-queue-type = quorum` alone.
+fn quorum_arguments() -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
     args
+}
+
+fn durable_exchange() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() }
 }
 
 /// Declares the protocol's exchanges, queues and bindings (see the module docs), or, with
@@ -109,14 +120,13 @@ pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> Res
     if !settings.declare_topology {
         return check_queue_exists(channel, &settings.jobs_queue).await.map(|_| ());
     }
-    let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
     for (name, kind) in [
         (&settings.jobs_exchange, ExchangeKind::Direct),
         (&settings.results_exchange, ExchangeKind::Topic),
         (&settings.dead_letter_exchange, ExchangeKind::Fanout),
     ] {
         channel
-            .exchange_declare(short(name), kind, durable, FieldTable::default())
+            .exchange_declare(short(name), kind, durable_exchange(), FieldTable::default())
             .await
             .map_err(|e| classify(e, "exchange", name, settings))?;
     }
@@ -126,6 +136,38 @@ pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> Res
     declare_queue(channel, &settings.jobs_queue, jobs_queue_arguments(settings), settings).await?;
     bind(channel, &settings.jobs_queue, &settings.jobs_exchange, &settings.jobs_routing_key).await?;
     Ok(())
+}
+
+/// The name of `campaign`'s results queue: `<results_exchange>.campaign.<campaign>`.
+pub fn campaign_queue(settings: &AmqpSettings, campaign: &str) -> String {
+    format!("{}.campaign.{campaign}", settings.results_exchange)
+}
+
+/// Declares (idempotently) the results exchange and the durable quorum queue that collects
+/// `campaign`'s results, bound with `succeeded.<campaign>` and `failed.<campaign>`, and returns
+/// the queue's name ([`campaign_queue`]). `retouch submit` declares it before publishing any
+/// job, so no result of the campaign is missed even when nobody watches yet.
+///
+/// # Errors
+/// As [`declare_topology`]: [`TopologyError::QueueMismatch`] or
+/// [`TopologyError::ExchangeMismatch`] for existing objects with other properties,
+/// [`TopologyError::Broker`] otherwise.
+pub async fn declare_campaign_queue(
+    channel: &Channel,
+    settings: &AmqpSettings,
+    campaign: &str,
+) -> Result<String, TopologyError> {
+    let exchange = &settings.results_exchange;
+    channel
+        .exchange_declare(short(exchange), ExchangeKind::Topic, durable_exchange(), FieldTable::default())
+        .await
+        .map_err(|e| classify(e, "exchange", exchange, settings))?;
+    let name = campaign_queue(settings, campaign);
+    declare_queue(channel, &name, quorum_arguments(), settings).await?;
+    for status in ["succeeded", "failed"] {
+        bind(channel, &name, exchange, &format!("{status}.{campaign}")).await?;
+    }
+    Ok(name)
 }
 
 /// Passively declares `queue`; returns its ready-message count.

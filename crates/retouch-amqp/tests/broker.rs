@@ -23,11 +23,11 @@ use retouch_amqp::delivery::{
 };
 use retouch_amqp::topology::check_queue_exists;
 use retouch_amqp::{
-    AmqpDelivery, AmqpPublisher, AmqpSettings, AmqpSource, JobPublishOptions, OutgoingJob, TopologyError,
-    declare_topology,
+    Admin, AmqpDelivery, AmqpPublisher, AmqpSettings, AmqpSource, JobPublishOptions, OutgoingJob, TopologyError,
+    campaign_queue, declare_topology,
 };
 use retouch_core::error::{ErrorKind, JobError};
-use retouch_core::job::{JobResult, PROTOCOL_VERSION, Status, Timings};
+use retouch_core::job::{JobResult, Status};
 use retouch_core::queue::{Delivery, DeliveryInfo, JobSource, QueueCounters, QueueError, ResultSink};
 
 // ---------------------------------------------------------------------------------------------
@@ -189,22 +189,41 @@ async fn publish(publisher: &AmqpPublisher, id: &str) {
 
 fn result(job_id: &str, status: Status, campaign: Option<&str>) -> JobResult {
     JobResult {
-        version: PROTOCOL_VERSION,
-        job_id: job_id.into(),
         campaign_id: campaign.map(Into::into),
-        status,
         source: Some("s3://inputs/x.png".into()),
         output: Some(format!("s3://outputs/{job_id}.png")),
         width: Some(512),
         height: Some(512),
         seed: Some(7),
-        attempt: 1,
-        duplicate: false,
         worker: "test".into(),
         model: "tiny".into(),
-        timings: Timings::default(),
-        error: None,
-        metadata: None,
+        ..JobResult::new(job_id, status)
+    }
+}
+
+/// Proves that every delivery `source` received so far is settled for good — acknowledged,
+/// or rejected without requeue — rather than inferring it from a queue that looks empty after
+/// a pause: publishes `prefetch` markers and requires them, in order, as the next deliveries,
+/// all held at once. A settlement the broker has not processed would still occupy a prefetch
+/// slot (the last marker could not arrive), and a requeued job is delivered before newer
+/// messages. The markers are then acknowledged.
+async fn assert_settled(source: &mut AmqpSource, publisher: &AmqpPublisher, tag: &str) {
+    let prefetch = source.settings().prefetch;
+    let ids: Vec<String> = (0..prefetch).map(|i| format!("marker-{tag}-{i}")).collect();
+    let markers = ids.iter().map(|id| OutgoingJob {
+        body: job_body(id),
+        message_id: id.clone(),
+        options: JobPublishOptions::default(),
+    });
+    assert_eq!(publisher.publish_jobs(markers).await.expect("publish markers"), u64::from(prefetch));
+    let mut held = Vec::new();
+    for id in &ids {
+        let d = next(source).await;
+        assert_eq!(d.info().message_id.as_deref(), Some(id.as_str()), "a job came back before the markers");
+        held.push(d);
+    }
+    for d in held {
+        d.ack().await.expect("ack a marker");
     }
 }
 
@@ -288,12 +307,10 @@ async fn publish_consume_ack_empties_the_queue() {
     assert_eq!((info.attempt, info.last_attempt), (1, false));
     d.ack().await.expect("ack");
 
-    // Closing the connection would requeue an unacked message: the count proves the ack.
-    source.shutdown().await;
-    let (conn, _) = raw(&settings.url).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(ready(&conn, &settings.jobs_queue).await, 0);
+    // With prefetch 1 the marker only arrives once the broker has processed the ack.
+    assert_settled(&mut source, &publisher, "ack").await;
     assert_eq!(sc.lost_acks.load(Ordering::Relaxed), 0);
+    source.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,7 +371,7 @@ async fn dead_letter_keeps_body_and_properties_and_carries_the_reason() {
     let error = JobError::new(ErrorKind::InvalidImage, "not a decodable image: truncated PNG");
     d.dead_letter(&error).await.expect("dead letter");
 
-    let (conn, ch) = raw(&settings.url).await;
+    let (_conn, ch) = raw(&settings.url).await;
     let m = get_one(&ch, &settings.dead_letter_queue, Duration::from_secs(10)).await;
     assert_eq!(m.delivery.data, job_body("job-dl"));
     let p = &m.properties;
@@ -379,10 +396,10 @@ async fn dead_letter_keeps_body_and_properties_and_carries_the_reason() {
         header(&m, "x-delivery-count")
     );
 
-    source.shutdown().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(ready(&conn, &settings.jobs_queue).await, 0, "the original must be acked");
+    // The original was acknowledged after the dead letter was confirmed.
+    assert_settled(&mut source, &publisher, "dead-letter").await;
     assert_eq!(sc.lost_acks.load(Ordering::Relaxed), 0);
+    source.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -396,9 +413,10 @@ async fn unconfirmed_dead_letter_falls_back_to_reject() {
     let d = next(&mut source).await;
     let err = d.dead_letter(&JobError::new(ErrorKind::InvalidJob, "bad")).await.expect_err("unconfirmed");
     assert!(matches!(&err, QueueError::Unconfirmed(m) if m.contains("returned") && m.contains("rejected")), "{err}");
+    // Rejected without requeue: the markers come next, not the job.
+    assert_settled(&mut source, &publisher, "fallback").await;
+    assert_eq!(ready(&conn, &settings.jobs_queue).await, 0);
     source.shutdown().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(ready(&conn, &settings.jobs_queue).await, 0, "rejected without requeue");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,15 +447,15 @@ async fn close_stops_deliveries_and_in_flight_ones_stay_ackable() {
     let sc = counters();
     let mut source = AmqpSource::connect(settings.clone(), sc.clone()).await.expect("source");
     let d = next(&mut source).await;
-    // Let the second prefetched delivery arrive, then close.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Close once the broker has sent the second delivery too (only the third is ready).
+    let (conn, _) = raw(&settings.url).await;
+    wait_ready(&conn, &settings.jobs_queue, 1, Duration::from_secs(5)).await;
     source.close().await.expect("close");
     assert!(!sc.connected.load(Ordering::Relaxed));
     assert!(source.next().await.expect("next after close").is_none());
     assert!(source.next().await.expect("next after close").is_none());
     d.ack().await.expect("an in-flight delivery stays ackable after close");
     // The other two are ready again (one never delivered, one released by close).
-    let (conn, _) = raw(&settings.url).await;
     wait_ready(&conn, &settings.jobs_queue, 2, Duration::from_secs(5)).await;
     source.shutdown().await;
     assert_eq!(ready(&conn, &settings.jobs_queue).await, 2);
@@ -525,6 +543,53 @@ async fn unroutable_job_is_an_error() {
     let ch = conn.create_channel().await.expect("channel");
     declare_topology(&ch, &settings).await.expect("redeclare");
     publish(&publisher, "job-ok").await;
+    publisher.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_queue_collects_its_campaign_results_for_the_results_consumer() {
+    let (settings, mut cleanup, publisher, pc) = setup("campaign").await;
+    let admin = Admin::connect(settings.clone()).await.expect("admin");
+    let queue = admin.declare_campaign_queue("spring").await.expect("declare");
+    cleanup.queues.push(queue.clone());
+    assert_eq!(queue, campaign_queue(&settings, "spring"));
+    assert_eq!(admin.declare_campaign_queue("spring").await.expect("declared again"), queue, "idempotent");
+    for (id, status, campaign) in [
+        ("a", Status::Succeeded, Some("spring")),
+        ("other-campaign", Status::Succeeded, Some("summer")),
+        ("no-campaign", Status::Failed, None),
+        ("b", Status::Failed, Some("spring")),
+    ] {
+        publisher.publish(&result(id, status, campaign), &DeliveryInfo::default()).await.expect("publish");
+    }
+    assert_eq!(pc.unroutable_results.load(Ordering::Relaxed), 2, "only the campaign's results are routed to it");
+    assert_eq!(admin.ready(&queue).await.expect("ready"), 2);
+
+    // Prefetch 1: the second result only comes once the first is acknowledged.
+    let mut results = admin.consume_results(&queue, 1).await.expect("consume");
+    for expected in ["a", "b"] {
+        let message = tokio::time::timeout(Duration::from_secs(10), results.next())
+            .await
+            .expect("a result within 10 s")
+            .expect("next")
+            .expect("subscribed");
+        let r: JobResult = serde_json::from_slice(message.body()).expect("result json");
+        assert_eq!(r.job_id, expected);
+        message.ack().await.expect("ack");
+    }
+    // Deleting the queue ends the subscription.
+    admin.delete_queue(&queue).await.expect("delete");
+    let end = tokio::time::timeout(Duration::from_secs(10), results.next()).await.expect("the consumer ends");
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    results.cancel().await.expect("cancel after the broker's cancel");
+
+    // Cancelled in order, the subscription leaves the connection usable (the queue can go).
+    let queue = admin.declare_campaign_queue("autumn").await.expect("declare");
+    cleanup.queues.push(queue.clone());
+    let results = admin.consume_results(&queue, 1).await.expect("consume");
+    results.cancel().await.expect("cancel");
+    admin.delete_queue(&queue).await.expect("delete after the cancel");
+    admin.close().await;
     publisher.shutdown().await;
 }
 
@@ -701,9 +766,8 @@ async fn reconnects_after_a_broker_restart() {
         sc.lost_acks.load(Ordering::Relaxed),
         t0.elapsed().as_secs_f64()
     );
+    // Every job acked for good, no duplicate left behind: the markers are all that is left.
+    assert_settled(&mut source, &publisher, "restart").await;
     source.shutdown().await;
     publisher.shutdown().await;
-    let (conn, _) = raw(&node.url()).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(ready(&conn, "retouch.jobs").await, 0);
 }

@@ -19,6 +19,7 @@ use retouch_core::imaging::DecodeLimits;
 use retouch_core::job::{EditJob, JobResult, Status};
 use retouch_core::params::{EditParams, OutputFormat};
 use retouch_core::queue::QueueCounters;
+use retouch_core::safety::SafetyPolicy;
 use retouch_worker::backend::Backend;
 use retouch_worker::batcher::BatchPolicy;
 use retouch_worker::engine::{self, EngineSettings};
@@ -72,6 +73,11 @@ pub struct BatchArgs {
     /// The report (one JSON result per line; appended). Default: <output-dir>/report.jsonl.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Safety checker: auto (as diffusers: run it when the checkpoint ships one; flagged
+    /// outputs are black), on (require one), off (never), block (require one; a flagged image
+    /// fails with error kind nsfw and no output).
+    #[arg(long, env = "RETOUCH_SAFETY_CHECKER", default_value = "auto", value_name = "auto|on|off|block")]
+    pub safety_checker: SafetyPolicy,
 }
 
 fn file_url(path: &Path) -> anyhow::Result<String> {
@@ -175,9 +181,10 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
 
     let metrics = Arc::new(Metrics::new(Arc::new(QueueCounters::default())));
     let (model, variant, device) = (args.model.clone(), args.variant.clone(), args.device.clone());
+    let safety = args.safety_checker;
     let backend = Arc::new(Backend::spawn(
         move || {
-            load_model(&model, variant.as_deref(), &device, "auto", retouch_model::KernelChoice::default())
+            load_model(&model, variant.as_deref(), &device, "auto", retouch_model::KernelChoice::default(), safety)
                 .map(|m| Box::new(m) as Box<dyn Editor>)
                 .map_err(|e| format!("{e:#}"))
         },
@@ -235,6 +242,7 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
         retry_backoff: Duration::from_millis(500),
         retry_backoff_max: Duration::from_secs(10),
         worker_name: "local".into(),
+        block_nsfw: args.safety_checker.blocks(),
     };
     let queue = LocalQueue::new(bodies, args.retries);
     let started = Instant::now();

@@ -6,7 +6,8 @@
 //! * `vae_encode`: VAE posterior mean of the N images;
 //! * `unet_call`: one UNet call at batch 3N (guidance on) with t = 999;
 //! * `vae_decode`: decode N latents to images;
-//! * `edit`: the whole batched edit, K Euler-ancestral steps.
+//! * `edit`: the whole batched edit, K steps of `--scheduler` (Euler-ancestral unless given,
+//!   with `--karras-sigmas` where it has them).
 //!
 //! Each stage runs `--warmup` untimed times, then `--repeats` timed times; median, min and max
 //! are reported with the peak RSS of the process.
@@ -58,9 +59,20 @@ pub struct BenchArgs {
     /// Timed runs of the whole edit.
     #[arg(long, default_value_t = 1)]
     pub edit_repeats: usize,
+    /// Sampler of the whole-edit stage: euler-ancestral, euler, ddim, dpmpp-2m, dpmpp-2m-sde or
+    /// unipc.
+    #[arg(long, default_value = "euler-ancestral", value_parser = parse_scheduler)]
+    pub scheduler: SchedulerKind,
+    /// Karras sigmas for the whole-edit stage (euler, dpmpp-2m, dpmpp-2m-sde, unipc).
+    #[arg(long)]
+    pub karras_sigmas: bool,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
+    s.parse().map_err(|e: retouch_core::params::ParamError| e.message)
 }
 
 /// Peak and current resident set size in MiB, from `/proc/self/status`.
@@ -133,8 +145,24 @@ fn test_image(size: u32, salt: u32) -> RgbImage {
 /// # Errors
 /// Model loading and compute failures.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.karras_sigmas && !args.scheduler.supports_karras_sigmas() {
+        return Err(crate::cli_error::bad_input(format!(
+            "--karras-sigmas: {} has no Karras sigmas (diffusers' {} has no use_karras_sigmas)",
+            args.scheduler,
+            args.scheduler.diffusers_class()
+        )));
+    }
     let load_started = Instant::now();
-    let model = load_model(&args.model, args.variant.as_deref(), &args.device, &args.dtype, args.kernels.choice()?)?;
+    // The stages are timed without the safety checker (its cost is one CLIP vision pass per
+    // image after decoding), as before it existed.
+    let model = load_model(
+        &args.model,
+        args.variant.as_deref(),
+        &args.device,
+        &args.dtype,
+        args.kernels.choice()?,
+        retouch_core::safety::SafetyPolicy::Off,
+    )?;
     let load_seconds = load_started.elapsed().as_secs_f64();
     let dev = model.device().clone();
     let (_, rss_after_load) = rss_mib();
@@ -165,7 +193,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     let batch = EditBatch {
         steps: args.steps,
-        scheduler: Some(SchedulerKind::EulerAncestral),
+        scheduler: Some(args.scheduler),
+        karras_sigmas: Some(args.karras_sigmas),
         requests: images
             .iter()
             .zip(&instructions)
@@ -173,6 +202,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .map(|(i, (image, instruction))| EditRequest {
                 image: image.clone(),
                 instruction: instruction.clone(),
+                negative_prompt: None,
                 seed: i as u64,
                 guidance_scale: 7.5,
                 image_guidance_scale: 1.5,
@@ -185,7 +215,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (peak, _) = rss_mib();
     let stages = [text, vae_encode, unet, vae_decode, edit];
     println!(
-        "retouch {} | {} {} | {} | {}×{} px, batch {n}, {} steps, threads {}",
+        "retouch {} | {} {} | {} | {}×{} px, batch {n}, {} steps of {}{}, threads {}",
         env!("CARGO_PKG_VERSION"),
         args.device,
         model.info().dtype,
@@ -193,6 +223,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.size,
         args.size,
         args.steps,
+        args.scheduler,
+        if args.karras_sigmas { " (Karras sigmas)" } else { "" },
         candle_core::utils::get_num_threads()
     );
     println!("{:<12} {:>10} {:>10} {:>10}", "stage", "median s", "min s", "max s");
@@ -213,6 +245,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "kernels": {"conv": model.kernels().conv.to_string(), "attention": model.kernels().attention.to_string()},
             "size": args.size,
             "steps": args.steps,
+            "scheduler": args.scheduler.as_str(),
+            "karras_sigmas": args.karras_sigmas,
             "batch": n,
             "threads": candle_core::utils::get_num_threads(),
             "load_seconds": load_seconds,

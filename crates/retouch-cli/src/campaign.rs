@@ -20,10 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use futures_lite::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
 use retouch_amqp::{Admin, AmqpPublisher, JobPublishOptions, OutgoingJob};
 use retouch_core::job::{EditJob, JobResult, ObjectUrl, Status};
 use retouch_core::params::OutputFormat;
@@ -39,6 +36,11 @@ use crate::storage::Storage;
 
 /// Jobs per confirmed chunk (and ledger part).
 const CHUNK: usize = 5_000;
+
+/// Results `watch` holds unacknowledged at once (`basic.qos`): each is appended to the state
+/// file before its ack, so a few hundred in flight keep the broker streaming without much
+/// to redeliver after a crash.
+const WATCH_PREFETCH: u16 = 500;
 
 /// Broker and storage flags shared by the campaign commands.
 #[derive(clap::Args, Debug, Clone)]
@@ -326,39 +328,48 @@ fn merge(results: &mut BTreeMap<String, JobResult>, r: JobResult) -> isize {
     isize::from(now_failed) - isize::from(was_failed)
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+/// One row of a CSV report.
+#[derive(serde::Serialize)]
+struct CsvRow<'a> {
+    job_id: &'a str,
+    source: &'a str,
+    output: &'a str,
+    status: &'a str,
+    error_kind: Option<&'a str>,
+    error_message: Option<&'a str>,
+    attempt: Option<u32>,
+    duplicate: bool,
+    inference_s: Option<String>,
+    total_s: Option<String>,
 }
 
+/// Writes the report: one line (JSONL) or row (CSV, by the extension) per ledger entry, in
+/// ledger order; jobs without a result are `missing`.
 fn write_report(path: &PathBuf, ledger: &[Entry], results: &BTreeMap<String, JobResult>) -> anyhow::Result<()> {
-    let csv = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"));
-    let mut out = std::io::BufWriter::new(
-        std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?,
-    );
-    if csv {
-        writeln!(out, "job_id,source,output,status,error_kind,error_message,attempt,duplicate,inference_s,total_s")?;
-    }
-    for entry in ledger {
-        let r = results.get(&entry.job_id);
-        if csv {
-            let (kind, message) = r
-                .and_then(|r| r.error.as_ref())
-                .map_or((String::new(), String::new()), |e| (e.kind.to_string(), e.message.clone()));
-            writeln!(
-                out,
-                "{},{},{},{},{},{},{},{},{},{}",
-                csv_field(&entry.job_id),
-                csv_field(&entry.source),
-                csv_field(r.and_then(|r| r.output.as_deref()).unwrap_or(&entry.output)),
-                r.map_or("missing", |r| r.status.as_str()),
-                kind,
-                csv_field(&message),
-                r.map_or(String::new(), |r| r.attempt.to_string()),
-                r.is_some_and(|r| r.duplicate),
-                r.map_or(String::new(), |r| format!("{:.3}", r.timings.inference)),
-                r.map_or(String::new(), |r| format!("{:.3}", r.timings.total)),
-            )?;
-        } else {
+    let file = std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")) {
+        let mut out = csv::Writer::from_writer(file);
+        for entry in ledger {
+            let r = results.get(&entry.job_id);
+            let error = r.and_then(|r| r.error.as_ref());
+            out.serialize(CsvRow {
+                job_id: &entry.job_id,
+                source: &entry.source,
+                output: r.and_then(|r| r.output.as_deref()).unwrap_or(&entry.output),
+                status: r.map_or("missing", |r| r.status.as_str()),
+                error_kind: error.map(|e| e.kind.as_str()),
+                error_message: error.map(|e| e.message.as_str()),
+                attempt: r.map(|r| r.attempt),
+                duplicate: r.is_some_and(|r| r.duplicate),
+                inference_s: r.map(|r| format!("{:.3}", r.timings.inference)),
+                total_s: r.map(|r| format!("{:.3}", r.timings.total)),
+            })?;
+        }
+        out.flush()?;
+    } else {
+        let mut out = std::io::BufWriter::new(file);
+        for entry in ledger {
+            let r = results.get(&entry.job_id);
             let line = serde_json::json!({
                 "job_id": entry.job_id, "source": entry.source,
                 "output": r.and_then(|r| r.output.clone()).unwrap_or_else(|| entry.output.clone()),
@@ -369,8 +380,8 @@ fn write_report(path: &PathBuf, ledger: &[Entry], results: &BTreeMap<String, Job
             });
             writeln!(out, "{line}")?;
         }
+        out.flush()?;
     }
-    out.flush()?;
     Ok(())
 }
 
@@ -416,17 +427,8 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     let deadline = args.timeout.map(|t| tokio::time::Instant::now() + t);
     let mut outcome = Ok(());
     if results.len() < total {
-        let channel = admin.channel().clone();
-        channel.basic_qos(500, BasicQosOptions { global: false }).await.context("basic.qos")?;
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                format!("watch-{}", std::process::id()).as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .context("cannot consume the campaign's results")?;
+        let mut consumer =
+            admin.consume_results(&queue, WATCH_PREFETCH).await.context("cannot consume the campaign's results")?;
         let stop = crate::signals::terminated();
         tokio::pin!(stop);
         while results.len() < total {
@@ -435,15 +437,14 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
                 () = sleep_until_opt(deadline) => { outcome = Err(anyhow::anyhow!("timed out; run the same watch again to resume")); break }
                 next = consumer.next() => next,
             };
-            let Some(delivery) = next else {
+            let Some(message) = next.context("reading results")? else {
                 outcome = Err(anyhow::anyhow!("the broker closed the consumer; run the same watch again to resume"));
                 break;
             };
-            let delivery = delivery.context("reading results")?;
-            match serde_json::from_slice::<JobResult>(&delivery.data) {
+            match serde_json::from_slice::<JobResult>(message.body()) {
                 Ok(result) => {
                     // Persist before acknowledging: a crash here repeats a result, never loses one.
-                    writeln!(state, "{}", String::from_utf8_lossy(&delivery.data))?;
+                    writeln!(state, "{}", String::from_utf8_lossy(message.body()))?;
                     state.flush()?;
                     if known.contains_key(result.job_id.as_str()) {
                         failed = failed.saturating_add_signed(merge(&mut results, result));
@@ -452,8 +453,9 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
                 }
                 Err(e) => tracing::warn!(error = %e, "ignoring a message that is not a result"),
             }
-            delivery.ack(BasicAckOptions::default()).await.context("acknowledging a result")?;
+            message.ack().await.context("acknowledging a result")?;
         }
+        consumer.cancel().await.context("ending the results subscription")?;
     }
     progress.finish_and_clear();
     let ok = results.len() - failed;
@@ -487,29 +489,57 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
 
 #[cfg(test)]
 mod tests {
-    use retouch_core::job::{PROTOCOL_VERSION, Timings};
-
     use super::*;
 
     fn result(id: &str, status: Status) -> JobResult {
-        JobResult {
-            version: PROTOCOL_VERSION,
+        JobResult::new(id, status)
+    }
+
+    #[test]
+    fn the_csv_report_quotes_what_needs_quoting_and_marks_missing_jobs() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("report.csv");
+        let entry = |id: &str| Entry {
             job_id: id.into(),
-            campaign_id: None,
-            status,
-            source: None,
-            output: None,
-            width: None,
-            height: None,
-            seed: None,
-            attempt: 1,
-            duplicate: false,
-            worker: "w".into(),
-            model: "m".into(),
-            timings: Timings::default(),
-            error: None,
-            metadata: None,
-        }
+            source: format!("s3://in/{id},v2.png"),
+            output: format!("s3://out/{id}.png"),
+        };
+        let failed = JobResult {
+            attempt: 3,
+            error: Some(retouch_core::job::ResultError {
+                kind: retouch_core::error::ErrorKind::Storage,
+                message: "503 \"SlowDown\", retry\nlater".into(),
+                retryable: true,
+            }),
+            ..result("a", Status::Failed)
+        };
+        let results = BTreeMap::from([("a".to_string(), failed)]);
+        write_report(&path, &[entry("a"), entry("b")], &results).expect("report");
+
+        let mut reader = csv::Reader::from_path(&path).expect("csv");
+        let header: Vec<String> = reader.headers().expect("header").iter().map(String::from).collect();
+        assert_eq!(
+            header.join(","),
+            "job_id,source,output,status,error_kind,error_message,attempt,duplicate,inference_s,total_s"
+        );
+        let rows: Vec<Vec<String>> =
+            reader.records().map(|r| r.expect("row").iter().map(String::from).collect()).collect();
+        assert_eq!(
+            rows[0],
+            [
+                "a",
+                "s3://in/a,v2.png",
+                "s3://out/a.png",
+                "failed",
+                "storage",
+                "503 \"SlowDown\", retry\nlater",
+                "3",
+                "false",
+                "0.000",
+                "0.000"
+            ]
+        );
+        assert_eq!(rows[1], ["b", "s3://in/b,v2.png", "s3://out/b.png", "missing", "", "", "", "false", "", ""]);
     }
 
     #[test]

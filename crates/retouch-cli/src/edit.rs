@@ -7,6 +7,7 @@ use anyhow::Context;
 use retouch_core::editor::{EditBatch, EditRequest, Editor};
 use retouch_core::imaging::{self, DecodeLimits, ImageError};
 use retouch_core::params::OutputFormat;
+use retouch_core::safety::SafetyPolicy;
 use retouch_model::{
     AttentionChoice, ConvChoice, DeviceSpec, InstructPix2Pix, KernelChoice, LoadOptions, ModelError, ModelSource,
 };
@@ -50,6 +51,11 @@ pub struct EditArgs {
     /// JPEG quality (1–100).
     #[arg(long, default_value_t = retouch_core::params::DEFAULT_QUALITY)]
     pub quality: u8,
+    /// Safety checker: auto (as diffusers: run it when the checkpoint ships one; a flagged
+    /// output is black), on (require one), off (never), block (require one; a flagged output is
+    /// not written and the command fails).
+    #[arg(long, env = "RETOUCH_SAFETY_CHECKER", default_value = "auto", value_name = "auto|on|off|block")]
+    pub safety_checker: SafetyPolicy,
 }
 
 /// The GPU levers (docs/gpu.md): which implementation runs convolutions and attention.
@@ -78,30 +84,32 @@ impl KernelArgs {
     }
 }
 
-/// Loads a model from a `--model` string.
+/// Loads a model from a `--model` string, with its safety checker when `safety` runs one (its
+/// files are fetched only then).
 ///
 /// # Errors
-/// Bad input (exit 2) for a missing directory, an unparsable source or a lever this build or
-/// device cannot run; otherwise model errors.
+/// Bad input (exit 2) for a missing directory, an unparsable source, a lever this build or
+/// device cannot run, or a safety policy the checkpoint cannot honour; otherwise model errors.
 pub fn load_model(
     model: &str,
     variant: Option<&str>,
     device: &str,
     dtype: &str,
     kernels: KernelChoice,
+    safety: SafetyPolicy,
 ) -> anyhow::Result<InstructPix2Pix> {
     let device: DeviceSpec = device.parse().map_err(|e: ModelError| bad_input(e.to_string()))?;
     let dtype = retouch_model::device::parse_dtype(dtype).map_err(|e| bad_input(format!("--dtype: {e}")))?;
     let source: ModelSource = model.parse().map_err(|e: ModelError| bad_input(e.to_string()))?;
-    let dir = source.resolve(variant).map_err(|e| match e {
+    let dir = source.resolve(variant, safety).map_err(|e| match e {
         ModelError::MissingFile(path) => {
             bad_input(format!("--model {model}: no diffusers checkpoint here ({} is missing)", path.display()))
         }
         other => anyhow::Error::new(other).context(format!("cannot fetch model {source}")),
     })?;
-    let options = LoadOptions { device, variant: variant.map(str::to_string), dtype, kernels };
+    let options = LoadOptions { device, variant: variant.map(str::to_string), dtype, kernels, safety_checker: safety };
     InstructPix2Pix::load(&dir, &source.to_string(), &options).map_err(|e| match e {
-        ModelError::Device(message) => bad_input(message),
+        ModelError::Device(message) | ModelError::SafetyChecker(message) => bad_input(message),
         other => anyhow::Error::new(other).context(format!("cannot load model {source}")),
     })
 }
@@ -142,12 +150,16 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
     let init_latents = args.init_latents.as_ref().map(read_init_latents).transpose()?;
     if params.guidance_scale <= 1.0 || params.image_guidance_scale < 1.0 {
         tracing::info!("guidance is off (guidance_scale ≤ 1 or image_guidance_scale < 1): one UNet branch per step");
+        if params.negative_prompt.is_some() {
+            tracing::warn!("guidance is off, so the negative prompt is ignored (as in diffusers)");
+        }
     }
     eprintln!("seed: {}", params.seed);
 
     let load_started = Instant::now();
     let kernels = args.kernels.choice()?;
-    let model = load_model(&args.model, args.variant.as_deref(), &args.device, &args.dtype, kernels)?;
+    let model =
+        load_model(&args.model, args.variant.as_deref(), &args.device, &args.dtype, kernels, args.safety_checker)?;
     let load_seconds = load_started.elapsed().as_secs_f64();
 
     let multiple = model.info().size_multiple;
@@ -176,9 +188,11 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
     let batch = EditBatch {
         steps: params.steps,
         scheduler: params.scheduler,
+        karras_sigmas: params.karras_sigmas,
         requests: vec![EditRequest {
             image: prepared.image,
             instruction: args.instruction.clone(),
+            negative_prompt: params.negative_prompt.clone(),
             seed: params.seed,
             guidance_scale: params.guidance_scale,
             image_guidance_scale: params.image_guidance_scale,
@@ -198,6 +212,14 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
     if output.instruction_truncated {
         tracing::warn!("the instruction is longer than 77 CLIP tokens; its end was ignored");
     }
+    if output.nsfw_content_detected == Some(true) {
+        if args.safety_checker.blocks() {
+            anyhow::bail!(
+                "the safety checker flagged the edited image (nsfw); nothing was written (--safety-checker block)"
+            );
+        }
+        eprintln!("nsfw content detected: the safety checker flagged the image; the output is black");
+    }
 
     let encoded = imaging::encode(&output.image, format, params.quality)?;
     std::fs::write(&args.output, encoded).with_context(|| format!("cannot write {}", args.output.display()))?;
@@ -208,7 +230,11 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
         width,
         height,
         params.steps,
-        scheduler.map_or("?", |s| s.as_str()),
+        match (scheduler, params.karras_sigmas) {
+            (Some(s), Some(true)) => format!("{s} with Karras sigmas"),
+            (Some(s), _) => s.to_string(),
+            (None, _) => "?".into(),
+        },
         params.seed,
         load_seconds + edit_seconds,
         load_seconds,

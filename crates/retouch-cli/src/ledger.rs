@@ -131,8 +131,8 @@ mod tests {
 
     #[tokio::test]
     async fn chunks_survive_a_reopen() {
-        let dir = std::env::temp_dir().join(format!("retouch-ledger-{}", std::process::id()));
-        let root = format!("file://{}", dir.display());
+        let dir = tempfile::tempdir().expect("tmp");
+        let root = format!("file://{}", dir.path().display());
         let entry = |i: usize| Entry {
             job_id: format!("c.{i}"),
             source: format!("s3://in/{i}.png"),
@@ -146,6 +146,5 @@ mod tests {
         assert_eq!(reopened.manifest.total, 3);
         assert_eq!(reopened.published().len(), 3);
         assert_eq!(reopened.by_id()["c.3"].source, "s3://in/3.png");
-        std::fs::remove_dir_all(&dir).ok();
     }
 }

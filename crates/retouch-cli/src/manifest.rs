@@ -89,10 +89,16 @@ fn read_csv(path: &Path, text: &str) -> anyhow::Result<Vec<Row>> {
                 "job_id" | "source" | "instruction" | "output" | "campaign_id" => {
                     job.insert(header.into(), serde_json::Value::String(value.into()));
                 }
-                "scheduler" | "format" => {
+                "scheduler" | "format" | "negative_prompt" => {
                     params.insert(header.into(), serde_json::Value::String(value.into()));
                 }
-                "steps" | "guidance_scale" | "image_guidance_scale" | "seed" | "max_side" | "quality" => {
+                "steps"
+                | "guidance_scale"
+                | "image_guidance_scale"
+                | "seed"
+                | "max_side"
+                | "quality"
+                | "karras_sigmas" => {
                     params.insert(header.into(), json_value());
                 }
                 other => match other.strip_prefix("metadata.") {
@@ -164,8 +170,10 @@ pub fn merge(row: &EditParams, defaults: &EditParams) -> EditParams {
         steps: row.steps.or(defaults.steps),
         guidance_scale: row.guidance_scale.or(defaults.guidance_scale),
         image_guidance_scale: row.image_guidance_scale.or(defaults.image_guidance_scale),
+        negative_prompt: row.negative_prompt.clone().or_else(|| defaults.negative_prompt.clone()),
         seed: row.seed.or(defaults.seed),
         scheduler: row.scheduler.or(defaults.scheduler),
+        karras_sigmas: row.karras_sigmas.or(defaults.karras_sigmas),
         max_side: row.max_side.or(defaults.max_side),
         format: row.format.or(defaults.format),
         quality: row.quality.or(defaults.quality),
@@ -189,22 +197,30 @@ mod tests {
 
     #[test]
     fn csv_rows_map_to_protocol_fields() {
-        let dir = std::env::temp_dir().join(format!("retouch-manifest-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("tmp");
-        let path = dir.join("m.csv");
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("m.csv");
         std::fs::write(
             &path,
-            "source,instruction,steps,scheduler,metadata.sku\ns3://b/a.png,make it red,12,ddim,A-1\ns3://b/b.png,,,,\n",
+            "source,instruction,steps,scheduler,karras_sigmas,negative_prompt,metadata.sku\n\
+             s3://b/a.png,make it red,12,unipc,true,\"blurry, dark\",A-1\ns3://b/b.png,,,,,,\n",
         )
         .expect("write");
         let rows = read(&path).expect("reads");
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].params.steps, Some(12));
+        assert_eq!(rows[0].params.scheduler, Some(retouch_core::params::SchedulerKind::Unipc));
+        assert_eq!(rows[0].params.karras_sigmas, Some(true));
+        assert_eq!(rows[0].params.negative_prompt.as_deref(), Some("blurry, dark"));
+        let defaults =
+            EditParams { negative_prompt: Some("grainy".into()), karras_sigmas: Some(false), ..Default::default() };
+        let merged = merge(&rows[0].params, &defaults);
+        assert_eq!((merged.negative_prompt.as_deref(), merged.karras_sigmas), (Some("blurry, dark"), Some(true)));
+        let merged = merge(&rows[1].params, &defaults);
+        assert_eq!((merged.negative_prompt.as_deref(), merged.karras_sigmas), (Some("grainy"), Some(false)));
         assert_eq!(rows[0].metadata.as_ref().expect("metadata")["sku"], "A-1");
         let job = to_job(rows[1].clone(), Some("c"), Some("default"), &EditParams::default()).expect("job");
         assert_eq!(job.instruction, "default");
         std::fs::write(&path, "source,colour\ns3://b/a.png,red\n").expect("write");
         assert!(read(&path).expect_err("unknown column").to_string().contains("colour"));
-        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -10,6 +10,7 @@ use retouch_core::editor::Editor;
 use retouch_core::imaging::DecodeLimits;
 use retouch_core::job::ObjectUrl;
 use retouch_core::queue::QueueCounters;
+use retouch_core::safety::SafetyPolicy;
 use retouch_model::{InstructPix2Pix, LoadOptions, ModelSource};
 use retouch_s3::{S3Settings, S3Store};
 use retouch_worker::backend::Backend;
@@ -45,6 +46,10 @@ pub struct FetchModelArgs {
     /// TOML config file for the S3 settings (RETOUCH_* variables apply too).
     #[arg(long, env = "RETOUCH_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Safety checker policy deciding whether its files are fetched (auto: when the checkpoint
+    /// ships one; on/block: too; off: never) [default: the config's `safety_checker`].
+    #[arg(long, value_name = "auto|on|off|block")]
+    pub safety_checker: Option<SafetyPolicy>,
 }
 
 /// The worker configuration: `path` (if any), then `RETOUCH_*` variables; errors are bad input.
@@ -83,13 +88,15 @@ pub fn amqp_settings(config: &WorkerConfig, name: &str) -> AmqpSettings {
 }
 
 /// A local directory holding the checkpoint: syncs `s3://` prefixes into `cache_dir`,
-/// downloads Hub models into the Hugging Face cache. Blocking (Hub downloads).
+/// downloads Hub models into the Hugging Face cache (the safety checker's files only when
+/// `safety` runs it). Blocking (Hub downloads).
 ///
 /// # Errors
 /// Bad input for unusable sources; fetch failures otherwise.
 fn resolve_model(
     model: &str,
     variant: Option<&str>,
+    safety: SafetyPolicy,
     cache_dir: &Path,
     s3: Option<&S3Store>,
     runtime: &tokio::runtime::Handle,
@@ -103,7 +110,7 @@ fn resolve_model(
         return Ok(dir);
     }
     let source: ModelSource = model.parse().map_err(|e: retouch_model::ModelError| bad_input(e.to_string()))?;
-    source.resolve(variant).with_context(|| format!("cannot fetch model {source}"))
+    source.resolve(variant, safety).with_context(|| format!("cannot fetch model {source}"))
 }
 
 /// Runs `retouch fetch-model`: brings the model into its cache and prints the directory.
@@ -115,10 +122,11 @@ pub async fn fetch_model(args: FetchModelArgs) -> anyhow::Result<()> {
     let model = args.model.unwrap_or(config.model.clone());
     let variant = args.variant.or_else(|| (!config.model_variant.is_empty()).then(|| config.model_variant.clone()));
     let cache_dir = args.cache_dir.unwrap_or(config.model_cache_dir.clone());
+    let safety = args.safety_checker.unwrap_or(config.safety_checker);
     let s3 = if model.starts_with("s3://") { Some(S3Store::new(s3_settings(&config)).await?) } else { None };
     let handle = tokio::runtime::Handle::current();
     let dir = tokio::task::spawn_blocking(move || {
-        resolve_model(&model, variant.as_deref(), &cache_dir, s3.as_ref(), &handle)
+        resolve_model(&model, variant.as_deref(), safety, &cache_dir, s3.as_ref(), &handle)
     })
     .await
     .context("the fetch task failed")??;
@@ -167,11 +175,22 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             move || {
                 let variant = (!config.model_variant.is_empty()).then_some(config.model_variant.as_str());
                 let load = || -> anyhow::Result<InstructPix2Pix> {
-                    let dir = resolve_model(&config.model, variant, &config.model_cache_dir, Some(&s3), &handle)?;
+                    let dir = resolve_model(
+                        &config.model,
+                        variant,
+                        config.safety_checker,
+                        &config.model_cache_dir,
+                        Some(&s3),
+                        &handle,
+                    )?;
                     let device =
                         config.device.parse().map_err(|e: retouch_model::ModelError| bad_input(e.to_string()))?;
-                    let options =
-                        LoadOptions { device, variant: variant.map(str::to_string), ..LoadOptions::default() };
+                    let options = LoadOptions {
+                        device,
+                        variant: variant.map(str::to_string),
+                        safety_checker: config.safety_checker,
+                        ..LoadOptions::default()
+                    };
                     Ok(InstructPix2Pix::load(&dir, &config.model, &options)?)
                 };
                 load().map(|m| Box::new(m) as Box<dyn Editor>).map_err(|e| format!("{e:#}"))
@@ -218,6 +237,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         retry_backoff: config.retry_backoff,
         retry_backoff_max: config.retry_backoff_max,
         worker_name,
+        block_nsfw: config.safety_checker.blocks(),
     };
     let summary = engine::run(
         engine_settings,

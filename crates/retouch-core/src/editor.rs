@@ -18,6 +18,9 @@ pub struct EditRequest {
     pub image: RgbImage,
     /// The instruction ("make it snowy").
     pub instruction: String,
+    /// Replaces the empty prompt of the two unconditional guidance branches (diffusers'
+    /// `negative_prompt`); `None` is the empty prompt. Unused when guidance is off.
+    pub negative_prompt: Option<String>,
     /// Seed of this image's own noise generator.
     pub seed: u64,
     /// Text guidance scale.
@@ -36,6 +39,9 @@ pub struct EditBatch {
     pub steps: u32,
     /// Sampler, shared; `None` = the checkpoint's own.
     pub scheduler: Option<SchedulerKind>,
+    /// Karras sigmas (`use_karras_sigmas`), shared; `None` = as the checkpoint's scheduler
+    /// config says.
+    pub karras_sigmas: Option<bool>,
     /// The images, all of one size.
     pub requests: Vec<EditRequest>,
 }
@@ -47,6 +53,9 @@ pub struct EditedImage {
     pub image: RgbImage,
     /// The instruction was longer than the text encoder's 77 tokens and was cut.
     pub instruction_truncated: bool,
+    /// The safety checker's verdict (diffusers' `nsfw_content_detected`): `None` when no checker
+    /// ran, `Some(true)` when it flagged the image — which is then all black, as in diffusers.
+    pub nsfw_content_detected: Option<bool>,
 }
 
 /// Progress callbacks from inside [`Editor::edit`], on the editor's thread.

@@ -20,13 +20,16 @@ pub enum ErrorKind {
     Model,
     /// The job ran past its deadline.
     Timeout,
+    /// The safety checker flagged the edited image and the worker's policy is `block`: no
+    /// output was written.
+    Nsfw,
     /// Anything else (a bug or a broker failure).
     Internal,
 }
 
 impl ErrorKind {
     /// Every kind, for pre-initialised metric labels.
-    pub const ALL: [ErrorKind; 8] = [
+    pub const ALL: [ErrorKind; 9] = [
         Self::InvalidJob,
         Self::SourceNotFound,
         Self::InvalidImage,
@@ -34,6 +37,7 @@ impl ErrorKind {
         Self::Storage,
         Self::Model,
         Self::Timeout,
+        Self::Nsfw,
         Self::Internal,
     ];
 
@@ -47,6 +51,7 @@ impl ErrorKind {
             Self::Storage => "storage",
             Self::Model => "model",
             Self::Timeout => "timeout",
+            Self::Nsfw => "nsfw",
             Self::Internal => "internal",
         }
     }

@@ -14,6 +14,8 @@
 //! filter, support scaling, 22-bit fixed-point coefficients and separable horizontal-then-
 //! vertical passes with 8-bit intermediates), because diffusers resizes with Pillow: inputs
 //! that need flooring to a multiple of 8 then reach the model exactly as they do in Python.
+//! The same resampler with Pillow's bicubic filter ([`resize_bicubic`]) serves the safety
+//! checker's CLIP preprocessing, which transformers also does with Pillow.
 
 use std::io::Cursor;
 
@@ -204,6 +206,29 @@ fn lanczos(x: f64) -> f64 {
     if (-LANCZOS_SUPPORT..LANCZOS_SUPPORT).contains(&x) { sinc(x) * sinc(x / 3.0) } else { 0.0 }
 }
 
+/// Pillow's `bicubic_filter`: the cubic convolution kernel with a = −0.5, support 2.
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// A Pillow resampling filter: its kernel and support (in input samples at scale 1).
+#[derive(Clone, Copy)]
+struct Filter {
+    kernel: fn(f64) -> f64,
+    support: f64,
+}
+
+const LANCZOS: Filter = Filter { kernel: lanczos, support: LANCZOS_SUPPORT };
+const BICUBIC: Filter = Filter { kernel: bicubic, support: 2.0 };
+
 /// One output pixel's taps: the first input index and fixed-point weights.
 struct Taps {
     start: usize,
@@ -212,17 +237,17 @@ struct Taps {
 
 /// Coefficients for resampling `in_size` samples to `out_size` (Pillow's `precompute_coeffs`
 /// followed by `normalize_coeffs_8bpc`).
-fn coefficients(in_size: usize, out_size: usize) -> Vec<Taps> {
+fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Vec<Taps> {
     let scale = in_size as f64 / out_size as f64;
     let filter_scale = scale.max(1.0);
-    let support = LANCZOS_SUPPORT * filter_scale;
+    let support = filter.support * filter_scale;
     (0..out_size)
         .map(|xx| {
             let center = (xx as f64 + 0.5) * scale;
             let inv = 1.0 / filter_scale;
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-            let raw: Vec<f64> = (xmin..xmax).map(|x| lanczos((x as f64 - center + 0.5) * inv)).collect();
+            let raw: Vec<f64> = (xmin..xmax).map(|x| (filter.kernel)((x as f64 - center + 0.5) * inv)).collect();
             let total: f64 = raw.iter().sum();
             let weights = raw
                 .iter()
@@ -243,18 +268,31 @@ fn clip8(acc: i32) -> u8 {
 
 /// Pillow-exact `resize((width, height), Image.LANCZOS)` of an RGB image.
 pub fn resize_lanczos(image: &RgbImage, width: u32, height: u32) -> RgbImage {
+    resize_with(image, width, height, LANCZOS)
+}
+
+/// Pillow-exact `resize((width, height), Image.BICUBIC)` of an RGB image (a copy when the
+/// size is unchanged, as Pillow returns one).
+pub fn resize_bicubic(image: &RgbImage, width: u32, height: u32) -> RgbImage {
+    if image.dimensions() == (width, height) {
+        return image.clone();
+    }
+    resize_with(image, width, height, BICUBIC)
+}
+
+fn resize_with(image: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbImage {
     let (in_w, in_h) = (image.width() as usize, image.height() as usize);
     let (out_w, out_h) = (width as usize, height as usize);
     let src = image.as_raw();
     let half = 1i32 << (PRECISION_BITS - 1);
 
     // Pillow resamples horizontally only the rows the vertical pass will read.
-    let vertical = coefficients(in_h, out_h);
+    let vertical = coefficients(in_h, out_h, filter);
     let first_row = vertical.first().map_or(0, |t| t.start);
     let last_row = vertical.last().map_or(0, |t| t.start + t.weights.len());
 
     let (tmp, tmp_w) = if out_w != in_w {
-        let horizontal = coefficients(in_w, out_w);
+        let horizontal = coefficients(in_w, out_w, filter);
         let rows = last_row - first_row;
         let mut tmp = vec![0u8; rows * out_w * 3];
         for y in 0..rows {
@@ -323,6 +361,18 @@ mod tests {
         let img = RgbImage::from_pixel(75, 53, image::Rgb([10, 200, 77]));
         let out = resize_lanczos(&img, 72, 48);
         assert!(out.pixels().all(|p| p.0 == [10, 200, 77]));
+    }
+
+    #[test]
+    fn bicubic_keeps_flat_colour_flat_and_matches_pillow_on_a_ramp() {
+        let img = RgbImage::from_pixel(64, 40, image::Rgb([10, 200, 77]));
+        assert!(resize_bicubic(&img, 224, 140).pixels().all(|p| p.0 == [10, 200, 77]));
+        assert_eq!(resize_bicubic(&img, 64, 40), img);
+        // Pillow 13: Image.frombytes("RGB", (4, 1), bytes([0,0,0, 85,85,85, 170,170,170, 255,255,255]))
+        //   .resize((8, 1), Image.BICUBIC) → 0, 14, 60, 106, 149, 195, 241, 255 (every channel)
+        let ramp = RgbImage::from_fn(4, 1, |x, _| image::Rgb([(x * 85) as u8; 3]));
+        let out: Vec<u8> = resize_bicubic(&ramp, 8, 1).pixels().map(|p| p[0]).collect();
+        assert_eq!(out, [0, 14, 60, 106, 149, 195, 241, 255]);
     }
 
     #[test]

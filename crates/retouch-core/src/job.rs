@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ErrorKind, JobError};
-use crate::params::{EditParams, OutputFormat, ResolvedParams};
+use crate::params::{EditParams, MAX_TEXT_BYTES, OutputFormat, ResolvedParams};
 
 /// Protocol version carried by results.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -146,8 +146,8 @@ impl EditJob {
         if self.instruction.trim().is_empty() {
             return Err(invalid("instruction: must not be empty"));
         }
-        if self.instruction.len() > 4096 {
-            return Err(invalid("instruction: longer than 4096 bytes"));
+        if self.instruction.len() > MAX_TEXT_BYTES {
+            return Err(invalid(format!("instruction: longer than {MAX_TEXT_BYTES} bytes")));
         }
         let source = ObjectUrl::parse(&self.source).map_err(|e| invalid(format!("source: {e}")))?;
         let job_id = self.job_id.clone();
@@ -256,6 +256,10 @@ pub struct JobResult {
     pub attempt: u32,
     /// The output already existed from an earlier delivery of this job; nothing was redone.
     pub duplicate: bool,
+    /// The safety checker's verdict on the edited image (diffusers' `nsfw_content_detected`):
+    /// `null` when no checker ran (none configured, or the job failed before inference), `true`
+    /// when it flagged the image — black on success, or the `nsfw` failure under `block`.
+    pub nsfw_content_detected: Option<bool>,
     /// Worker identity (host name by default).
     pub worker: String,
     /// Model the worker runs.
@@ -269,6 +273,33 @@ pub struct JobResult {
 }
 
 impl JobResult {
+    /// A protocol-v1 result of `job_id` with `status`, attempt 1 and every other field empty
+    /// (no campaign, locations, size, seed, error, metadata or timings; empty worker and
+    /// model): the one base that producers and tests fill in with struct-update syntax,
+    /// `JobResult { output: Some(…), ..JobResult::new("a", Status::Succeeded) }`, so a new
+    /// field gets its default here only.
+    pub fn new(job_id: impl Into<String>, status: Status) -> Self {
+        Self {
+            version: PROTOCOL_VERSION,
+            job_id: job_id.into(),
+            campaign_id: None,
+            status,
+            source: None,
+            output: None,
+            width: None,
+            height: None,
+            seed: None,
+            attempt: 1,
+            duplicate: false,
+            nsfw_content_detected: None,
+            worker: String::new(),
+            model: String::new(),
+            timings: Timings::default(),
+            error: None,
+            metadata: None,
+        }
+    }
+
     /// The `retouch.results` routing key: `<status>.<campaign_id or "none">`.
     pub fn routing_key(&self) -> String {
         format!("{}.{}", self.status.as_str(), self.campaign_id.as_deref().unwrap_or("none"))
@@ -304,6 +335,14 @@ mod tests {
             (r#"{"job_id":"a","source":"s3://inputs/x.png","instruction":"  "}"#, "instruction"),
             (r#"{"job_id":"a","source":"s3://inputs/x.png","instruction":"x","campaign_id":"c/1"}"#, "campaign_id"),
             (r#"{"job_id":"a","source":"s3://inputs/x.png","instruction":"x","params":{"steps":0}}"#, "params.steps"),
+            (
+                r#"{"job_id":"a","source":"s3://inputs/x.png","instruction":"x","params":{"scheduler":"ddim","karras_sigmas":true}}"#,
+                "params.karras_sigmas",
+            ),
+            (
+                r#"{"job_id":"a","source":"s3://inputs/x.png","instruction":"x","params":{"karras_sigmas":"yes"}}"#,
+                "expected a boolean",
+            ),
         ] {
             let e = job(body).expect_err(body);
             assert_eq!(e.kind, ErrorKind::InvalidJob, "{body}");
@@ -312,28 +351,34 @@ mod tests {
     }
 
     #[test]
+    fn negative_prompts_are_bounded_like_the_instruction() {
+        let body = |text: &str| {
+            format!(
+                r#"{{"job_id":"n","source":"s3://inputs/x.png","instruction":"x","params":{{"negative_prompt":"{text}"}}}}"#
+            )
+        };
+        let ok = job(&body(&"b".repeat(MAX_TEXT_BYTES))).expect("at the limit");
+        assert_eq!(ok.params.negative_prompt.as_ref().map(String::len), Some(MAX_TEXT_BYTES));
+        let e = job(&body(&"b".repeat(MAX_TEXT_BYTES + 1))).expect_err("over the limit");
+        assert_eq!(e.kind, ErrorKind::InvalidJob);
+        assert!(e.message.contains("params.negative_prompt") && e.message.contains("4096"), "{}", e.message);
+        let e = job(&format!(
+            r#"{{"job_id":"n","source":"s3://inputs/x.png","instruction":"{}"}}"#,
+            "i".repeat(MAX_TEXT_BYTES + 1)
+        ))
+        .expect_err("long instruction");
+        assert!(e.message.contains("instruction") && e.message.contains("4096"), "{}", e.message);
+    }
+
+    #[test]
     fn result_routing_key_and_json_shape() {
         let r = JobResult {
-            version: PROTOCOL_VERSION,
-            job_id: "a".into(),
-            campaign_id: None,
-            status: Status::Failed,
-            source: None,
-            output: None,
-            width: None,
-            height: None,
-            seed: None,
-            attempt: 1,
-            duplicate: false,
-            worker: "w".into(),
-            model: "m".into(),
-            timings: Timings::default(),
             error: Some(ResultError {
                 kind: ErrorKind::SourceNotFound,
                 message: "no such key".into(),
                 retryable: false,
             }),
-            metadata: None,
+            ..JobResult::new("a", Status::Failed)
         };
         assert_eq!(r.routing_key(), "failed.none");
         let v = serde_json::to_value(&r).expect("json");
@@ -363,8 +408,8 @@ mod schema_tests {
     fn full_job() -> EditJob {
         let mut job = parse_job(
             br#"{"job_id":"a","source":"s3://bkt/x.png","instruction":"x","output":"s3://bkt/y.png","campaign_id":"c",
-                "params":{"steps":1,"guidance_scale":1,"image_guidance_scale":1,"seed":1,"scheduler":"ddim",
-                "max_side":64,"format":"png","quality":9},"metadata":{"k":"v"}}"#,
+                "params":{"steps":1,"guidance_scale":1,"image_guidance_scale":1,"negative_prompt":"blurry","seed":1,
+                "scheduler":"unipc","karras_sigmas":true,"max_side":64,"format":"png","quality":9},"metadata":{"k":"v"}}"#,
         )
         .expect("valid");
         job.metadata = Some([("k".to_string(), "v".to_string())].into());
@@ -380,30 +425,21 @@ mod schema_tests {
         let required: BTreeSet<String> =
             s["required"].as_array().expect("required").iter().map(|v| v.as_str().expect("str").to_string()).collect();
         assert_eq!(required, ["job_id", "source", "instruction"].map(String::from).into());
-        let schedulers = &s["properties"]["params"]["properties"]["scheduler"]["enum"];
-        assert_eq!(schedulers, &serde_json::json!(["euler-ancestral", "euler", "ddim"]));
+        let params = &s["properties"]["params"]["properties"];
+        let names: Vec<&str> = crate::params::SchedulerKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(params["scheduler"]["enum"], serde_json::json!(names));
+        assert_eq!(params["karras_sigmas"]["type"], "boolean");
+        assert_eq!(params["negative_prompt"]["type"], "string");
+        assert_eq!(params["negative_prompt"]["maxLength"], serde_json::json!(MAX_TEXT_BYTES));
+        assert_eq!(s["properties"]["instruction"]["maxLength"], serde_json::json!(MAX_TEXT_BYTES));
     }
 
     #[test]
     fn result_schema_matches_the_type() {
         let s = schema("result.v1.schema.json");
         let result = JobResult {
-            version: PROTOCOL_VERSION,
-            job_id: "a".into(),
-            campaign_id: None,
-            status: Status::Succeeded,
-            source: None,
-            output: None,
-            width: None,
-            height: None,
-            seed: None,
-            attempt: 1,
-            duplicate: false,
-            worker: "w".into(),
-            model: "m".into(),
             timings: Timings { queue_wait: Some(1.0), ..Timings::default() },
-            error: None,
-            metadata: None,
+            ..JobResult::new("a", Status::Succeeded)
         };
         let v = serde_json::to_value(&result).expect("json");
         assert_eq!(keys(&s["properties"]), keys(&v));

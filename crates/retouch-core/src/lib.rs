@@ -1,6 +1,7 @@
 //! Retouch's core: the nouns and seams every other crate shares, with no runtime, broker,
 //! cloud or ML dependency.
 //!
+//! * [`backoff`]: [`backoff::Backoff`], the capped exponential backoff of reconnects and retries.
 //! * [`params`]: edit parameters (steps, guidance, seed, scheduler, size, output format), their
 //!   defaults and validation — the contract of `retouch edit` and of the job protocol.
 //! * [`imaging`]: the input policy (decode with limits, EXIF orientation, alpha onto white,
@@ -11,7 +12,9 @@
 //! * [`store`]: the object-storage seam ([`store::ObjectStore`]).
 //! * [`time`]: RFC 3339 timestamps for records.
 //! * [`queue`]: the broker seam ([`queue::JobSource`], [`queue::Delivery`], [`queue::ResultSink`]).
+//! * [`safety`]: the safety-checker policy (`auto`, `on`, `off`, `block`).
 
+pub mod backoff;
 pub mod editor;
 pub mod error;
 pub mod imaging;
@@ -19,5 +22,6 @@ pub mod job;
 pub mod params;
 pub mod queue;
 pub mod redact;
+pub mod safety;
 pub mod store;
 pub mod time;

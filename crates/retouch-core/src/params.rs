@@ -18,6 +18,9 @@ pub const DEFAULT_MAX_SIDE: u32 = 512;
 pub const DEFAULT_QUALITY: u8 = 90;
 /// Upper bound on steps (diffusers allows up to the training timesteps; more is never useful).
 pub const MAX_STEPS: u32 = 500;
+/// Upper bound on the instruction and the negative prompt, in bytes (CLIP reads 75 tokens;
+/// this only keeps absurd payloads out of queues and logs).
+pub const MAX_TEXT_BYTES: usize = 4096;
 /// Upper bound on `max_side`: 2048 px is ~16× the work of 512 px and near the memory limit of
 /// a 24 GB card at batch 1.
 pub const MAX_MAX_SIDE: u32 = 2048;
@@ -32,11 +35,21 @@ pub enum SchedulerKind {
     Euler,
     /// diffusers' `DDIMScheduler` with η = 0.
     Ddim,
+    /// diffusers' `DPMSolverMultistepScheduler` with `algorithm_type: dpmsolver++` (DPM++ 2M).
+    #[serde(rename = "dpmpp-2m")]
+    DpmppTwoM,
+    /// diffusers' `DPMSolverMultistepScheduler` with `algorithm_type: sde-dpmsolver++`
+    /// (DPM++ 2M SDE): draws noise from each image's generator at every step.
+    #[serde(rename = "dpmpp-2m-sde")]
+    DpmppTwoMSde,
+    /// diffusers' `UniPCMultistepScheduler` (predictor-corrector, `bh2`).
+    Unipc,
 }
 
 impl SchedulerKind {
     /// Every kind, in documentation order.
-    pub const ALL: [SchedulerKind; 3] = [Self::EulerAncestral, Self::Euler, Self::Ddim];
+    pub const ALL: [SchedulerKind; 6] =
+        [Self::EulerAncestral, Self::Euler, Self::Ddim, Self::DpmppTwoM, Self::DpmppTwoMSde, Self::Unipc];
 
     /// The CLI / protocol name.
     pub fn as_str(self) -> &'static str {
@@ -44,6 +57,9 @@ impl SchedulerKind {
             Self::EulerAncestral => "euler-ancestral",
             Self::Euler => "euler",
             Self::Ddim => "ddim",
+            Self::DpmppTwoM => "dpmpp-2m",
+            Self::DpmppTwoMSde => "dpmpp-2m-sde",
+            Self::Unipc => "unipc",
         }
     }
 
@@ -53,12 +69,27 @@ impl SchedulerKind {
             Self::EulerAncestral => "EulerAncestralDiscreteScheduler",
             Self::Euler => "EulerDiscreteScheduler",
             Self::Ddim => "DDIMScheduler",
+            Self::DpmppTwoM | Self::DpmppTwoMSde => "DPMSolverMultistepScheduler",
+            Self::Unipc => "UniPCMultistepScheduler",
         }
     }
 
-    /// The kind a diffusers class name denotes, if we implement it.
+    /// The kind a diffusers class name denotes, if we implement it. `DPMSolverMultistepScheduler`
+    /// gives [`Self::DpmppTwoM`]; which DPM++ variant a checkpoint's config means also depends
+    /// on its `algorithm_type` (the model crate reads that).
     pub fn from_diffusers_class(class: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.diffusers_class() == class)
+    }
+
+    /// Whether the diffusers class has a `use_karras_sigmas` option (diffusers 0.42.1:
+    /// `EulerAncestralDiscreteScheduler` and `DDIMScheduler` do not).
+    pub fn supports_karras_sigmas(self) -> bool {
+        !matches!(self, Self::EulerAncestral | Self::Ddim)
+    }
+
+    /// The protocol names of every kind, comma-separated (for error messages).
+    pub fn names() -> String {
+        Self::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -73,7 +104,7 @@ impl FromStr for SchedulerKind {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Self::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| ParamError {
             field: "scheduler",
-            message: format!("unknown scheduler {s:?}; expected one of euler-ancestral, euler, ddim"),
+            message: format!("unknown scheduler {s:?}; expected one of {}", Self::names()),
         })
     }
 }
@@ -160,12 +191,21 @@ pub struct EditParams {
     /// Image guidance scale (default 1.5). Guidance is off below 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_guidance_scale: Option<f32>,
+    /// What the edit should avoid: its embeddings replace the empty prompt of the two
+    /// unconditional guidance branches (diffusers' `negative_prompt`); ignored when guidance is
+    /// off. At most [`MAX_TEXT_BYTES`]; absent or empty means none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_prompt: Option<String>,
     /// Noise seed; absent means random (`retouch edit`) or derived from the job id (worker).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// Sampler; absent means the checkpoint's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduler: Option<SchedulerKind>,
+    /// Karras sigmas (diffusers' `use_karras_sigmas`); absent means the checkpoint's scheduler
+    /// config decides (false unless it sets it). Euler-ancestral and DDIM have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub karras_sigmas: Option<bool>,
     /// Longer side bound in pixels (8–2048; default 512).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_side: Option<u32>,
@@ -178,7 +218,7 @@ pub struct EditParams {
 }
 
 /// Parameters with defaults applied and bounds checked.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ResolvedParams {
     /// Denoising steps.
     pub steps: u32,
@@ -186,10 +226,14 @@ pub struct ResolvedParams {
     pub guidance_scale: f32,
     /// Image guidance scale.
     pub image_guidance_scale: f32,
+    /// The negative prompt; `None` when absent or empty.
+    pub negative_prompt: Option<String>,
     /// The seed actually used.
     pub seed: u64,
     /// `None`: the checkpoint's scheduler.
     pub scheduler: Option<SchedulerKind>,
+    /// `None`: as the checkpoint's scheduler config says.
+    pub karras_sigmas: Option<bool>,
     /// Longer side bound.
     pub max_side: u32,
     /// Output encoding.
@@ -224,6 +268,29 @@ impl EditParams {
                 field: "max_side", message: format!("must be 8–{MAX_MAX_SIDE}, got {max_side}")
             });
         }
+        let negative_prompt = self.negative_prompt.clone().filter(|p| !p.is_empty());
+        if let Some(p) = &negative_prompt
+            && p.len() > MAX_TEXT_BYTES
+        {
+            return Err(ParamError {
+                field: "negative_prompt",
+                message: format!("longer than {MAX_TEXT_BYTES} bytes ({})", p.len()),
+            });
+        }
+        if let (Some(kind), Some(true)) = (self.scheduler, self.karras_sigmas)
+            && !kind.supports_karras_sigmas()
+        {
+            let supported: Vec<&str> =
+                SchedulerKind::ALL.iter().filter(|k| k.supports_karras_sigmas()).map(|k| k.as_str()).collect();
+            return Err(ParamError {
+                field: "karras_sigmas",
+                message: format!(
+                    "{kind} has no Karras sigmas (diffusers' {} has no use_karras_sigmas); supported: {}",
+                    kind.diffusers_class(),
+                    supported.join(", ")
+                ),
+            });
+        }
         let quality = self.quality.unwrap_or(DEFAULT_QUALITY);
         if !(1..=100).contains(&quality) {
             return Err(ParamError { field: "quality", message: format!("must be 1–100, got {quality}") });
@@ -232,8 +299,10 @@ impl EditParams {
             steps,
             guidance_scale,
             image_guidance_scale,
+            negative_prompt,
             seed: self.seed.unwrap_or_else(seed),
             scheduler: self.scheduler,
+            karras_sigmas: self.karras_sigmas,
             max_side,
             format: self.format.unwrap_or(OutputFormat::Png),
             quality,
@@ -276,5 +345,49 @@ mod tests {
         let p: EditParams =
             serde_json::from_str(r#"{"scheduler": "euler-ancestral", "format": "webp"}"#).expect("valid");
         assert_eq!(p.scheduler, Some(SchedulerKind::EulerAncestral));
+    }
+
+    #[test]
+    fn scheduler_names_round_trip_through_the_cli_and_json_spellings() {
+        for kind in SchedulerKind::ALL {
+            assert_eq!(kind.as_str().parse::<SchedulerKind>(), Ok(kind));
+            assert_eq!(serde_json::to_value(kind).expect("json"), serde_json::json!(kind.as_str()));
+        }
+        assert_eq!("dpmpp-2m-sde".parse::<SchedulerKind>(), Ok(SchedulerKind::DpmppTwoMSde));
+        assert_eq!(SchedulerKind::from_diffusers_class("UniPCMultistepScheduler"), Some(SchedulerKind::Unipc));
+        let e = "dpm++".parse::<SchedulerKind>().expect_err("unknown");
+        assert!(e.message.contains("dpmpp-2m, dpmpp-2m-sde, unipc"), "{}", e.message);
+    }
+
+    #[test]
+    fn negative_prompts_are_bounded_and_empty_means_none() {
+        let p = EditParams { negative_prompt: Some(String::new()), ..Default::default() }.resolve(|| 0).expect("ok");
+        assert_eq!(p.negative_prompt, None);
+        let p = EditParams { negative_prompt: Some("blurry".into()), ..Default::default() }.resolve(|| 0).expect("ok");
+        assert_eq!(p.negative_prompt.as_deref(), Some("blurry"));
+        let long = "x".repeat(MAX_TEXT_BYTES + 1);
+        let e = EditParams { negative_prompt: Some(long), ..Default::default() }.resolve(|| 0).expect_err("long");
+        assert_eq!(e.field, "negative_prompt");
+        let at_limit = "x".repeat(MAX_TEXT_BYTES);
+        assert!(EditParams { negative_prompt: Some(at_limit), ..Default::default() }.resolve(|| 0).is_ok());
+    }
+
+    #[test]
+    fn karras_sigmas_are_refused_where_diffusers_has_none() {
+        for kind in SchedulerKind::ALL {
+            let params = EditParams { scheduler: Some(kind), karras_sigmas: Some(true), ..Default::default() };
+            let expected = !matches!(kind, SchedulerKind::EulerAncestral | SchedulerKind::Ddim);
+            match params.resolve(|| 0) {
+                Ok(p) => assert!(expected && p.karras_sigmas == Some(true), "{kind}"),
+                Err(e) => {
+                    assert!(!expected && e.field == "karras_sigmas" && e.message.contains(kind.as_str()), "{kind}")
+                }
+            }
+            // Turning them off is always allowed (it is the default).
+            let off = EditParams { scheduler: Some(kind), karras_sigmas: Some(false), ..Default::default() };
+            assert!(off.resolve(|| 0).is_ok(), "{kind}");
+        }
+        // Without a named scheduler the model decides (its default may support them).
+        assert!(EditParams { karras_sigmas: Some(true), ..Default::default() }.resolve(|| 0).is_ok());
     }
 }

@@ -15,7 +15,15 @@ fn main() -> candle_core::Result<()> {
     println!("GroupNorm(32) + SiLU, f32, {} threads; best of 5", candle_core::utils::get_num_threads());
     println!("{:<28} {:>10} {:>10} {:>7}", "shape [B, C, H, W]", "candle s", "ours s", "×");
     let (mut total_candle, mut total_ours) = (0.0, 0.0);
-    for (b, c, hw) in [(3usize, 320usize, 64usize), (3, 640, 32), (3, 1280, 16), (3, 2560, 8), (1, 512, 64), (1, 256, 256), (1, 128, 512)] {
+    for (b, c, hw) in [
+        (3usize, 320usize, 64usize),
+        (3, 640, 32),
+        (3, 1280, 16),
+        (3, 2560, 8),
+        (1, 512, 64),
+        (1, 256, 256),
+        (1, 128, 512),
+    ] {
         let weight = Tensor::randn(1f32, 0.1, c, &dev)?;
         let bias = Tensor::randn(0f32, 0.1, c, &dev)?;
         let vb = candle_nn::VarBuilder::from_tensors(

@@ -15,7 +15,10 @@ use serde_json::{Map, Value};
 
 use crate::error::ModelError;
 
-/// Reads a JSON object file.
+/// Reads a JSON object file. Python's `json` module (which writes every diffusers config)
+/// spells non-finite floats as the bare tokens `NaN`, `Infinity` and `-Infinity` — a saved
+/// `DPMSolverMultistepScheduler` config has `"lambda_min_clipped": -Infinity` — which strict
+/// JSON lacks: such tokens are read as the strings `"NaN"`, `"Infinity"`, `"-Infinity"`.
 pub(crate) fn read_json_object(path: &Path) -> Result<Map<String, Value>, ModelError> {
     let text = std::fs::read_to_string(path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
@@ -24,11 +27,47 @@ pub(crate) fn read_json_object(path: &Path) -> Result<Map<String, Value>, ModelE
             ModelError::Io { path: path.to_path_buf(), source }
         }
     })?;
-    match serde_json::from_str::<Value>(&text) {
+    let parsed = serde_json::from_str::<Value>(&text).or_else(|e| match quote_python_non_finite(&text) {
+        Some(quoted) => serde_json::from_str::<Value>(&quoted).map_err(|_| e),
+        None => Err(e),
+    });
+    match parsed {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(ModelError::InvalidConfig { path: path.to_path_buf(), message: "not a JSON object".into() }),
         Err(e) => Err(ModelError::InvalidConfig { path: path.to_path_buf(), message: e.to_string() }),
     }
+}
+
+/// `text` with Python's bare `NaN` / `Infinity` / `-Infinity` tokens (outside strings) turned
+/// into JSON strings; `None` when there are none.
+fn quote_python_non_finite(text: &str) -> Option<String> {
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut changed = false;
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_string = false,
+                _ => {}
+            }
+        } else if c == '"' {
+            in_string = true;
+        } else if let Some(token) = ["-Infinity", "Infinity", "NaN"].into_iter().find(|t| rest.starts_with(t)) {
+            out.push('"');
+            out.push_str(token);
+            out.push('"');
+            rest = &rest[token.len()..];
+            changed = true;
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    changed.then_some(out)
 }
 
 /// A config object being read key by key; remembers which keys were looked at.
@@ -539,6 +578,27 @@ mod tests {
             "use_linear_projection":false,"upcast_attention":false}"#,
         )
         .expect("json")
+    }
+
+    #[test]
+    fn python_non_finite_floats_read_as_strings_outside_json_strings() {
+        let dir = std::env::temp_dir().join(format!("retouch-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp");
+        let path = dir.join("scheduler_config.json");
+        std::fs::write(
+            &path,
+            r#"{"lambda_min_clipped": -Infinity, "x": Infinity, "y": NaN, "note": "-Infinity \" NaN", "z": 1.5}"#,
+        )
+        .expect("write");
+        let m = read_json_object(&path).expect("python json reads");
+        assert_eq!(m["lambda_min_clipped"], "-Infinity");
+        assert_eq!(m["x"], "Infinity");
+        assert_eq!(m["y"], "NaN");
+        assert_eq!(m["note"], "-Infinity \" NaN", "strings are left alone");
+        assert_eq!(m["z"], 1.5);
+        std::fs::write(&path, r#"{"a": Infinit}"#).expect("write");
+        assert!(read_json_object(&path).is_err(), "anything else is still invalid JSON");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

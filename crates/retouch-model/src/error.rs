@@ -53,6 +53,10 @@ pub enum ModelError {
     /// The requested device is unavailable or unsupported by this build.
     #[error("device: {0}")]
     Device(String),
+    /// The safety-checker policy cannot be honoured with this checkpoint (`on`/`block` without
+    /// a checker).
+    #[error("safety checker: {0}")]
+    SafetyChecker(String),
     /// An input to an edit is invalid (size, steps, latents shape…).
     #[error("invalid input: {0}")]
     InvalidInput(String),

@@ -8,6 +8,7 @@
 //! * [`scheduler`]: Euler-ancestral, Euler and DDIM as diffusers computes them.
 //! * [`rng`]: torch's CPU generator, so seeds reproduce diffusers' noise.
 //! * [`pipeline`]: the batched edit, implementing [`retouch_core::editor::Editor`].
+//! * [`safety`]: diffusers' safety checker (CLIP preprocessing, vision tower, decision).
 //! * [`device`]: CPU or CUDA; [`compute_cap`] guards CUDA builds against GPUs they have no
 //!   kernels for; [`kernels`] picks the convolution and attention implementations (cuDNN and
 //!   flash attention on GPUs).
@@ -19,6 +20,7 @@ pub mod kernels;
 pub mod nets;
 pub mod pipeline;
 pub mod rng;
+pub mod safety;
 pub mod scheduler;
 pub mod source;
 pub mod tokenizer;

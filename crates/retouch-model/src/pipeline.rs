@@ -1,19 +1,25 @@
 //! `StableDiffusionInstructPix2PixPipeline`, step for step as diffusers runs it, batched.
 //!
 //! For a batch of N same-size images with their own instructions, seeds and guidance scales:
-//! 1. tokenize each instruction and `""` (the negative prompt) and encode them with CLIP;
+//! 1. tokenize each instruction and each image's negative prompt (`""` when it has none) and
+//!    encode them with CLIP;
 //! 2. encode each image with the VAE: the posterior **mean**, **unscaled** (InstructPix2Pix
 //!    was trained on `encode(x).mode()` without the 0.18215 factor);
 //! 3. draw each image's initial noise from its own torch-compatible generator, × the
 //!    scheduler's `init_noise_sigma`;
 //! 4. per step, one UNet pass over all images: an image with guidance contributes three rows
-//!    — (instruction, image latents), ("", image latents), ("", zeros) — one without
-//!    guidance (`guidance_scale ≤ 1` or `image_guidance_scale < 1`, diffusers' rule) a single
-//!    (instruction, image latents) row; the noisy latents are scaled by the scheduler before
-//!    being concatenated with the (unscaled) image latents into the 8 input channels;
-//!    guidance `uncond + gs·(text − image) + igs·(image − uncond)` per image, then the
-//!    scheduler step, Euler-ancestral drawing each image's noise from its own generator;
-//! 5. decode `latents / scaling_factor`, map `x/2 + 0.5`, clamp, ×255, round half to even.
+//!    — (instruction, image latents), (negative, image latents), (negative, zeros) — one
+//!    without guidance (`guidance_scale ≤ 1` or `image_guidance_scale < 1`, diffusers' rule,
+//!    which then ignores the negative prompt) a single (instruction, image latents) row; the
+//!    noisy latents are scaled by the scheduler before being concatenated with the (unscaled)
+//!    image latents into the 8 input channels; guidance
+//!    `uncond + gs·(text − image) + igs·(image − uncond)` per image, then the scheduler step
+//!    (a [`crate::scheduler::Sampler`] holds the multistep solvers' state for the batch),
+//!    Euler-ancestral and DPM++ 2M SDE drawing each image's noise from its own generator;
+//! 5. decode `latents / scaling_factor`, map `x/2 + 0.5`, clamp, ×255, round half to even;
+//! 6. with a safety checker ([`crate::safety`]; when the checkpoint names one, unless the
+//!    policy is `off`), check each image on its own and make a flagged one black, as
+//!    diffusers' `run_safety_checker` + `postprocess(do_denormalize=False)` do.
 //!
 //! Every per-image quantity is computed from that image's own inputs, and the batched
 //! operations are row-independent, so an image's result does not depend on its batch.
@@ -24,6 +30,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use retouch_core::editor::{EditBatch, EditError, EditErrorKind, EditObserver, EditedImage, Editor, ModelInfo};
+use retouch_core::safety::SafetyPolicy;
 use serde_json::{Map, Value};
 
 use crate::config::{TextEncoderConfig, UNetConfig, VaeConfig, read_json_object};
@@ -34,7 +41,8 @@ use crate::nets::clip::TextEncoder;
 use crate::nets::unet::UNet;
 use crate::nets::vae::AutoencoderKl;
 use crate::rng::TorchGenerator;
-use crate::scheduler::{Schedule, SchedulerConfig, SchedulerKind};
+use crate::safety::{SafetyChecker, checkpoint_has_checker};
+use crate::scheduler::{self, Schedule, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{find_weight_files, load_component};
 
@@ -49,6 +57,9 @@ pub struct LoadOptions {
     pub dtype: Option<DType>,
     /// Convolution and attention implementations (GPU levers; `auto` by default).
     pub kernels: KernelChoice,
+    /// Whether to load and run the checkpoint's safety checker (`auto`: when it ships one,
+    /// as diffusers).
+    pub safety_checker: SafetyPolicy,
 }
 
 /// A loaded InstructPix2Pix checkpoint.
@@ -64,6 +75,8 @@ pub struct InstructPix2Pix {
     vae: AutoencoderKl,
     /// The checkpoint's raw scheduler config; each edit resolves it for its scheduler kind.
     scheduler_config: Map<String, Value>,
+    /// The safety checker, when the policy runs one; every decoded image goes through it.
+    safety_checker: Option<SafetyChecker>,
 }
 
 impl std::fmt::Debug for InstructPix2Pix {
@@ -97,8 +110,7 @@ impl InstructPix2Pix {
         }
 
         let scheduler_config = read_json_object(&dir.join("scheduler/scheduler_config.json"))?;
-        let default_scheduler =
-            scheduler_config.get("_class_name").and_then(Value::as_str).and_then(SchedulerKind::from_diffusers_class);
+        let default_scheduler = scheduler::default_kind(&scheduler_config);
 
         let te_config = TextEncoderConfig::from_json(&read_json_object(&dir.join("text_encoder/config.json"))?)?;
         let unet_config = UNetConfig::from_json(&read_json_object(&dir.join("unet/config.json"))?)?;
@@ -145,6 +157,16 @@ impl InstructPix2Pix {
         let vae_files = find_weight_files(&dir.join("vae"), "diffusion_pytorch_model", variant)?;
         let vae =
             load_component("vae", &vae_files, dtype, &device, &[], |vb| AutoencoderKl::new(&vae_config, kernels, vb))?;
+        let safety_checker = if options
+            .safety_checker
+            .runs_checker(checkpoint_has_checker(&index)?)
+            .map_err(|e| ModelError::SafetyChecker(e.to_string()))?
+        {
+            Some(SafetyChecker::load(dir, variant, dtype, &device)?)
+        } else {
+            None
+        };
+        tracing::info!(policy = %options.safety_checker, running = safety_checker.is_some(), "safety checker");
 
         let info = ModelInfo {
             name: name.to_string(),
@@ -155,7 +177,12 @@ impl InstructPix2Pix {
         };
         tracing::info!(model = name, device = %options.device, dtype = %info.dtype, %kernels,
             seconds = started.elapsed().as_secs_f64(), "model loaded");
-        Ok(Self { info, device, dtype, kernels, tokenizer, text_encoder, unet, vae, scheduler_config })
+        Ok(Self { info, device, dtype, kernels, tokenizer, text_encoder, unet, vae, scheduler_config, safety_checker })
+    }
+
+    /// The safety checker, when one runs.
+    pub fn safety_checker(&self) -> Option<&SafetyChecker> {
+        self.safety_checker.as_ref()
     }
 
     /// The scheduler config shipped with the checkpoint.
@@ -289,7 +316,8 @@ impl InstructPix2Pix {
     }
 
     /// [`Self::run`] with another scheduler config in place of the checkpoint's (as
-    /// `X.from_config(config)`); the parity tests use it for `timestep_spacing` variants.
+    /// `X.from_config(config)`; the batch's `karras_sigmas` still overrides it); the parity
+    /// tests use it for `timestep_spacing` variants.
     ///
     /// # Errors
     /// As [`Self::run`].
@@ -303,16 +331,34 @@ impl InstructPix2Pix {
         let requests = &batch.requests;
         let kind = batch.scheduler.or(self.info.default_scheduler).ok_or_else(|| {
             ModelError::InvalidInput(format!(
-                "the checkpoint's scheduler {:?} is not implemented; choose euler-ancestral, euler or ddim",
-                self.scheduler_config.get("_class_name").and_then(Value::as_str).unwrap_or("(none)")
+                "the checkpoint's scheduler {:?} is not implemented; choose one of {}",
+                self.scheduler_config.get("_class_name").and_then(Value::as_str).unwrap_or("(none)"),
+                SchedulerKind::names()
             ))
         })?;
-        let schedule = Schedule::new(&SchedulerConfig::from_diffusers(kind, scheduler_config)?, batch.steps as usize)?;
+        let config = SchedulerConfig::resolve(kind, scheduler_config, batch.karras_sigmas)?;
+        let schedule = Schedule::new(&config, batch.steps as usize)?;
         let latent_c = self.vae.config().latent_channels;
         let numel = latent_c * lh * lw;
 
-        // 1. Text.
-        let (negative, _) = self.encode_prompt("")?;
+        // 1. Text. Negative prompts only matter with guidance; each distinct one is encoded once.
+        let guided: Vec<bool> =
+            requests.iter().map(|r| r.guidance_scale > 1.0 && r.image_guidance_scale >= 1.0).collect();
+        let mut negatives: Vec<(&str, Tensor)> = Vec::new();
+        for (r, _) in requests.iter().zip(&guided).filter(|(_, g)| **g) {
+            let text = r.negative_prompt.as_deref().unwrap_or("");
+            if !negatives.iter().any(|(t, _)| *t == text) {
+                negatives.push((text, self.encode_prompt(text)?.0));
+            }
+        }
+        let negative_of = |r: &retouch_core::editor::EditRequest| -> Result<Tensor, ModelError> {
+            let text = r.negative_prompt.as_deref().unwrap_or("");
+            negatives
+                .iter()
+                .find(|(t, _)| *t == text)
+                .map(|(_, e)| e.clone())
+                .ok_or_else(|| ModelError::InvalidInput("negative prompt not encoded; this is a bug".into()))
+        };
         let mut prompts = Vec::with_capacity(requests.len());
         let mut truncated = Vec::with_capacity(requests.len());
         for r in requests {
@@ -343,8 +389,6 @@ impl InstructPix2Pix {
             * f64::from(schedule.init_noise_sigma()))?;
 
         // 4. Denoising. The conditioning rows never change across steps.
-        let guided: Vec<bool> =
-            requests.iter().map(|r| r.guidance_scale > 1.0 && r.image_guidance_scale >= 1.0).collect();
         let mut contexts = Vec::new();
         let mut conditions = Vec::new();
         for (i, &g) in guided.iter().enumerate() {
@@ -352,7 +396,8 @@ impl InstructPix2Pix {
             contexts.push(prompts[i].clone());
             conditions.push(img.clone());
             if g {
-                contexts.extend([negative.clone(), negative.clone()]);
+                let negative = negative_of(&requests[i])?;
+                contexts.extend([negative.clone(), negative]);
                 conditions.extend([img.clone(), img.zeros_like()?]);
             }
         }
@@ -361,16 +406,19 @@ impl InstructPix2Pix {
 
         let started = Instant::now();
         let total = schedule.timesteps().len();
-        for (step, &t) in schedule.timesteps().iter().enumerate() {
+        // The walk through the schedule: the step index and the multistep solvers' state.
+        let mut sampler = schedule.sampler();
+        for step in 0..total {
             if observer.cancelled() {
                 return Err(ModelError::Cancelled);
             }
+            let t = sampler.timestep()?;
             let mut rows = Vec::with_capacity(contexts.len());
             for (i, &g) in guided.iter().enumerate() {
                 let x = latents.narrow(0, i, 1)?;
                 rows.extend(std::iter::repeat_n(x, if g { 3 } else { 1 }));
             }
-            let x = schedule.scale_model_input(&Tensor::cat(&rows, 0)?, step)?.to_dtype(self.dtype)?;
+            let x = sampler.scale_model_input(&Tensor::cat(&rows, 0)?)?.to_dtype(self.dtype)?;
             let x = Tensor::cat(&[&x, &condition], 1)?;
             let eps_rows = self.unet.forward(&x, t, &context)?.to_dtype(DType::F32)?;
 
@@ -400,17 +448,30 @@ impl InstructPix2Pix {
             } else {
                 None
             };
-            latents = schedule.step(&eps, step, &latents, noise.as_ref())?;
+            latents = sampler.step(&eps, &latents, noise.as_ref())?;
             observer.on_step(step + 1, total, started.elapsed());
         }
 
-        // 5. Decode and post-process.
+        // 5. Decode and post-process; 6. the safety checker, one image at a time.
         let images = self.decode(&latents)?;
-        Ok(images
+        images
             .into_iter()
             .zip(truncated)
-            .map(|(image, instruction_truncated)| EditedImage { image, instruction_truncated })
-            .collect())
+            .map(|(mut image, instruction_truncated)| {
+                let nsfw_content_detected = match &self.safety_checker {
+                    None => None,
+                    Some(checker) => {
+                        let report = checker.check(&image)?;
+                        if report.nsfw {
+                            tracing::warn!(concepts = ?report.bad_concepts, "the safety checker flagged an image; it is black");
+                            image.as_mut().fill(0);
+                        }
+                        Some(report.nsfw)
+                    }
+                };
+                Ok(EditedImage { image, instruction_truncated, nsfw_content_detected })
+            })
+            .collect()
     }
 }
 

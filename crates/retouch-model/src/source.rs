@@ -3,7 +3,9 @@
 //! `~/.cache/huggingface/hub`), shared with Python tools.
 //!
 //! Hub sources download only the files the pipeline reads (configs, tokenizer, the three
-//! networks' weights — not the 7.7 GB original checkpoint or the safety checker). With
+//! networks' weights — not the 7.7 GB original checkpoint), plus the safety checker's config,
+//! weights and feature extractor only when the policy runs it (`auto` when `model_index.json`
+//! names one, `on`, `block`; never with `off`). With
 //! `HF_HUB_OFFLINE=1` nothing is downloaded and every file must already be in the cache, as
 //! with `huggingface_hub`. `HF_TOKEN` (or the cache's `token` file) authenticates gated repos.
 
@@ -13,6 +15,7 @@ use std::str::FromStr;
 
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo, RepoType};
+use retouch_core::safety::SafetyPolicy;
 
 use crate::error::ModelError;
 
@@ -136,12 +139,13 @@ impl Fetch for Online {
 
 impl ModelSource {
     /// A directory holding the checkpoint, downloading Hub files into the cache if needed.
-    /// `variant` selects `*.<variant>.safetensors` weights.
+    /// `variant` selects `*.<variant>.safetensors` weights; the safety checker's files come
+    /// too when `safety` runs it.
     ///
     /// # Errors
     /// [`ModelError::MissingFile`] for a local directory without `model_index.json`;
     /// [`ModelError::Hub`] when a Hub file cannot be fetched or found in the cache.
-    pub fn resolve(&self, variant: Option<&str>) -> Result<PathBuf, ModelError> {
+    pub fn resolve(&self, variant: Option<&str>, safety: SafetyPolicy) -> Result<PathBuf, ModelError> {
         match self {
             Self::Local(dir) => {
                 let index = dir.join("model_index.json");
@@ -151,7 +155,7 @@ impl ModelSource {
                 let hub_repo = Repo::with_revision(repo.clone(), RepoType::Model, revision.clone());
                 let root = hub_cache_dir();
                 if hub_offline() {
-                    fetch_checkpoint(&CacheOnly { root, repo: hub_repo, revision: revision.clone() }, variant)
+                    fetch_checkpoint(&CacheOnly { root, repo: hub_repo, revision: revision.clone() }, variant, safety)
                 } else {
                     let token = std::env::var("HF_TOKEN").ok().or_else(|| Cache::new(root.clone()).token());
                     let api = ApiBuilder::from_cache(Cache::new(root))
@@ -159,7 +163,7 @@ impl ModelSource {
                         .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                         .build()
                         .map_err(|e| ModelError::Hub(e.to_string()))?;
-                    fetch_checkpoint(&Online { repo: api.repo(hub_repo) }, variant).map_err(|e| match e {
+                    fetch_checkpoint(&Online { repo: api.repo(hub_repo) }, variant, safety).map_err(|e| match e {
                         ModelError::Hub(m) => ModelError::Hub(format!(
                             "{m} (cannot reach the Hub? set HF_HUB_OFFLINE=1 to use the local cache only, \
                              or give a local directory)"
@@ -172,7 +176,10 @@ impl ModelSource {
     }
 }
 
-fn fetch_checkpoint(fetch: &dyn Fetch, variant: Option<&str>) -> Result<PathBuf, ModelError> {
+/// The safety checker's files besides its weights.
+const SAFETY_CHECKER_FILES: &[&str] = &["safety_checker/config.json", "feature_extractor/preprocessor_config.json"];
+
+fn fetch_checkpoint(fetch: &dyn Fetch, variant: Option<&str>, safety: SafetyPolicy) -> Result<PathBuf, ModelError> {
     let index = fetch.fetch("model_index.json").map_err(ModelError::Hub)?;
     for file in REQUIRED.iter().skip(1) {
         fetch.fetch(file).map_err(ModelError::Hub)?;
@@ -183,6 +190,16 @@ fn fetch_checkpoint(fetch: &dyn Fetch, variant: Option<&str>) -> Result<PathBuf,
     }
     for (dir, stems) in WEIGHTS {
         fetch_weights(fetch, dir, stems, variant)?;
+    }
+    // An unusable model_index or policy is reported by the loader, with its own message.
+    let has_checker = crate::config::read_json_object(&index)
+        .and_then(|map| crate::safety::checkpoint_has_checker(&map))
+        .unwrap_or(false);
+    if safety.runs_checker(has_checker).unwrap_or(false) {
+        for file in SAFETY_CHECKER_FILES {
+            fetch.fetch(file).map_err(ModelError::Hub)?;
+        }
+        fetch_weights(fetch, "safety_checker", &["model", "pytorch_model"], variant)?;
     }
     Ok(index.parent().unwrap_or(Path::new(".")).to_path_buf())
 }
@@ -237,5 +254,43 @@ mod tests {
         assert!("hf:nope".parse::<ModelSource>().is_err());
         assert!("hf:a/b@".parse::<ModelSource>().is_err());
         assert_eq!("hf:a/b@v2".parse::<ModelSource>().expect("valid").to_string(), "hf:a/b@v2");
+    }
+
+    /// A repository on disk that records which files were asked for.
+    struct Recorder {
+        root: PathBuf,
+        asked: std::cell::RefCell<Vec<String>>,
+    }
+
+    impl Fetch for Recorder {
+        fn fetch(&self, file: &str) -> Result<PathBuf, String> {
+            self.asked.borrow_mut().push(file.to_string());
+            let path = self.root.join(file);
+            if path.is_file() { Ok(path) } else { Err(format!("{file}: not in the repository")) }
+        }
+    }
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models").join(name)
+    }
+
+    fn asked(model: &str, policy: SafetyPolicy) -> Vec<String> {
+        let recorder = Recorder { root: fixture(model), asked: Default::default() };
+        fetch_checkpoint(&recorder, None, policy).expect("fetched");
+        recorder.asked.into_inner()
+    }
+
+    #[test]
+    fn the_safety_checker_is_downloaded_only_when_the_policy_runs_it() {
+        let checker = |files: &[String]| {
+            files.iter().filter(|f| f.starts_with("safety_checker/") || f.starts_with("feature_extractor/")).count()
+        };
+        // The checkpoint ships one (model_index.json names it, requires_safety_checker false).
+        assert_eq!(checker(&asked("tiny-sd15-safety", SafetyPolicy::Auto)), 3);
+        assert_eq!(checker(&asked("tiny-sd15-safety", SafetyPolicy::Block)), 3);
+        assert_eq!(checker(&asked("tiny-sd15-safety", SafetyPolicy::Off)), 0);
+        // None shipped: nothing to fetch, whatever the policy (loading reports `on`).
+        assert_eq!(checker(&asked("tiny-sd15", SafetyPolicy::Auto)), 0);
+        assert_eq!(checker(&asked("tiny-sd15", SafetyPolicy::On)), 0);
     }
 }

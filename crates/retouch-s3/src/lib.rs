@@ -10,8 +10,13 @@
 //!   [`retouch_core::store::StoreError`] (404 → not found, 403 → denied, the rest retryable).
 //! * [`sync`]: [`S3Store::sync_prefix`], a resumable, verified mirror of a prefix on local disk
 //!   (model weights without Hub access).
+//! * `listing` (private): `s3://bucket/prefix/` parsing and the one ListObjectsV2 walk, used by
+//!   [`S3Store::list_prefix`] and the sync.
+//!
+//! Module dependencies run one way: `sync` → `store` → `listing` → `error`.
 
 pub mod error;
+mod listing;
 pub mod settings;
 pub mod store;
 pub mod sync;

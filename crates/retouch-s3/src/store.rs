@@ -8,7 +8,6 @@
 //! explicit timeouts and retries. Every SDK failure goes through [`crate::error::classify`].
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
@@ -21,6 +20,7 @@ use retouch_core::store::{ObjectMeta, ObjectStore, StoreError};
 use tokio::time::Instant;
 
 use crate::error::{S3Error, classify};
+use crate::listing::{list_objects, parse_prefix};
 use crate::settings::S3Settings;
 
 /// An S3 bucket family behind one endpoint and one set of credentials. Cheap to clone (the SDK
@@ -140,26 +140,12 @@ impl S3Store {
     /// # Errors
     /// [`S3Error::Invalid`] for a malformed prefix; classified storage errors otherwise.
     pub async fn list_prefix(&self, url_prefix: &str) -> Result<Vec<(ObjectUrl, u64)>, S3Error> {
-        let (bucket, prefix) = crate::sync::parse_prefix(url_prefix)?;
-        let what = format!("ListObjectsV2 s3://{bucket}/{prefix}");
-        let mut request = self.client.list_objects_v2().bucket(&bucket);
-        if !prefix.is_empty() {
-            request = request.prefix(&prefix);
-        }
-        let mut pages = request.into_paginator().send();
-        let mut objects = Vec::new();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| S3Error::Store(classify(&what, &e)))?;
-            for object in page.contents() {
-                let Some(key) = object.key() else { continue };
-                if key.ends_with('/') {
-                    continue;
-                }
-                let size = object.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0);
-                objects.push((ObjectUrl { scheme: "s3".into(), bucket: bucket.clone(), key: key.to_owned() }, size));
-            }
-        }
-        Ok(objects)
+        let (bucket, prefix) = parse_prefix(url_prefix)?;
+        let objects = list_objects(&self.client, &bucket, &prefix).await?;
+        Ok(objects
+            .into_iter()
+            .map(|o| (ObjectUrl { scheme: "s3".into(), bucket: bucket.clone(), key: o.key }, o.size))
+            .collect())
     }
 
     /// Writes an object only if none exists under the key (`If-None-Match: *`): the idempotent
@@ -307,13 +293,10 @@ impl ObjectStore for S3Store {
     }
 }
 
-/// A duration for log fields, in milliseconds.
-pub(crate) fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn deadline() -> Instant {

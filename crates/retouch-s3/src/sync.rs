@@ -2,7 +2,8 @@
 //! into `cache_root/<bucket>/<prefix>/`, so a cluster without Hub access loads its model from
 //! its own bucket.
 //!
-//! * The listing is ListObjectsV2, paginated by the SDK.
+//! * The listing is [`crate::listing`]'s ListObjectsV2 walk (all pages, directory markers
+//!   skipped).
 //! * A manifest ([`MANIFEST_FILE`], JSON, key → size + ETag + last-modified) in the target
 //!   directory records what was mirrored; an object whose listing matches its entry (same size,
 //!   and same ETag, or same last-modified when the store lists no ETags, as s3s-fs) and whose
@@ -27,14 +28,14 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::DateTime;
 use aws_sdk_s3::types::ServerSideEncryption;
 use md5::{Digest, Md5};
-use retouch_core::job::ObjectUrl;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::error::{S3Error, classify};
-use crate::store::{S3Store, millis};
+use crate::listing::{list_objects, parse_prefix, safe_components};
+use crate::store::S3Store;
 
 /// Name of the manifest kept in the target directory of a sync.
 pub const MANIFEST_FILE: &str = ".retouch-sync.json";
@@ -130,31 +131,9 @@ fn timestamp(t: &DateTime) -> String {
     format!("{}.{:09}", t.secs(), t.subsec_nanos())
 }
 
-/// The path components of `path` if it can be mirrored safely: no empty, `.` or `..`
-/// component, no NUL.
-fn safe_components(path: &str) -> Option<Vec<&str>> {
-    let parts: Vec<&str> = path.split('/').collect();
-    let ok = parts.iter().all(|p| !p.is_empty() && *p != "." && *p != ".." && !p.contains('\0'));
-    ok.then_some(parts)
-}
-
-/// Splits `s3://bucket/prefix` into the bucket and the prefix, normalised to end with `/`
-/// (or empty for the whole bucket).
-pub(crate) fn parse_prefix(url_prefix: &str) -> Result<(String, String), S3Error> {
-    let rest = url_prefix
-        .strip_prefix("s3://")
-        .ok_or_else(|| S3Error::Invalid(format!("{url_prefix:?}: expected s3://bucket/prefix/")))?;
-    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-    ObjectUrl::parse(&format!("s3://{bucket}/x"))
-        .map_err(|_| S3Error::Invalid(format!("{url_prefix:?}: invalid bucket name {bucket:?}")))?;
-    let prefix = prefix.trim_end_matches('/');
-    if prefix.is_empty() {
-        return Ok((bucket.to_owned(), String::new()));
-    }
-    if safe_components(prefix).is_none() {
-        return Err(S3Error::Invalid(format!("{url_prefix:?}: the prefix cannot be mirrored to a local path")));
-    }
-    Ok((bucket.to_owned(), format!("{prefix}/")))
+/// A duration for log fields, in milliseconds.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A temporary file removed on drop unless it was renamed into place.
@@ -360,36 +339,23 @@ impl S3Store {
 
     /// Every object under `prefix`, with its local path under `dir`.
     async fn list(&self, bucket: &str, prefix: &str, dir: &Path) -> Result<Vec<Listed>, S3Error> {
-        let what = format!("ListObjectsV2 s3://{bucket}/{prefix}");
-        let mut request = self.client.list_objects_v2().bucket(bucket);
-        if !prefix.is_empty() {
-            request = request.prefix(prefix);
-        }
-        let mut pages = request.into_paginator().send();
         let mut listed = Vec::new();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| classify(&what, &e))?;
-            for object in page.contents() {
-                let Some(key) = object.key() else { continue };
-                let relative = key.strip_prefix(prefix).unwrap_or(key);
-                if relative.is_empty() || relative.ends_with('/') {
-                    continue; // a "directory" marker made by consoles
-                }
-                let parts = safe_components(relative).filter(|p| p.as_slice() != [MANIFEST_FILE]).ok_or_else(|| {
-                    S3Error::Invalid(format!("s3://{bucket}/{key}: the key cannot be mirrored to a local path"))
-                })?;
-                let mut local = dir.to_path_buf();
-                local.extend(parts);
-                listed.push(Listed {
-                    key: key.to_owned(),
-                    local,
-                    entry: Entry {
-                        size: object.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
-                        etag: object.e_tag().map(str::to_owned),
-                        last_modified: object.last_modified().map(timestamp),
-                    },
-                });
-            }
+        for object in list_objects(&self.client, bucket, prefix).await? {
+            let relative = object.key.strip_prefix(prefix).unwrap_or(&object.key);
+            let parts = safe_components(relative).filter(|p| p.as_slice() != [MANIFEST_FILE]).ok_or_else(|| {
+                S3Error::Invalid(format!("s3://{bucket}/{}: the key cannot be mirrored to a local path", object.key))
+            })?;
+            let mut local = dir.to_path_buf();
+            local.extend(parts);
+            listed.push(Listed {
+                local,
+                entry: Entry {
+                    size: object.size,
+                    etag: object.etag,
+                    last_modified: object.last_modified.as_ref().map(timestamp),
+                },
+                key: object.key,
+            });
         }
         Ok(listed)
     }
@@ -398,28 +364,6 @@ impl S3Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prefixes_are_normalised() {
-        let parse = |s: &str| parse_prefix(s).map_err(|e| e.to_string());
-        assert_eq!(parse("s3://models/ip2p/v1"), Ok(("models".into(), "ip2p/v1/".into())));
-        assert_eq!(parse("s3://models/ip2p/v1/"), Ok(("models".into(), "ip2p/v1/".into())));
-        assert_eq!(parse("s3://models"), Ok(("models".into(), String::new())));
-        assert_eq!(parse("s3://models/"), Ok(("models".into(), String::new())));
-        assert!(parse("file:///models").is_err());
-        assert!(parse("s3://Models/x").is_err());
-        assert!(parse("s3://models/../etc").is_err());
-        assert!(parse("s3://models/a//b").is_err());
-    }
-
-    #[test]
-    fn only_plain_relative_paths_are_safe() {
-        assert_eq!(safe_components("unet/model.safetensors"), Some(vec!["unet", "model.safetensors"]));
-        assert_eq!(safe_components(".hidden"), Some(vec![".hidden"]));
-        for bad in ["../x", "a/../b", "a//b", "/abs", "./x", "a/", ""] {
-            assert_eq!(safe_components(bad), None, "{bad}");
-        }
-    }
 
     #[test]
     fn md5_etags_are_recognised() {

@@ -194,6 +194,28 @@ async fn put_if_absent_writes_once() {
 }
 
 #[tokio::test]
+async fn list_prefix_walks_the_prefix_in_key_order() {
+    let server = S3sServer::start(&["media"]);
+    let store = server.store().await;
+    for (key, len) in [("raw/b.png", 3), ("raw/a.png", 5), ("raw/deep/c.jpg", 7), ("raw-old/x.png", 1), ("y.png", 2)] {
+        store.put(&url(&format!("s3://media/{key}")), bytes(len, 1), "image/png", &BTreeMap::new()).await.expect("put");
+    }
+    let listed = |prefix: &'static str| {
+        let store = &store;
+        async move {
+            let objects = store.list_prefix(prefix).await.expect("list");
+            objects.into_iter().map(|(u, size)| (u.to_string(), size)).collect::<Vec<_>>()
+        }
+    };
+    let raw = [("s3://media/raw/a.png", 5), ("s3://media/raw/b.png", 3), ("s3://media/raw/deep/c.jpg", 7)]
+        .map(|(u, n)| (u.to_string(), n));
+    assert_eq!(listed("s3://media/raw/").await, raw);
+    assert_eq!(listed("s3://media/raw").await, raw, "the prefix is a directory, not a string prefix");
+    assert_eq!(listed("s3://media").await.len(), 5, "the whole bucket");
+    assert!(matches!(store.list_prefix("file:///media").await, Err(S3Error::Invalid(_))));
+}
+
+#[tokio::test]
 async fn sync_prefix_mirrors_skips_and_refreshes() {
     let server = S3sServer::start(&["models"]);
     let store = server.store().await;

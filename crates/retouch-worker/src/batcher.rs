@@ -1,7 +1,8 @@
 //! Groups prepared jobs into model calls.
 //!
-//! Jobs are compatible when they share the processed size, the step count and the scheduler
-//! (one UNet call per step must serve them all). A group is dispatched when it holds
+//! Jobs are compatible when they share the processed size, the step count, the scheduler and
+//! its Karras-sigma setting (one UNet call per step must serve them all, at one timestep).
+//! Everything else — instruction, negative prompt, seed, guidance — is per image. A group is dispatched when it holds
 //! `max_batch` jobs or its oldest job has waited `max_batch_wait`; groups leave in the order
 //! their oldest job arrived. The batcher owns the groups; it hands a batch over only when the
 //! dispatcher can take it (a channel of capacity 1), and keeps collecting meanwhile, so a
@@ -23,6 +24,8 @@ pub struct BatchKey {
     pub steps: u32,
     /// Sampler (already resolved to the checkpoint's default when the job named none).
     pub scheduler: SchedulerKind,
+    /// `karras_sigmas` as the job gave it (`None`: the checkpoint's scheduler config decides).
+    pub karras_sigmas: Option<bool>,
 }
 
 /// Something the batcher can group.
@@ -115,7 +118,12 @@ mod tests {
 
     impl Batchable for Item {
         fn key(&self) -> BatchKey {
-            BatchKey { size: (self.0, self.0), steps: 10, scheduler: SchedulerKind::EulerAncestral }
+            BatchKey {
+                size: (self.0, self.0),
+                steps: 10,
+                scheduler: SchedulerKind::EulerAncestral,
+                karras_sigmas: (self.1 >= 100).then_some(true),
+            }
         }
     }
 
@@ -138,6 +146,21 @@ mod tests {
         assert!(Instant::now() - before >= Duration::from_millis(99), "the partial group waited");
         drop(tx);
         task.await.expect("batcher ends when the input closes");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn karras_sigmas_split_otherwise_equal_jobs() {
+        let (tx, rx) = mpsc::channel(16);
+        let (out_tx, mut out_rx) = mpsc::channel(1);
+        let task = tokio::spawn(run(policy(4, 100), rx, out_tx, CancellationToken::new(), |_| {}));
+        for item in [Item(64, 1), Item(64, 100), Item(64, 2), Item(64, 101)] {
+            tx.send(item).await.expect("send");
+        }
+        drop(tx);
+        let mut batches = vec![out_rx.recv().await.expect("batch"), out_rx.recv().await.expect("batch")];
+        batches.sort_by_key(|b| b[0].1);
+        assert_eq!(batches, vec![vec![Item(64, 1), Item(64, 2)], vec![Item(64, 100), Item(64, 101)]]);
+        task.await.expect("ends");
     }
 
     #[tokio::test(start_paused = true)]

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use retouch_core::redact::redact_url;
+use retouch_core::safety::SafetyPolicy;
 use serde::{Deserialize, Serialize};
 
 /// Everything `retouch worker` can be told.
@@ -82,6 +83,11 @@ pub struct WorkerConfig {
     pub model_cache_dir: PathBuf,
     /// `cpu` or `cuda[:N]`.
     pub device: String,
+    /// The safety checker: `auto` runs it when the checkpoint ships one (as diffusers, even
+    /// with `requires_safety_checker: false`) and writes flagged images black; `on` requires
+    /// one; `off` never loads it; `block` requires one and fails flagged jobs (`nsfw`, dead-
+    /// lettered, no output). The checker's files are fetched only when it runs.
+    pub safety_checker: SafetyPolicy,
 
     // --- Batching -----------------------------------------------------------------------
     /// Most compatible jobs (same processed size, steps, scheduler) per model call. Each
@@ -133,6 +139,7 @@ impl Default for WorkerConfig {
             model_variant: String::new(),
             model_cache_dir: PathBuf::from("/var/cache/retouch/models"),
             device: "cpu".into(),
+            safety_checker: SafetyPolicy::Auto,
             max_batch: 4,
             max_batch_wait: Duration::from_millis(250),
             job_timeout: Duration::from_secs(600),

@@ -56,6 +56,8 @@ pub mod meta {
     pub const WIDTH: &str = "retouch-width";
     /// Output height.
     pub const HEIGHT: &str = "retouch-height";
+    /// The safety checker's verdict (`true`/`false`), when one ran: a duplicate result repeats it.
+    pub const NSFW: &str = "retouch-nsfw-content-detected";
 }
 
 /// The engine's knobs (a subset of the worker config, so tests and local mode can build it).
@@ -79,6 +81,9 @@ pub struct EngineSettings {
     pub retry_backoff_max: Duration,
     /// Name in results.
     pub worker_name: String,
+    /// Fail a job whose image the safety checker flagged (`nsfw`, permanent: failure result and
+    /// dead letter, no output) instead of writing the black image (the `block` policy).
+    pub block_nsfw: bool,
 }
 
 /// Counts of how deliveries were settled during a run.
@@ -121,6 +126,8 @@ struct InFlight<D> {
     delivery: D,
     received: Instant,
     timings: Timings,
+    /// The safety checker's verdict once the model (or an earlier delivery's output) gave one.
+    nsfw_content_detected: Option<bool>,
     _slot: Slot,
 }
 
@@ -176,6 +183,7 @@ impl<O: ObjectStore, R: ResultSink> Ctx<O, R> {
             seed: job.map(|j| j.params.seed),
             attempt: flight_info.attempt,
             duplicate: false,
+            nsfw_content_detected: None,
             worker: self.settings.worker_name.clone(),
             model: self.model.name.clone(),
             timings: timings.clone(),
@@ -216,6 +224,7 @@ impl<O: ObjectStore, R: ResultSink> Ctx<O, R> {
         tracing::error!(job_id, attempt = info.attempt, kind = %error.kind, error = %error.message,
             final_attempt = info.last_attempt, "job failed; dead-lettering");
         let mut result = self.result(&info, job, &flight.timings);
+        result.nsfw_content_detected = flight.nsfw_content_detected;
         result.status = Status::Failed;
         result.error =
             Some(ResultError { kind: error.kind, message: error.message.clone(), retryable: error.retryable });
@@ -235,6 +244,7 @@ impl<O: ObjectStore, R: ResultSink> Ctx<O, R> {
         flight.timings.total = seconds(flight.received);
         let info = flight.delivery.info().clone();
         let mut result = self.result(&info, Some(job), &flight.timings);
+        result.nsfw_content_detected = flight.nsfw_content_detected;
         result.output = Some(job.output.to_string());
         (result.width, result.height) = (Some(size.0), Some(size.1));
         result.duplicate = duplicate;
@@ -299,6 +309,7 @@ async fn prepare<D: Delivery, O: ObjectStore, R: ResultSink>(
         Ok(Some(existing)) if existing.metadata.get(meta::JOB_ID) == Some(&job.job.job_id) => {
             let dim = |k: &str| existing.metadata.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
             let size = (dim(meta::WIDTH), dim(meta::HEIGHT));
+            flight.nsfw_content_detected = existing.metadata.get(meta::NSFW).and_then(|v| v.parse().ok());
             return ctx.succeed(flight, &job, size, true).await;
         }
         Ok(Some(_)) => tracing::warn!(output = %job.output, "the output exists from another job; it will be replaced"),
@@ -341,7 +352,19 @@ async fn prepare<D: Delivery, O: ObjectStore, R: ResultSink>(
             JobError::new(ErrorKind::InvalidJob, "the checkpoint's scheduler is not implemented; set params.scheduler");
         return ctx.fail(flight, Some(&job), e).await;
     };
-    let key = BatchKey { size: image.dimensions(), steps: job.params.steps, scheduler };
+    if job.params.karras_sigmas == Some(true) && !scheduler.supports_karras_sigmas() {
+        let e = JobError::new(
+            ErrorKind::InvalidJob,
+            format!("params.karras_sigmas: the checkpoint's scheduler {scheduler} has no Karras sigmas"),
+        );
+        return ctx.fail(flight, Some(&job), e).await;
+    }
+    let key = BatchKey {
+        size: image.dimensions(),
+        steps: job.params.steps,
+        scheduler,
+        karras_sigmas: job.params.karras_sigmas,
+    };
     if let Err(mpsc::error::SendError(prepared)) = to_batcher.send(Prepared { flight, job, image, key }).await {
         ctx.release(prepared.flight);
     }
@@ -358,6 +381,18 @@ async fn finish<D: Delivery, O: ObjectStore, R: ResultSink>(
     if edited.instruction_truncated {
         tracing::warn!(job_id = %job.job.job_id, "instruction longer than 77 CLIP tokens; its end was ignored");
     }
+    flight.nsfw_content_detected = edited.nsfw_content_detected;
+    if edited.nsfw_content_detected == Some(true) {
+        ctx.metrics.nsfw_flagged();
+        if ctx.settings.block_nsfw {
+            let e = JobError::new(
+                ErrorKind::Nsfw,
+                "the safety checker flagged the edited image; no output was written (safety_checker = block)",
+            );
+            return ctx.fail(flight, Some(&job), e).await;
+        }
+        tracing::warn!(job_id = %job.job.job_id, "the safety checker flagged the edited image; the output is black");
+    }
     let encode_started = Instant::now();
     let (format, quality) = (job.params.format, job.params.quality);
     let encoded = tokio::task::spawn_blocking(move || imaging::encode(&edited.image, format, quality)).await;
@@ -373,13 +408,16 @@ async fn finish<D: Delivery, O: ObjectStore, R: ResultSink>(
     flight.timings.encode = seconds(encode_started);
     ctx.metrics.stage(Stage::Encode, flight.timings.encode);
 
-    let metadata = BTreeMap::from([
+    let mut metadata = BTreeMap::from([
         (meta::JOB_ID.to_string(), job.job.job_id.clone()),
         (meta::SEED.to_string(), job.params.seed.to_string()),
         (meta::MODEL.to_string(), ctx.model.name.clone()),
         (meta::WIDTH.to_string(), size.0.to_string()),
         (meta::HEIGHT.to_string(), size.1.to_string()),
     ]);
+    if let Some(nsfw) = flight.nsfw_content_detected {
+        metadata.insert(meta::NSFW.to_string(), nsfw.to_string());
+    }
     let upload_started = Instant::now();
     let n = bytes.len();
     if let Err(e) = ctx.store.put(&job.output, bytes, format.content_type(), &metadata).await {
@@ -408,6 +446,7 @@ async fn infer<D: Delivery, O: ObjectStore, R: ResultSink>(
         requests.push(EditRequest {
             image: p.image,
             instruction: p.job.job.instruction.clone(),
+            negative_prompt: p.job.params.negative_prompt.clone(),
             seed: p.job.params.seed,
             guidance_scale: p.job.params.guidance_scale,
             image_guidance_scale: p.job.params.image_guidance_scale,
@@ -415,7 +454,8 @@ async fn infer<D: Delivery, O: ObjectStore, R: ResultSink>(
         });
         flights.push((p.flight, p.job));
     }
-    let batch = EditBatch { steps: key.steps, scheduler: Some(key.scheduler), requests };
+    let batch =
+        EditBatch { steps: key.steps, scheduler: Some(key.scheduler), karras_sigmas: key.karras_sigmas, requests };
     ctx.metrics.batch(n);
 
     // After a stop the running batch gets `shutdown_timeout`, then it is cancelled.
@@ -547,6 +587,7 @@ where
                     delivery,
                     received: Instant::now(),
                     timings: Timings::default(),
+                    nsfw_content_detected: None,
                     _slot: Slot::new(permit, metrics.clone()),
                 };
                 let info = flight.delivery.info();

@@ -102,6 +102,7 @@ pub struct Metrics {
     model_ready: IntGauge,
     input_bytes: IntCounter,
     output_bytes: IntCounter,
+    nsfw_flagged: IntCounter,
     last_success: Gauge,
     gpu_memory_used: IntGauge,
     broker_connected: IntGauge,
@@ -168,6 +169,11 @@ impl Metrics {
             IntCounter::new("retouch_input_bytes_total", "Bytes of input images downloaded.").expect("valid");
         let output_bytes =
             IntCounter::new("retouch_output_bytes_total", "Bytes of output images uploaded.").expect("valid");
+        let nsfw_flagged = IntCounter::new(
+            "retouch_nsfw_flagged_total",
+            "Edited images the safety checker flagged (written black, or failed with error kind nsfw under block).",
+        )
+        .expect("valid");
         let last_success = Gauge::new(
             "retouch_last_success_timestamp_seconds",
             "Unix time of the last successful job (0 before the first).",
@@ -210,6 +216,7 @@ impl Metrics {
             Box::new(model_ready.clone()),
             Box::new(input_bytes.clone()),
             Box::new(output_bytes.clone()),
+            Box::new(nsfw_flagged.clone()),
             Box::new(last_success.clone()),
             Box::new(gpu_memory_used.clone()),
             Box::new(broker_connected.clone()),
@@ -248,6 +255,7 @@ impl Metrics {
             model_ready,
             input_bytes,
             output_bytes,
+            nsfw_flagged,
             last_success,
             gpu_memory_used,
             broker_connected,
@@ -310,6 +318,11 @@ impl Metrics {
         self.output_bytes.inc_by(n as u64);
     }
 
+    /// One image flagged by the safety checker.
+    pub fn nsfw_flagged(&self) {
+        self.nsfw_flagged.inc();
+    }
+
     /// Marks the model loaded (or not) and records the load time.
     pub fn model_loaded(&self, seconds: f64, version: &str, model: &str, device: &str) {
         self.model_load_seconds.set(seconds);
@@ -358,6 +371,9 @@ mod tests {
         assert!(text.contains(r#"retouch_jobs_total{error_kind="image_too_large",outcome="failed"} 0"#), "{text}");
         assert!(text.contains(r#"retouch_stage_duration_seconds_bucket{stage="upload",le="600"} 0"#), "{text}");
         assert!(text.contains("retouch_amqp_lost_acks_total 0"));
+        assert!(text.contains(r#"retouch_jobs_total{error_kind="nsfw",outcome="failed"} 0"#), "{text}");
+        m.nsfw_flagged();
+        assert!(m.render().contains("retouch_nsfw_flagged_total 1"));
     }
 
     #[test]

@@ -14,21 +14,47 @@ use retouch_core::editor::{EditBatch, EditError, EditErrorKind, EditObserver, Ed
 use retouch_core::error::ErrorKind;
 use retouch_core::job::{JobResult, ObjectUrl, Status};
 use retouch_core::params::SchedulerKind;
-use retouch_core::queue::{DeliveryInfo, QueueCounters, QueueError, ResultSink};
+use retouch_core::queue::{DeliveryInfo, JobSource, QueueCounters, QueueError, ResultSink};
 use retouch_core::store::{ObjectMeta, ObjectStore, StoreError};
 use retouch_worker::backend::Backend;
 use retouch_worker::batcher::BatchPolicy;
 use retouch_worker::engine::{self, EngineSettings};
-use retouch_worker::local::{FsStore, LocalQueue};
+use retouch_worker::local::{FsStore, LocalDelivery, LocalQueue};
 use retouch_worker::metrics::Metrics;
 
 /// Inverts every image; records batch sizes; fails batches of several when asked; panics on
-/// the instruction "panic"; sleeps `step_delay` per request to make timing visible.
+/// the instruction "panic"; plays a safety checker that flags the instruction "flag me" (black
+/// image, `nsfw_content_detected: true`); sleeps `step_delay` per request to make timing visible;
+/// holds its first batch at a [`Gate`] when given one.
 struct FakeEditor {
     info: ModelInfo,
     batches: Arc<Mutex<Vec<usize>>>,
     fail_multi: bool,
     step_delay: Duration,
+    gate: Option<Gate>,
+}
+
+/// Holds the first batch after its last step (no cancellation check left, so it will
+/// succeed) until the test opens the gate: `started` tells the test a batch is running.
+struct Gate {
+    started: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    open: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Gate {
+    /// The gate, the "a batch is running" signal, and the key that opens the gate.
+    fn new() -> (Self, tokio::sync::oneshot::Receiver<()>, std::sync::mpsc::Sender<()>) {
+        let (started, running) = tokio::sync::oneshot::channel();
+        let (key, open) = std::sync::mpsc::channel();
+        (Self { started: Mutex::new(Some(started)), open: Mutex::new(open) }, running, key)
+    }
+
+    /// On the first call only: signals, then waits for the key (or for its owner to go).
+    fn hold(&self) {
+        let Some(started) = self.started.lock().expect("lock").take() else { return };
+        let _ = started.send(());
+        let _ = self.open.lock().expect("lock").recv();
+    }
 }
 
 impl Editor for FakeEditor {
@@ -48,6 +74,9 @@ impl Editor for FakeEditor {
             std::thread::sleep(self.step_delay);
             observer.on_step(step + 1, batch.steps as usize, Duration::ZERO);
         }
+        if let Some(gate) = &self.gate {
+            gate.hold();
+        }
         batch
             .requests
             .iter()
@@ -55,7 +84,11 @@ impl Editor for FakeEditor {
                 assert!(r.instruction != "panic", "the editor met a poisonous instruction");
                 let mut image = r.image.clone();
                 image.pixels_mut().for_each(|p| p.0 = p.0.map(|v| 255 - v));
-                Ok(EditedImage { image, instruction_truncated: false })
+                let flagged = r.instruction == "flag me";
+                if flagged {
+                    image.as_mut().fill(0);
+                }
+                Ok(EditedImage { image, instruction_truncated: false, nsfw_content_detected: Some(flagged) })
             })
             .collect()
     }
@@ -110,11 +143,17 @@ struct World {
     batches: Arc<Mutex<Vec<usize>>>,
     backend: Arc<Backend>,
     metrics: Arc<Metrics>,
+    /// Holds `dir`; removed with the world.
+    _tmp: tempfile::TempDir,
 }
 
 fn world(name: &str, fail_multi: bool, step_delay: Duration) -> World {
-    let dir = std::env::temp_dir().join(format!("retouch-engine-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    world_with(name, fail_multi, step_delay, None)
+}
+
+fn world_with(name: &str, fail_multi: bool, step_delay: Duration, gate: Option<Gate>) -> World {
+    let tmp = tempfile::Builder::new().prefix(&format!("retouch-engine-{name}-")).tempdir().expect("tmp");
+    let dir = tmp.path().to_path_buf();
     std::fs::create_dir_all(dir.join("in")).expect("mkdir");
     let batches = Arc::new(Mutex::new(Vec::new()));
     let metrics = Arc::new(Metrics::new(Arc::new(QueueCounters::default())));
@@ -129,9 +168,10 @@ fn world(name: &str, fail_multi: bool, step_delay: Duration) -> World {
         batches: batches.clone(),
         fail_multi,
         step_delay,
+        gate,
     };
     let backend = Arc::new(Backend::spawn(move || Ok(Box::new(editor) as Box<dyn Editor>), metrics.clone(), "test"));
-    World { dir, batches, backend, metrics }
+    World { dir, batches, backend, metrics, _tmp: tmp }
 }
 
 fn settings(dir: &Path, max_batch: usize) -> EngineSettings {
@@ -145,6 +185,7 @@ fn settings(dir: &Path, max_batch: usize) -> EngineSettings {
         retry_backoff: Duration::from_millis(10),
         retry_backoff_max: Duration::from_millis(40),
         worker_name: "test-worker".into(),
+        block_nsfw: false,
     }
 }
 
@@ -164,9 +205,18 @@ async fn run(
     store: impl ObjectStore,
     max_batch: usize,
 ) -> (Arc<engine::Summary>, Arc<Results>) {
+    run_with(w, queue, store, settings(&w.dir, max_batch)).await
+}
+
+async fn run_with(
+    w: &World,
+    queue: LocalQueue,
+    store: impl ObjectStore,
+    settings: EngineSettings,
+) -> (Arc<engine::Summary>, Arc<Results>) {
     let sink = Arc::new(Results::default());
     let summary = engine::run(
-        settings(&w.dir, max_batch),
+        settings,
         queue,
         Arc::new(store),
         sink.clone(),
@@ -179,7 +229,9 @@ async fn run(
     (summary, sink)
 }
 
-#[tokio::test]
+// Paused clock: the batch window and the retry backoffs cost no wall time, and nothing
+// depends on how fast this machine is.
+#[tokio::test(start_paused = true)]
 async fn jobs_are_batched_by_size_and_produce_outputs_and_results() {
     let w = world("batch", false, Duration::from_millis(1));
     let mut jobs = Vec::new();
@@ -243,7 +295,9 @@ async fn bad_jobs_fail_with_the_right_kind_and_are_dead_lettered() {
     assert!(String::from_utf8_lossy(&unknown.body).contains("colour"), "the body is kept");
 }
 
-#[tokio::test]
+// Paused clock: the batch window and the retry backoffs cost no wall time, and nothing
+// depends on how fast this machine is.
+#[tokio::test(start_paused = true)]
 async fn transient_storage_failures_are_retried_then_succeed_or_dead_letter() {
     let w = world("flaky", false, Duration::ZERO);
     let src = w.dir.join("in/a.png");
@@ -283,6 +337,50 @@ async fn a_redelivered_job_whose_output_exists_is_a_duplicate() {
 }
 
 #[tokio::test]
+async fn flagged_images_are_written_black_and_counted_or_blocked_with_kind_nsfw() {
+    let w = world("nsfw", false, Duration::ZERO);
+    let src = w.dir.join("in/a.png");
+    write_png(&src, 16, 16, 7);
+    let flag = |id: &str| {
+        let body = format!(r#"{{"job_id":"{id}","source":"file://{}","instruction":"flag me"}}"#, src.display());
+        (id.to_string(), body.into_bytes())
+    };
+    // Default: the black image is the output, the result and the metric say so.
+    let jobs = vec![flag("black"), job("clean", &src, "")];
+    let (summary, results) = run(&w, LocalQueue::new(jobs, 2), FsStore, 2).await;
+    assert_eq!(summary.succeeded.load(Ordering::Relaxed), 2);
+    let by_id: BTreeMap<String, JobResult> = results.all().into_iter().map(|r| (r.job_id.clone(), r)).collect();
+    assert_eq!(by_id["black"].nsfw_content_detected, Some(true));
+    assert_eq!(by_id["clean"].nsfw_content_detected, Some(false));
+    let out = image::open(by_id["black"].output.as_deref().expect("output").trim_start_matches("file://"))
+        .expect("png")
+        .to_rgb8();
+    assert!(out.as_raw().iter().all(|&v| v == 0), "a flagged output is black");
+    assert!(w.metrics.render().contains("retouch_nsfw_flagged_total 1"), "{}", w.metrics.render());
+    // A redelivery finds the output and repeats the verdict without running the model.
+    let (_, again) = run(&w, LocalQueue::new(vec![flag("black")], 2), FsStore, 1).await;
+    let r = &again.all()[0];
+    assert!(r.duplicate && r.nsfw_content_detected == Some(true), "{r:?}");
+
+    // block: a permanent `nsfw` failure, dead-lettered once, no output written.
+    let settings = EngineSettings { block_nsfw: true, ..settings(&w.dir, 2) };
+    let queue = LocalQueue::new(vec![flag("blocked"), job("fine", &src, "")], 3);
+    let (summary, results) = run_with(&w, queue.clone(), FsStore, settings).await;
+    assert_eq!((summary.succeeded.load(Ordering::Relaxed), summary.failed.load(Ordering::Relaxed)), (1, 1));
+    let blocked = results.all().into_iter().find(|r| r.job_id == "blocked").expect("result");
+    let error = blocked.error.clone().expect("error");
+    assert_eq!((blocked.status, error.kind, error.retryable), (Status::Failed, ErrorKind::Nsfw, false));
+    assert_eq!((blocked.output.as_deref(), blocked.nsfw_content_detected), (None, Some(true)));
+    assert!(!w.dir.join("out/blocked.png").exists(), "no output under block");
+    let dead = queue.dead_letters();
+    assert_eq!((dead.len(), dead[0].message_id.as_str(), dead[0].attempt), (1, "blocked", 1));
+    let metrics = w.metrics.render();
+    assert!(metrics.contains(r#"retouch_jobs_total{error_kind="nsfw",outcome="failed"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"retouch_dead_letters_total{error_kind="nsfw"} 1"#), "{metrics}");
+    assert!(metrics.contains("retouch_nsfw_flagged_total 2"), "{metrics}");
+}
+
+#[tokio::test]
 async fn a_failing_batch_is_retried_one_job_at_a_time() {
     let w = world("split", true, Duration::ZERO);
     let mut jobs = Vec::new();
@@ -309,10 +407,40 @@ async fn a_panicking_model_fails_the_job_not_the_worker() {
     assert_eq!(poison.error.expect("error").kind, ErrorKind::Model);
 }
 
+/// The jobs queue with two facts a shutdown test waits for: how many deliveries were handed
+/// out, and (through the gate's key) that the engine closed it, i.e. stopped receiving.
+struct Closing {
+    inner: LocalQueue,
+    received: tokio::sync::watch::Sender<usize>,
+    closed: std::sync::mpsc::Sender<()>,
+}
+
+impl JobSource for Closing {
+    type Delivery = LocalDelivery;
+
+    async fn next(&mut self) -> Result<Option<LocalDelivery>, QueueError> {
+        let next = self.inner.next().await?;
+        if next.is_some() {
+            self.received.send_modify(|n| *n += 1);
+        }
+        Ok(next)
+    }
+
+    async fn close(&mut self) -> Result<(), QueueError> {
+        self.inner.close().await?;
+        let _ = self.closed.send(());
+        Ok(())
+    }
+}
+
+// Real time on purpose, and no clock in the test: the model runs on an OS thread that a paused
+// clock cannot see (while it works the runtime is idle, and a paused clock would jump straight
+// to the shutdown deadline). The stop comes when a batch is running and every job has been
+// received; the batch ends only after the engine has stopped receiving.
 #[tokio::test]
 async fn shutdown_gives_back_unstarted_jobs_and_finishes_the_running_batch() {
-    // 10 steps × 40 ms per call: the first batch is running when the stop comes.
-    let w = world("stop", false, Duration::from_millis(40));
+    let (gate, running, key) = Gate::new();
+    let w = world_with("stop", false, Duration::ZERO, Some(gate));
     let mut jobs = Vec::new();
     for i in 0..6 {
         let path = w.dir.join(format!("in/{i}.png"));
@@ -320,11 +448,16 @@ async fn shutdown_gives_back_unstarted_jobs_and_finishes_the_running_batch() {
         jobs.push(job(&format!("s{i}"), &path, r#","params":{"steps":10}"#));
     }
     let queue = LocalQueue::new(jobs, 2);
+    let (received, mut handed_out) = tokio::sync::watch::channel(0);
+    let source = Closing { inner: queue.clone(), received, closed: key };
     let sink = Arc::new(Results::default());
-    let stop = async { tokio::time::sleep(Duration::from_millis(150)).await };
+    let stop = async move {
+        running.await.expect("a batch reaches the model");
+        handed_out.wait_for(|n| *n == 6).await.expect("every job is received");
+    };
     let summary = engine::run(
         settings(&w.dir, 2),
-        queue.clone(),
+        source,
         Arc::new(FsStore),
         sink.clone(),
         w.backend.clone(),
@@ -335,7 +468,8 @@ async fn shutdown_gives_back_unstarted_jobs_and_finishes_the_running_batch() {
     .expect("engine");
     let (done, released) = (summary.succeeded.load(Ordering::Relaxed), summary.released.load(Ordering::Relaxed));
     assert_eq!(done, 2, "the running batch of 2 finished");
-    assert_eq!(done + released, 6, "nothing lost: {done} done, {released} given back");
-    assert_eq!(queue.released().len() as u64, released);
+    assert_eq!(released, 4, "the other jobs were given back");
+    assert_eq!(queue.released().len(), 4);
+    assert_eq!(sink.all().len(), 2, "a result for each finished job, none for the others");
     assert!(queue.dead_letters().is_empty());
 }

@@ -82,23 +82,28 @@ covers every accepted value.
 {{- $total }}
 {{- end }}
 
-{{/* The worker's effective prefetch: config.prefetch, or 3 × max_batch when it is 0. */}}
+{{/* The worker's effective prefetch: config.amqp.prefetch, or 3 × config.engine.max_batch when it is 0. */}}
 {{- define "retouch.prefetch" -}}
-{{- $p := int64 (default 0 .Values.config.prefetch) }}
-{{- if eq $p 0 }}{{ mul 3 (int64 .Values.config.max_batch) }}{{ else }}{{ $p }}{{ end }}
+{{- $p := int64 (default 0 .Values.config.amqp.prefetch) }}
+{{- if eq $p 0 }}{{ mul 3 (int64 .Values.config.engine.max_batch) }}{{ else }}{{ $p }}{{ end }}
 {{- end }}
 
 {{/*
-retouch.workerToml: the `config` map as TOML, keys sorted, nulls omitted. Numbers arrive as
-json.Number (chart values.yaml), float64 (-f files) or int64 (--set); every numeric worker key
-is an integer (the schema says so), so all are printed as integers (the worker rejects 4.0).
+retouch.workerToml: the `config` map as TOML, one section per worker component in the order of
+config/worker.toml ([amqp], [s3], [engine], [model]), keys sorted within each, nulls omitted,
+then [metrics] with the address derived from service.port. Numbers arrive as json.Number (chart
+values.yaml), float64 (-f files) or int64 (--set); every numeric worker key is an integer (the
+schema says so), so all are printed as integers (the worker rejects 4.0).
 */}}
 {{- define "retouch.workerToml" -}}
 # Rendered by the retouch Helm chart from .Values.config; see config/worker.toml for each key.
-# amqp_url comes from the environment (RETOUCH_AMQP_URL, from the Secret).
-metrics_addr = {{ printf "0.0.0.0:%d" (int .Values.service.port) | quote }}
-{{- range $key := keys .Values.config | sortAlpha }}
-{{- $v := get $.Values.config $key }}
+# amqp.url comes from the environment (RETOUCH_AMQP_URL, from the Secret).
+{{- range $section := list "amqp" "s3" "engine" "model" }}
+{{- $values := get $.Values.config $section | default dict }}
+
+[{{ $section }}]
+{{- range $key := keys $values | sortAlpha }}
+{{- $v := get $values $key }}
 {{- if kindIs "invalid" $v }}
 {{- else if kindIs "bool" $v }}
 {{ $key }} = {{ $v }}
@@ -110,9 +115,13 @@ metrics_addr = {{ printf "0.0.0.0:%d" (int .Values.service.port) | quote }}
 {{- end }}
 {{- end }}
 
+[metrics]
+addr = {{ printf "0.0.0.0:%d" (int .Values.service.port) | quote }}
+{{- end }}
+
 {{/* True ("true") when the model is downloaded by the init container. */}}
 {{- define "retouch.prefetchModel" -}}
-{{- $m := toString .Values.config.model }}
+{{- $m := toString .Values.config.model.source }}
 {{- if and .Values.modelCache.prefetch.enabled (or (hasPrefix "hf:" $m) (hasPrefix "s3://" $m)) }}true{{ end }}
 {{- end }}
 
@@ -141,12 +150,12 @@ metrics_addr = {{ printf "0.0.0.0:%d" (int .Values.service.port) | quote }}
       name: {{ include "retouch.secretName" . }}
       key: {{ .Values.secrets.keys.awsSecretAccessKey }}
 {{- end }}
-{{- if .Values.config.s3_region }}
+{{- if .Values.config.s3.region }}
 - name: AWS_REGION
-  value: {{ .Values.config.s3_region | quote }}
+  value: {{ .Values.config.s3.region | quote }}
 {{- end }}
-{{- if .Values.config.s3_endpoint }}
+{{- if .Values.config.s3.endpoint }}
 - name: AWS_ENDPOINT_URL_S3
-  value: {{ .Values.config.s3_endpoint | quote }}
+  value: {{ .Values.config.s3.endpoint | quote }}
 {{- end }}
 {{- end }}

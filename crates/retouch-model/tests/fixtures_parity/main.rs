@@ -1,9 +1,10 @@
 //! Checks against the golden data HF diffusers / transformers / torch produced
 //! (`tests/fixtures/generate.py`): tokenizer ids, scheduler tables and steps, torch RNG draws,
-//! and whole-pipeline edits within 2/255 of diffusers on every pixel.
+//! and whole-pipeline edits within 2/255 of diffusers on every pixel; the safety checker.
 
 mod pipeline;
 mod rng;
+mod safety;
 mod scheduler;
 mod tokenizer;
 

@@ -41,16 +41,24 @@ fn batch_for(case: &Value) -> EditBatch {
     let instructions = strings("instructions");
     let seeds: Vec<u64> = case["seeds"].as_array().expect("seeds").iter().map(|v| v.as_u64().expect("seed")).collect();
     let latents = case["init_latents"].as_str().map(init_latents);
+    // Absent from cases written before negative prompts and Karras sigmas existed.
+    let negatives: Vec<Option<String>> = match case.get("negative_prompts").and_then(Value::as_array) {
+        Some(list) => list.iter().map(|v| v.as_str().map(str::to_string)).collect(),
+        None => vec![None; images.len()],
+    };
     EditBatch {
         steps: case["steps"].as_u64().expect("steps") as u32,
         scheduler: Some(case["scheduler"].as_str().expect("scheduler").parse::<SchedulerKind>().expect("kind")),
+        karras_sigmas: case.get("karras_sigmas").and_then(Value::as_bool),
         requests: images
             .iter()
             .zip(&instructions)
             .zip(&seeds)
-            .map(|((image, instruction), &seed)| EditRequest {
+            .zip(negatives)
+            .map(|(((image, instruction), &seed), negative_prompt)| EditRequest {
                 image: prepared(image, max_side),
                 instruction: instruction.clone(),
+                negative_prompt,
                 seed,
                 guidance_scale: case["guidance_scale"].as_f64().expect("gs") as f32,
                 image_guidance_scale: case["image_guidance_scale"].as_f64().expect("igs") as f32,
@@ -83,6 +91,7 @@ fn every_case_is_within_two_levels_of_diffusers() {
     let mut report = Vec::new();
     let mut failures = Vec::new();
     let mut worst = (0u8, String::new());
+    let mut worst_per_scheduler: std::collections::BTreeMap<String, (u8, String)> = Default::default();
     for case in cases {
         let name = case["name"].as_str().expect("name");
         let key = (case["model"].as_str().expect("model").to_string(), case["variant"].as_str().map(str::to_string));
@@ -107,15 +116,30 @@ fn every_case_is_within_two_levels_of_diffusers() {
             if max >= worst.0 {
                 worst = (max, format!("{name}[{i}]"));
             }
+            let karras = if case.get("karras_sigmas").and_then(Value::as_bool) == Some(true) { " karras" } else { "" };
+            let scheduler = format!("{}{karras}", case["scheduler"].as_str().expect("scheduler"));
+            let entry = worst_per_scheduler.entry(scheduler).or_insert((0, String::new()));
+            if max >= entry.0 {
+                *entry = (max, format!("{name}[{i}]"));
+            }
         }
     }
     eprintln!("{}\nworst: {} at {}", report.join("\n"), worst.0, worst.1);
-    assert!(cases.len() >= 25, "expected the full case list, found {}", cases.len());
+    eprintln!("worst |Δ| per scheduler:");
+    for (scheduler, (max, case)) in &worst_per_scheduler {
+        eprintln!("{scheduler:>24} {max} ({case})");
+    }
+    assert!(cases.len() >= 45, "expected the full case list, found {}", cases.len());
     assert!(failures.is_empty(), "cases beyond {TOLERANCE}/255:\n{}", failures.join("\n"));
 }
 
 fn run_alone(model: &InstructPix2Pix, batch: &EditBatch, request: &EditRequest) -> RgbImage {
-    let single = EditBatch { steps: batch.steps, scheduler: batch.scheduler, requests: vec![request.clone()] };
+    let single = EditBatch {
+        steps: batch.steps,
+        scheduler: batch.scheduler,
+        karras_sigmas: batch.karras_sigmas,
+        requests: vec![request.clone()],
+    };
     model.run(&single, &mut NoProgress).expect("single edit").remove(0).image
 }
 
@@ -128,44 +152,71 @@ fn synthetic(size: u32, salt: u8) -> RgbImage {
     })
 }
 
-fn assert_batch_equals_single(model: &InstructPix2Pix, images: &[RgbImage], steps: u32) {
-    let request = |image: &RgbImage, instruction: &str, seed: u64, gs: f32, igs: f32| EditRequest {
-        image: image.clone(),
-        instruction: instruction.into(),
-        seed,
-        guidance_scale: gs,
-        image_guidance_scale: igs,
-        init_latents: None,
-    };
-    // Mixed instructions, seeds and guidance, including one image with guidance off (one UNet
-    // row instead of three) in the middle of the batch, and the same request twice.
+fn assert_batch_equals_single(
+    model: &InstructPix2Pix,
+    images: &[RgbImage],
+    steps: u32,
+    scheduler: SchedulerKind,
+    karras_sigmas: Option<bool>,
+) {
+    let request =
+        |image: &RgbImage, instruction: &str, negative: Option<&str>, seed: u64, gs: f32, igs: f32| EditRequest {
+            image: image.clone(),
+            instruction: instruction.into(),
+            negative_prompt: negative.map(str::to_string),
+            seed,
+            guidance_scale: gs,
+            image_guidance_scale: igs,
+            init_latents: None,
+        };
+    // Mixed instructions, negative prompts, seeds and guidance, including one image with
+    // guidance off (one UNet row instead of three) in the middle of the batch, the same request
+    // twice, and the first request again with another negative prompt.
     let batch = EditBatch {
         steps,
-        scheduler: Some(SchedulerKind::EulerAncestral),
+        scheduler: Some(scheduler),
+        karras_sigmas,
         requests: vec![
-            request(&images[0], "make it snowy", 1, 7.5, 1.5),
-            request(&images[1], "turn the sofa red", 2, 1.0, 1.5),
-            request(&images[2], "add fireworks", 3, 4.0, 1.2),
-            request(&images[0], "make it snowy", 1, 7.5, 1.5),
+            request(&images[0], "make it snowy", Some("blurry"), 1, 7.5, 1.5),
+            request(&images[1], "turn the sofa red", Some("unused without guidance"), 2, 1.0, 1.5),
+            request(&images[2], "add fireworks", None, 3, 4.0, 1.2),
+            request(&images[0], "make it snowy", Some("blurry"), 1, 7.5, 1.5),
+            request(&images[0], "make it snowy", Some("dark, gloomy"), 1, 7.5, 1.5),
         ],
     };
+    let what = format!("{scheduler} karras {karras_sigmas:?}");
     let batched = model.run(&batch, &mut NoProgress).expect("batch edit");
     for (i, request) in batch.requests.iter().enumerate() {
         let alone = run_alone(model, &batch, request);
         let (max, _) = max_and_mean_diff(&batched[i].image, &alone);
-        assert!(batched[i].image == alone, "image {i}: batched differs from alone (max |Δ| {max})");
+        assert!(batched[i].image == alone, "{what}: image {i}: batched differs from alone (max |Δ| {max})");
     }
-    assert!(batched[0].image == batched[3].image, "the same request twice in one batch must agree");
+    assert!(batched[0].image == batched[3].image, "{what}: the same request twice in one batch must agree");
+    let (max, _) = max_and_mean_diff(&batched[0].image, &batched[4].image);
+    assert!(max > 2, "{what}: the negative prompt must change a guided edit (max |Δ| {max})");
 }
 
 #[test]
 fn batched_results_equal_single_results_bit_for_bit() {
     let model = load("models/tiny-sd15", None);
     let fixtures = [prepared("images/a.png", 512), prepared("images/b.png", 512), prepared("images/c.png", 512)];
-    assert_batch_equals_single(&model, &fixtures, 6);
-    assert_batch_equals_single(&model, &[synthetic(64, 0), synthetic(64, 17), synthetic(64, 34)], 6);
+    for (scheduler, karras) in [
+        (SchedulerKind::EulerAncestral, None),
+        (SchedulerKind::Euler, Some(true)),
+        (SchedulerKind::Ddim, None),
+        (SchedulerKind::DpmppTwoM, Some(true)),
+        (SchedulerKind::DpmppTwoMSde, None),
+        (SchedulerKind::Unipc, Some(true)),
+    ] {
+        assert_batch_equals_single(&model, &fixtures, 6, scheduler, karras);
+    }
+    let synthetic64 = [synthetic(64, 0), synthetic(64, 17), synthetic(64, 34)];
+    assert_batch_equals_single(&model, &synthetic64, 6, SchedulerKind::EulerAncestral, None);
+    assert_batch_equals_single(&model, &synthetic64, 5, SchedulerKind::DpmppTwoMSde, Some(true));
     let model_b = load("models/tiny-sd15-b", None);
-    assert_batch_equals_single(&model_b, &[synthetic(128, 0), synthetic(128, 17), synthetic(128, 34)], 4);
+    let synthetic128 = [synthetic(128, 0), synthetic(128, 17), synthetic(128, 34)];
+    assert_batch_equals_single(&model_b, &synthetic128, 4, SchedulerKind::EulerAncestral, None);
+    assert_batch_equals_single(&model_b, &synthetic128, 4, SchedulerKind::Unipc, None);
 }
 
 #[test]
