@@ -33,7 +33,8 @@ impl Campaign {
     }
 
     fn worker(&self) -> Worker {
-        let mut w = Worker::start(&self.name, &self.broker.worker_env(3), &self.s3, &[("RETOUCH_MAX_BATCH", "4")]);
+        let mut w =
+            Worker::start(&self.name, &self.broker.worker_env(3), &self.s3, &[("RETOUCH_ENGINE_MAX_BATCH", "4")]);
         w.wait_ready();
         w
     }
@@ -219,7 +220,7 @@ fn an_interrupted_watch_resumes_without_losing_results() {
     );
     // One job at a time, stopped after two results: it finishes the job in hand and gives the
     // others back, so the campaign is unfinished while the first watch runs.
-    let one_at_a_time = [("RETOUCH_MAX_BATCH", "1"), ("RETOUCH_PREFETCH", "1")];
+    let one_at_a_time = [("RETOUCH_ENGINE_MAX_BATCH", "1"), ("RETOUCH_AMQP_PREFETCH", "1")];
     let mut worker = Worker::start(&c.name, &c.broker.worker_env(3), &c.s3, &one_at_a_time);
     worker.wait_ready();
     let mut early = c.broker.results_until(Duration::from_secs(120), |r| r.len() >= 2);

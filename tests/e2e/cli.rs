@@ -253,7 +253,7 @@ fn a_worker_loads_its_model_from_s3() {
         &broker.worker_env(3),
         &s3,
         &[
-            ("RETOUCH_MODEL", "s3://models/tiny/"),
+            ("RETOUCH_MODEL_SOURCE", "s3://models/tiny/"),
             ("RETOUCH_MODEL_CACHE_DIR", cache_dir.as_str()),
             ("RETOUCH_S3_OPERATION_TIMEOUT", "30s"),
         ],

@@ -44,7 +44,7 @@ fn is_black(image: &image::RgbImage) -> bool {
 /// `retouch edit` of one fixture image with the safety cases' settings.
 fn edit(image: &str, output: &Path, extra: &[&str]) -> (i32, String, String) {
     let mut cmd = Command::new(retouch_bin());
-    cmd.arg("edit").env("RUST_LOG", "warn").env_remove("RETOUCH_SAFETY_CHECKER");
+    cmd.arg("edit").env("RUST_LOG", "warn").env_remove("RETOUCH_MODEL_SAFETY_CHECKER");
     let mut args = vec![
         "--model".to_string(),
         safety_model().display().to_string(),
@@ -144,7 +144,7 @@ fn batch_applies_the_safety_policy_per_image() {
     }
     let run = |output: &Path, policy: &str| {
         let mut cmd = Command::new(retouch_bin());
-        cmd.env_remove("RETOUCH_SAFETY_CHECKER");
+        cmd.env_remove("RETOUCH_MODEL_SAFETY_CHECKER");
         run_cli(
             cmd,
             &[
@@ -217,7 +217,7 @@ fn output(s3: &S3Server, r: &JobResult) -> image::RgbImage {
 fn a_worker_writes_flagged_images_black_and_counts_them() {
     let (_env, name, s3, mut broker) = setup("safety-flag");
     let model = safety_model().display().to_string();
-    let mut worker = Worker::start(&name, &broker.worker_env(5), &s3, &[("RETOUCH_MODEL", model.as_str())]);
+    let mut worker = Worker::start(&name, &broker.worker_env(5), &s3, &[("RETOUCH_MODEL_SOURCE", model.as_str())]);
     worker.wait_ready();
     broker.publish_json(&job("flagged", "alpha.png"));
     broker.publish_json(&job("clear", "a.png"));
@@ -238,7 +238,7 @@ fn a_worker_writes_flagged_images_black_and_counts_them() {
 fn a_blocking_worker_fails_flagged_jobs_with_kind_nsfw_and_dead_letters_them() {
     let (_env, name, s3, mut broker) = setup("safety-block");
     let model = safety_model().display().to_string();
-    let extra = [("RETOUCH_MODEL", model.as_str()), ("RETOUCH_SAFETY_CHECKER", "block")];
+    let extra = [("RETOUCH_MODEL_SOURCE", model.as_str()), ("RETOUCH_MODEL_SAFETY_CHECKER", "block")];
     let mut worker = Worker::start(&name, &broker.worker_env(5), &s3, &extra);
     worker.wait_ready();
     broker.publish_json(&job("blocked", "alpha.png"));

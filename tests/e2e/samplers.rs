@@ -166,7 +166,7 @@ fn a_worker_runs_new_samplers_karras_sigmas_and_negative_prompts() {
         s3.put("inputs", image, &std::fs::read(fixtures().join("images").join(image)).expect("fixture image"));
     }
     let mut broker = Broker::new(&env.amqp_url, &name, 3);
-    let extra = [("RETOUCH_MAX_BATCH", "3"), ("RETOUCH_MAX_BATCH_WAIT", "3s")];
+    let extra = [("RETOUCH_ENGINE_MAX_BATCH", "3"), ("RETOUCH_ENGINE_MAX_BATCH_WAIT", "3s")];
     let mut worker = Worker::start(&name, &broker.worker_env(3), &s3, &extra);
     worker.wait_ready();
     let cases = new_cases();

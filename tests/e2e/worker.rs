@@ -54,7 +54,7 @@ fn wait_for_inference(worker: &Worker) {
 #[test]
 fn jobs_become_outputs_and_results_and_metrics_pass_promtool() {
     let (env, name, s3, mut broker) = setup("happy", 5, 5);
-    let mut worker = Worker::start(&name, &broker.worker_env(5), &s3, &[("RETOUCH_MAX_BATCH", "4")]);
+    let mut worker = Worker::start(&name, &broker.worker_env(5), &s3, &[("RETOUCH_ENGINE_MAX_BATCH", "4")]);
     worker.wait_ready();
     for i in 0..5 {
         broker.publish_json(&job(&format!("happy-{i}"), i, 4));
@@ -90,7 +90,7 @@ fn jobs_become_outputs_and_results_and_metrics_pass_promtool() {
 #[test]
 fn a_job_alone_and_inside_a_batch_give_identical_bytes() {
     let (_env, name, s3, mut broker) = setup("identical", 5, 3);
-    let extra = [("RETOUCH_MAX_BATCH", "3"), ("RETOUCH_MAX_BATCH_WAIT", "3s")];
+    let extra = [("RETOUCH_ENGINE_MAX_BATCH", "3"), ("RETOUCH_ENGINE_MAX_BATCH_WAIT", "3s")];
     let mut worker = Worker::start(&name, &broker.worker_env(5), &s3, &extra);
     worker.wait_ready();
     let with_seed = |id: &str, source: usize| {
@@ -114,7 +114,7 @@ fn a_job_alone_and_inside_a_batch_give_identical_bytes() {
 #[test]
 fn kill_9_in_the_middle_of_a_batch_then_restart_loses_nothing() {
     let (_env, name, s3, mut broker) = setup("kill", 5, 6);
-    let extra = [("RETOUCH_MAX_BATCH", "3")];
+    let extra = [("RETOUCH_ENGINE_MAX_BATCH", "3")];
     let mut first = Worker::start(&name, &broker.worker_env(5), &s3, &extra);
     first.wait_ready();
     for i in 0..6 {
@@ -140,7 +140,7 @@ fn kill_9_in_the_middle_of_a_batch_then_restart_loses_nothing() {
 #[test]
 fn sigterm_in_the_middle_of_a_batch_exits_0_and_loses_nothing() {
     let (_env, name, s3, mut broker) = setup("term", 5, 6);
-    let extra = [("RETOUCH_MAX_BATCH", "3")];
+    let extra = [("RETOUCH_ENGINE_MAX_BATCH", "3")];
     let mut worker = Worker::start(&name, &broker.worker_env(5), &s3, &extra);
     worker.wait_ready();
     for i in 0..6 {
@@ -177,7 +177,7 @@ fn a_broker_restart_mid_run_is_survived() {
         s3.put("inputs", &format!("img{i}.png"), &test_png(i as u8 * 17));
     }
     let mut broker = Broker::new(&node.url(), &name, 5);
-    let mut worker = Worker::start(&name, &broker.worker_env(5), &s3, &[("RETOUCH_MAX_BATCH", "2")]);
+    let mut worker = Worker::start(&name, &broker.worker_env(5), &s3, &[("RETOUCH_ENGINE_MAX_BATCH", "2")]);
     worker.wait_ready();
     for i in 0..6 {
         broker.publish_json(&job(&format!("restart-{i}"), i, 10));

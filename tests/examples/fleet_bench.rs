@@ -46,7 +46,9 @@ fn run_workers(env: &Env, workers: usize, jobs: usize, steps: usize) -> Run {
     }
     let mut broker = Broker::new(&env.amqp_url, &name, 3);
     let mut fleet: Vec<Worker> = (0..workers)
-        .map(|_| Worker::start(&name, &broker.worker_env(3), &s3, &[("RETOUCH_MAX_BATCH", "4"), ("RUST_LOG", "warn")]))
+        .map(|_| {
+            Worker::start(&name, &broker.worker_env(3), &s3, &[("RETOUCH_ENGINE_MAX_BATCH", "4"), ("RUST_LOG", "warn")])
+        })
         .collect();
     fleet.iter_mut().for_each(Worker::wait_ready);
     let started = Instant::now();

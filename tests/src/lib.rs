@@ -310,12 +310,12 @@ impl Broker {
         let s = self.settings(delivery_limit);
         [
             ("RETOUCH_AMQP_URL", s.url),
-            ("RETOUCH_JOBS_EXCHANGE", s.jobs_exchange),
-            ("RETOUCH_JOBS_QUEUE", s.jobs_queue),
-            ("RETOUCH_RESULTS_EXCHANGE", s.results_exchange),
-            ("RETOUCH_DEAD_LETTER_EXCHANGE", s.dead_letter_exchange),
-            ("RETOUCH_DEAD_LETTER_QUEUE", s.dead_letter_queue),
-            ("RETOUCH_DELIVERY_LIMIT", delivery_limit.to_string()),
+            ("RETOUCH_AMQP_JOBS_EXCHANGE", s.jobs_exchange),
+            ("RETOUCH_AMQP_JOBS_QUEUE", s.jobs_queue),
+            ("RETOUCH_AMQP_RESULTS_EXCHANGE", s.results_exchange),
+            ("RETOUCH_AMQP_DEAD_LETTER_EXCHANGE", s.dead_letter_exchange),
+            ("RETOUCH_AMQP_DEAD_LETTER_QUEUE", s.dead_letter_queue),
+            ("RETOUCH_AMQP_DELIVERY_LIMIT", delivery_limit.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -574,18 +574,19 @@ pub fn command(name: &str, broker_env: &[(String, String)], s3: &S3Server, extra
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HOME", std::env::temp_dir())
         .env("RUST_LOG", "info")
-        .env("RETOUCH_MODEL", tiny_model())
+        .env("RETOUCH_MODEL_SOURCE", tiny_model())
         .env("RETOUCH_S3_ENDPOINT", s3.endpoint())
         .env("RETOUCH_S3_REGION", "us-east-1")
         .env("RETOUCH_S3_CONNECT_TIMEOUT", "1s")
         .env("RETOUCH_S3_OPERATION_TIMEOUT", "5s")
+        .env("RETOUCH_S3_ATTEMPT_TIMEOUT", "5s")
         .env("RETOUCH_S3_MAX_ATTEMPTS", "2")
-        .env("RETOUCH_OUTPUT_PREFIX", format!("s3://outputs/{name}"))
-        .env("RETOUCH_MAX_BATCH_WAIT", "300ms")
-        .env("RETOUCH_RETRY_BACKOFF", "500ms")
-        .env("RETOUCH_RETRY_BACKOFF_MAX", "2s")
-        .env("RETOUCH_SHUTDOWN_TIMEOUT", "30s")
-        .env("RETOUCH_WORKER_NAME", name)
+        .env("RETOUCH_ENGINE_OUTPUT_PREFIX", format!("s3://outputs/{name}"))
+        .env("RETOUCH_ENGINE_MAX_BATCH_WAIT", "300ms")
+        .env("RETOUCH_ENGINE_RETRY_BACKOFF", "500ms")
+        .env("RETOUCH_ENGINE_RETRY_BACKOFF_MAX", "2s")
+        .env("RETOUCH_ENGINE_SHUTDOWN_TIMEOUT", "30s")
+        .env("RETOUCH_ENGINE_WORKER_NAME", name)
         .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
         .env("AWS_EC2_METADATA_DISABLED", "true")

@@ -1,12 +1,13 @@
 //! [`AmqpSettings`]: where the broker is, what the topology is called, and how the consumer
-//! and the reconnect loop behave. Plain data with defaults in code; the CLI's configuration
-//! layer maps its (documented, validated) tree onto it.
+//! and the reconnect loop behave. Plain data with every default here; it is also the `[amqp]`
+//! section of the worker's configuration file, which deserializes straight into it.
 
 use std::fmt;
 use std::time::Duration;
 
 use retouch_core::backoff::Backoff;
 use retouch_core::redact::redact_url;
+use serde::{Deserialize, Serialize};
 
 /// Everything the AMQP source and publisher need. `Debug` redacts the password in [`url`].
 ///
@@ -15,7 +16,8 @@ use retouch_core::redact::redact_url;
 /// `retouch.dead`) on a local broker.
 ///
 /// [`url`]: AmqpSettings::url
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AmqpSettings {
     /// Broker URI, `amqp[s]://user:password@host:port/vhost` (the default vhost `/` is written
     /// `%2f`). Query parameters such as `?heartbeat=30` or `?frame_max=131072` are honoured
@@ -58,10 +60,14 @@ pub struct AmqpSettings {
     /// [`DeliveryInfo::last_attempt`]: retouch_core::queue::DeliveryInfo::last_attempt
     pub delivery_limit: u32,
     /// Unacknowledged deliveries per consumer (`basic.qos`, `global=false`: quorum queues
-    /// refuse global QoS). Set it to the number of jobs the worker runs at once (usually 1 for
-    /// a GPU): a delivery's consumer-timeout clock starts when it is sent, and a crash returns
-    /// (and on RabbitMQ ≤ 4.2 charges an attempt to) the whole window. 1–2000 (quorum queues
-    /// cap it at 2000). Default 1.
+    /// refuse global QoS): the jobs a worker holds at once — being prepared, in the model,
+    /// being uploaded. `0` (the default) is *auto*: [`AmqpSettings::prefetch_or`] resolves it,
+    /// and `retouch worker` resolves it to 3 × `engine.max_batch` (one batch being prepared, one
+    /// in the model, one uploading), which keeps the GPU busy. More only holds jobs away from
+    /// other workers: a delivery's consumer-timeout clock (RabbitMQ's `consumer_timeout`, 30 min
+    /// by default) starts when it is sent, so keep the longest job × prefetch below it, and a
+    /// crash returns (on RabbitMQ ≤ 4.2 charging an attempt to) the whole window. 0 or 1–2000
+    /// (quorum queues cap it at 2000).
     pub prefetch: u16,
     /// Shown in the broker's connection list (`rabbitmqctl list_connections client_properties`);
     /// put the worker's identity here. The source and publisher append `/consume` and
@@ -70,13 +76,16 @@ pub struct AmqpSettings {
     /// First delay before reconnecting after a loss; doubled per failed attempt up to
     /// [`reconnect_backoff_max`](Self::reconnect_backoff_max), each with up to 50 % random
     /// jitter so a fleet does not reconnect in lockstep. Default 0.5 s.
+    #[serde(with = "humantime_serde")]
     pub reconnect_backoff_min: Duration,
     /// Cap of the reconnect delay. Default 30 s.
+    #[serde(with = "humantime_serde")]
     pub reconnect_backoff_max: Duration,
     /// How long one publish (result, dead letter or job) may take, reconnecting included,
     /// before it fails with [`QueueError::Unconfirmed`]. Default 30 s.
     ///
     /// [`QueueError::Unconfirmed`]: retouch_core::queue::QueueError::Unconfirmed
+    #[serde(with = "humantime_serde")]
     pub publish_timeout: Duration,
 }
 
@@ -92,7 +101,7 @@ impl Default for AmqpSettings {
             dead_letter_queue: "retouch.dead".into(),
             declare_topology: true,
             delivery_limit: 5,
-            prefetch: 1,
+            prefetch: 0,
             connection_name: "retouch".into(),
             reconnect_backoff_min: Duration::from_millis(500),
             reconnect_backoff_max: Duration::from_secs(30),
@@ -133,8 +142,11 @@ impl AmqpSettings {
         if self.delivery_limit == 0 {
             return Err("delivery_limit: must be at least 1 (0 would dead-letter every retry)".into());
         }
-        if !(1..=2000).contains(&self.prefetch) {
-            return Err(format!("prefetch {}: must be 1–2000 (quorum queues cap it at 2000)", self.prefetch));
+        if self.prefetch > 2000 {
+            return Err(format!(
+                "prefetch {}: must be 0 (auto) or 1–2000 (quorum queues cap it at 2000)",
+                self.prefetch
+            ));
         }
         if self.connection_name.len() > 200 {
             return Err("connection_name: longer than 200 bytes".into());
@@ -146,6 +158,12 @@ impl AmqpSettings {
             return Err("publish_timeout: must be > 0".into());
         }
         Ok(())
+    }
+
+    /// The prefetch to ask for: [`prefetch`](Self::prefetch), or `auto` when it is 0 (auto),
+    /// at least 1.
+    pub fn prefetch_or(&self, auto: u16) -> u16 {
+        if self.prefetch == 0 { auto.clamp(1, 2000) } else { self.prefetch }
     }
 
     /// The URL with its password replaced by `***`, for logs.
@@ -202,7 +220,7 @@ mod tests {
     fn validation_names_the_field() {
         assert!(AmqpSettings::default().validate().is_ok());
         for (s, needle) in [
-            (AmqpSettings { prefetch: 0, ..Default::default() }, "prefetch"),
+            (AmqpSettings { prefetch: 2001, ..Default::default() }, "prefetch"),
             (AmqpSettings { delivery_limit: 0, ..Default::default() }, "delivery_limit"),
             (AmqpSettings { jobs_queue: "x".repeat(256), ..Default::default() }, "jobs_queue"),
             (AmqpSettings { results_exchange: "amq.topic".into(), ..Default::default() }, "results_exchange"),

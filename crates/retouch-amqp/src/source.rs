@@ -89,7 +89,7 @@ impl Consuming {
         let channel = session.channel("opening the consuming channel").await?;
         // global=false: per consumer; quorum queues refuse global QoS with a connection error.
         channel
-            .basic_qos(settings.prefetch, BasicQosOptions { global: false })
+            .basic_qos(settings.prefetch_or(1), BasicQosOptions { global: false })
             .await
             .map_err(OpenError::channel("basic.qos"))?;
         let tag = ShortString::from(format!("{}-{:016x}", short(&settings.connection_name), rand::random::<u64>()));
@@ -138,7 +138,7 @@ impl AmqpSource {
         let settings = Arc::new(settings);
         let consuming = Consuming::open(&settings, &counters).await?;
         counters.connected.store(true, Ordering::Relaxed);
-        info!(queue = %settings.jobs_queue, prefetch = settings.prefetch, url = %settings.redacted_url(), "consuming");
+        info!(queue = %settings.jobs_queue, prefetch = settings.prefetch_or(1), url = %settings.redacted_url(), "consuming");
         Ok(Self {
             backoff: settings.reconnect_backoff(),
             settings,

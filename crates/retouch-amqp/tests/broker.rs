@@ -208,7 +208,7 @@ fn result(job_id: &str, status: Status, campaign: Option<&str>) -> JobResult {
 /// slot (the last marker could not arrive), and a requeued job is delivered before newer
 /// messages. The markers are then acknowledged.
 async fn assert_settled(source: &mut AmqpSource, publisher: &AmqpPublisher, tag: &str) {
-    let prefetch = source.settings().prefetch;
+    let prefetch = source.settings().prefetch_or(1);
     let ids: Vec<String> = (0..prefetch).map(|i| format!("marker-{tag}-{i}")).collect();
     let markers = ids.iter().map(|id| OutgoingJob {
         body: job_body(id),

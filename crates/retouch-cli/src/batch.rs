@@ -19,16 +19,14 @@ use retouch_core::imaging::DecodeLimits;
 use retouch_core::job::{EditJob, JobResult, Status};
 use retouch_core::params::{EditParams, OutputFormat};
 use retouch_core::queue::QueueCounters;
-use retouch_core::safety::SafetyPolicy;
 use retouch_worker::backend::Backend;
-use retouch_worker::batcher::BatchPolicy;
 use retouch_worker::engine::{self, EngineSettings};
 use retouch_worker::local::{FsStore, JsonlReport, LocalQueue};
 use retouch_worker::metrics::Metrics;
 
 use crate::cli_error::bad_input;
-use crate::edit::load_model;
 use crate::manifest;
+use crate::model::ModelArgs;
 use crate::params::ParamArgs;
 
 /// Flags of `retouch batch`.
@@ -47,15 +45,8 @@ pub struct BatchArgs {
     /// Where outputs (and the report) go.
     #[arg(long)]
     pub output_dir: PathBuf,
-    /// Checkpoint: a diffusers directory or hf:OWNER/NAME[@REVISION].
-    #[arg(long, env = "RETOUCH_MODEL", default_value = "hf:timbrooks/instruct-pix2pix")]
-    pub model: String,
-    /// Weight variant, e.g. fp16.
-    #[arg(long)]
-    pub variant: Option<String>,
-    /// Device: cpu or cuda[:N].
-    #[arg(long, env = "RETOUCH_DEVICE", default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    pub model: ModelArgs,
     #[command(flatten)]
     pub params: ParamArgs,
     /// Output format: png, jpeg or webp.
@@ -73,11 +64,6 @@ pub struct BatchArgs {
     /// The report (one JSON result per line; appended). Default: <output-dir>/report.jsonl.
     #[arg(long)]
     pub report: Option<PathBuf>,
-    /// Safety checker: auto (as diffusers: run it when the checkpoint ships one; flagged
-    /// outputs are black), on (require one), off (never), block (require one; a flagged image
-    /// fails with error kind nsfw and no output).
-    #[arg(long, env = "RETOUCH_SAFETY_CHECKER", default_value = "auto", value_name = "auto|on|off|block")]
-    pub safety_checker: SafetyPolicy,
 }
 
 fn file_url(path: &Path) -> anyhow::Result<String> {
@@ -180,13 +166,11 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
 
     let metrics = Arc::new(Metrics::new(Arc::new(QueueCounters::default())));
-    let (model, variant, device) = (args.model.clone(), args.variant.clone(), args.device.clone());
-    let safety = args.safety_checker;
+    let model = args.model.settings()?;
+    let block_nsfw = model.safety_checker.blocks();
     let backend = Arc::new(Backend::spawn(
         move || {
-            load_model(&model, variant.as_deref(), &device, "auto", retouch_model::KernelChoice::default(), safety)
-                .map(|m| Box::new(m) as Box<dyn Editor>)
-                .map_err(|e| format!("{e:#}"))
+            crate::model::load_blocking(&model).map(|m| Box::new(m) as Box<dyn Editor>).map_err(|e| format!("{e:#}"))
         },
         metrics.clone(),
         env!("CARGO_PKG_VERSION"),
@@ -234,15 +218,16 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
 
     let settings = EngineSettings {
         output_prefix: file_url(&output_dir)?,
-        concurrency: 3 * args.max_batch.max(1),
-        batch: BatchPolicy { max_batch: args.max_batch.max(1), max_wait: Duration::from_millis(250) },
+        max_batch: args.max_batch.max(1),
+        max_input_bytes: DecodeLimits::default().max_bytes,
+        max_input_pixels: DecodeLimits::default().max_pixels,
         job_timeout: Duration::from_secs(24 * 3600),
         shutdown_timeout: Duration::from_secs(30),
-        limits: DecodeLimits::default(),
         retry_backoff: Duration::from_millis(500),
         retry_backoff_max: Duration::from_secs(10),
         worker_name: "local".into(),
-        block_nsfw: args.safety_checker.blocks(),
+        block_nsfw,
+        ..EngineSettings::default()
     };
     let queue = LocalQueue::new(bodies, args.retries);
     let started = Instant::now();
@@ -261,9 +246,9 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     bar.finish_and_clear();
 
-    let done = summary.succeeded.load(Ordering::Relaxed);
-    let skipped = summary.duplicate.load(Ordering::Relaxed);
-    let failed = summary.failed.load(Ordering::Relaxed);
+    let done = summary.succeeded;
+    let skipped = summary.duplicate;
+    let failed = summary.failed;
     let released = queue.released().len();
     println!(
         "{total} images: {done} edited, {skipped} already done, {failed} failed{} in {:.1} s — report: {}",

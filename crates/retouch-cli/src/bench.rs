@@ -22,14 +22,13 @@ use retouch_core::editor::{EditBatch, EditRequest, Editor, NoProgress};
 use retouch_core::params::SchedulerKind;
 use serde_json::json;
 
-use crate::edit::{KernelArgs, load_model};
+use crate::model::{ModelArgs, ModelSettings};
 
 /// Flags of `retouch bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Checkpoint: a diffusers directory or hf:OWNER/NAME[@REVISION].
-    #[arg(long, env = "RETOUCH_MODEL")]
-    pub model: String,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Image side in pixels (square inputs).
     #[arg(long, default_value_t = 256)]
     pub size: u32,
@@ -39,17 +38,6 @@ pub struct BenchArgs {
     /// Images per batch (the UNet runs at 3× this).
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// Device: cpu or cuda[:N].
-    #[arg(long, env = "RETOUCH_DEVICE", default_value = "cpu")]
-    pub device: String,
-    /// Compute precision: auto (f32 on the CPU, f16 on CUDA), f32, f16 or bf16.
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
-    /// Weight variant (e.g. fp16).
-    #[arg(long)]
-    pub variant: Option<String>,
-    #[command(flatten)]
-    pub kernels: KernelArgs,
     /// Untimed runs per stage.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
@@ -152,17 +140,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.scheduler.diffusers_class()
         )));
     }
+    // The stages are timed without the safety checker unless --safety-checker asks for it
+    // (its cost is one CLIP vision pass per image after decoding).
+    let settings = ModelSettings {
+        safety_checker: args.model.safety_checker.unwrap_or(retouch_core::safety::SafetyPolicy::Off),
+        ..args.model.settings()?
+    };
     let load_started = Instant::now();
-    // The stages are timed without the safety checker (its cost is one CLIP vision pass per
-    // image after decoding), as before it existed.
-    let model = load_model(
-        &args.model,
-        args.variant.as_deref(),
-        &args.device,
-        &args.dtype,
-        args.kernels.choice()?,
-        retouch_core::safety::SafetyPolicy::Off,
-    )?;
+    let model = crate::model::load_blocking(&settings)?;
     let load_seconds = load_started.elapsed().as_secs_f64();
     let dev = model.device().clone();
     let (_, rss_after_load) = rss_mib();
@@ -217,7 +202,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     println!(
         "retouch {} | {} {} | {} | {}×{} px, batch {n}, {} steps of {}{}, threads {}",
         env!("CARGO_PKG_VERSION"),
-        args.device,
+        model.info().device,
         model.info().dtype,
         model.kernels(),
         args.size,
@@ -239,8 +224,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let report = json!({
             "implementation": "retouch",
             "version": env!("CARGO_PKG_VERSION"),
-            "model": args.model,
-            "device": args.device,
+            "model": settings.source,
+            "device": model.info().device,
             "dtype": model.info().dtype,
             "kernels": {"conv": model.kernels().conv.to_string(), "attention": model.kernels().attention.to_string()},
             "size": args.size,

@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::config::WorkerConfig;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use retouch_amqp::{Admin, AmqpPublisher, JobPublishOptions, OutgoingJob};
@@ -26,7 +27,6 @@ use retouch_core::job::{EditJob, JobResult, ObjectUrl, Status};
 use retouch_core::params::OutputFormat;
 use retouch_core::queue::QueueCounters;
 use retouch_s3::S3Store;
-use retouch_worker::config::WorkerConfig;
 
 use crate::cli_error::bad_input;
 use crate::ledger::{Entry, Ledger};
@@ -48,11 +48,11 @@ pub struct Connection {
     /// Worker-style config file for the broker, S3 and queue names (RETOUCH_* variables apply).
     #[arg(long, env = "RETOUCH_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Broker URL [default: the config's amqp_url].
+    /// Broker URL [default: the config's amqp.url].
     #[arg(long)]
     pub amqp_url: Option<String>,
     /// Where the campaign ledger lives (s3://bucket/prefix or file:///dir) [default: the
-    /// prefix given with --output, else the config's output_prefix].
+    /// prefix given with --output, else the config's engine.output_prefix].
     #[arg(long)]
     pub ledger: Option<String>,
 }
@@ -62,7 +62,7 @@ impl Connection {
     pub fn config(&self) -> anyhow::Result<WorkerConfig> {
         let mut config = crate::worker::load_config(self.config.as_deref())?;
         if let Some(url) = &self.amqp_url {
-            config.amqp_url = url.clone();
+            config.amqp.url = url.clone();
         }
         Ok(config)
     }
@@ -72,7 +72,7 @@ impl Connection {
 /// so a campaign with a `file://` ledger needs no S3 settings.
 async fn storage(config: &WorkerConfig, urls: &[&str]) -> anyhow::Result<Storage> {
     let s3 = if urls.iter().any(|u| u.starts_with("s3://")) {
-        Some(S3Store::new(crate::worker::s3_settings(config)).await.context("cannot set up S3")?)
+        Some(S3Store::new(config.s3.clone()).await.context("cannot set up S3")?)
     } else {
         None
     };
@@ -170,8 +170,12 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     params.format = args.format;
     params.quality = args.quality;
     params.resolve(|| 0).map_err(|e| bad_input(format!("--{}: {}", e.field.replace('_', "-"), e.message)))?;
-    let ledger_root =
-        args.connection.ledger.clone().or_else(|| args.output.clone()).unwrap_or_else(|| config.output_prefix.clone());
+    let ledger_root = args
+        .connection
+        .ledger
+        .clone()
+        .or_else(|| args.output.clone())
+        .unwrap_or_else(|| config.engine.output_prefix.clone());
     let storage = storage(&config, &[&ledger_root, args.source.as_deref().unwrap_or_default()]).await?;
 
     let jobs = match (&args.manifest, &args.source) {
@@ -196,7 +200,7 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         }
         let valid = job
             .clone()
-            .validate(&config.output_prefix)
+            .validate(&config.engine.output_prefix)
             .map_err(|e| bad_input(format!("job {}: {}", job.job_id, e.message)))?;
         entries.push(Entry {
             job_id: job.job_id.clone(),
@@ -232,7 +236,7 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     }
 
     let counters = Arc::new(QueueCounters::default());
-    let settings = crate::worker::amqp_settings(&config, "submit");
+    let settings = config.amqp_for("submit");
     let publisher = AmqpPublisher::connect(settings.clone(), counters).await.context("cannot connect to the broker")?;
     let admin = Admin::connect(settings).await.context("cannot connect to the broker")?;
     let queue = admin.declare_campaign_queue(&args.campaign).await?;
@@ -269,7 +273,7 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     );
     // watch finds the ledger under --ledger, else the configured output_prefix.
     let ledger_flag =
-        if ledger_root == config.output_prefix { String::new() } else { format!(" --ledger {ledger_root}") };
+        if ledger_root == config.engine.output_prefix { String::new() } else { format!(" --ledger {ledger_root}") };
     println!("follow it with: retouch watch --campaign {}{ledger_flag}", args.campaign);
     Ok(())
 }
@@ -391,7 +395,7 @@ fn write_report(path: &PathBuf, ledger: &[Entry], results: &BTreeMap<String, Job
 /// Broker or storage failures; "interrupted" or "timed out" before every job has a result.
 pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     let config = args.connection.config()?;
-    let ledger_root = args.connection.ledger.clone().unwrap_or_else(|| config.output_prefix.clone());
+    let ledger_root = args.connection.ledger.clone().unwrap_or_else(|| config.engine.output_prefix.clone());
     let storage = storage(&config, &[&ledger_root]).await?;
     let ledger = Ledger::open(&storage, &ledger_root, &args.campaign).await?;
     if ledger.manifest.total == 0 {
@@ -415,7 +419,7 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     };
     show(results.len(), failed);
 
-    let settings = crate::worker::amqp_settings(&config, "watch");
+    let settings = config.amqp_for("watch");
     let admin = Admin::connect(settings).await.context("cannot connect to the broker")?;
     let queue = admin.declare_campaign_queue(&args.campaign).await?;
     let mut state = std::fs::OpenOptions::new()

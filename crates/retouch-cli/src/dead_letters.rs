@@ -57,7 +57,7 @@ pub enum DeadLetterCommand {
 
 async fn admin(connection: &Connection) -> anyhow::Result<Admin> {
     let config = connection.config()?;
-    Admin::connect(crate::worker::amqp_settings(&config, "dead-letters")).await.context("cannot connect to the broker")
+    Admin::connect(config.amqp_for("dead-letters")).await.context("cannot connect to the broker")
 }
 
 /// Runs a `retouch dead-letters` subcommand.

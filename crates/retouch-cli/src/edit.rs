@@ -7,24 +7,17 @@ use anyhow::Context;
 use retouch_core::editor::{EditBatch, EditRequest, Editor};
 use retouch_core::imaging::{self, DecodeLimits, ImageError};
 use retouch_core::params::OutputFormat;
-use retouch_core::safety::SafetyPolicy;
-use retouch_model::{
-    AttentionChoice, ConvChoice, DeviceSpec, InstructPix2Pix, KernelChoice, LoadOptions, ModelError, ModelSource,
-};
 
 use crate::cli_error::bad_input;
+use crate::model::ModelArgs;
 use crate::params::ParamArgs;
 use crate::progress::StepBar;
 
 /// Flags of `retouch edit`. These names are a contract: scripts call them.
 #[derive(clap::Args, Debug)]
 pub struct EditArgs {
-    /// Checkpoint: a diffusers directory or hf:OWNER/NAME[@REVISION].
-    #[arg(long, env = "RETOUCH_MODEL", default_value = "hf:timbrooks/instruct-pix2pix")]
-    pub model: String,
-    /// Weight variant to load, e.g. fp16 for `*.fp16.safetensors`.
-    #[arg(long)]
-    pub variant: Option<String>,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Input image (PNG, JPEG, WebP, …).
     #[arg(long)]
     pub image: PathBuf,
@@ -40,78 +33,9 @@ pub struct EditArgs {
     /// used instead of the seeded draw (diffusers' `latents=`).
     #[arg(long)]
     pub init_latents: Option<PathBuf>,
-    /// Device: cpu or cuda[:N].
-    #[arg(long, env = "RETOUCH_DEVICE", default_value = "cpu")]
-    pub device: String,
-    /// Compute precision: auto (f32 on the CPU, f16 on CUDA), f32, f16 or bf16.
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
-    #[command(flatten)]
-    pub kernels: KernelArgs,
     /// JPEG quality (1–100).
     #[arg(long, default_value_t = retouch_core::params::DEFAULT_QUALITY)]
     pub quality: u8,
-    /// Safety checker: auto (as diffusers: run it when the checkpoint ships one; a flagged
-    /// output is black), on (require one), off (never), block (require one; a flagged output is
-    /// not written and the command fails).
-    #[arg(long, env = "RETOUCH_SAFETY_CHECKER", default_value = "auto", value_name = "auto|on|off|block")]
-    pub safety_checker: SafetyPolicy,
-}
-
-/// The GPU levers (docs/gpu.md): which implementation runs convolutions and attention.
-#[derive(clap::Args, Debug, Clone)]
-pub struct KernelArgs {
-    /// Convolutions: auto (cuDNN when this build has it and runs on CUDA), cudnn, or im2col
-    /// (candle's on CUDA; the CPU always uses its own).
-    #[arg(long = "conv", default_value = "auto", value_name = "auto|cudnn|im2col")]
-    pub conv: String,
-    /// Attention: auto (flash attention when this build has it, on CUDA in f16/bf16), flash,
-    /// or math (matmul, softmax, matmul).
-    #[arg(long = "attention", default_value = "auto", value_name = "auto|flash|math")]
-    pub attention: String,
-}
-
-impl KernelArgs {
-    /// The parsed choice.
-    ///
-    /// # Errors
-    /// Bad input (exit 2) naming the accepted values.
-    pub fn choice(&self) -> anyhow::Result<KernelChoice> {
-        let conv: ConvChoice = self.conv.parse().map_err(|e: ModelError| bad_input(format!("--conv: {e}")))?;
-        let attention: AttentionChoice =
-            self.attention.parse().map_err(|e: ModelError| bad_input(format!("--attention: {e}")))?;
-        Ok(KernelChoice { conv, attention })
-    }
-}
-
-/// Loads a model from a `--model` string, with its safety checker when `safety` runs one (its
-/// files are fetched only then).
-///
-/// # Errors
-/// Bad input (exit 2) for a missing directory, an unparsable source, a lever this build or
-/// device cannot run, or a safety policy the checkpoint cannot honour; otherwise model errors.
-pub fn load_model(
-    model: &str,
-    variant: Option<&str>,
-    device: &str,
-    dtype: &str,
-    kernels: KernelChoice,
-    safety: SafetyPolicy,
-) -> anyhow::Result<InstructPix2Pix> {
-    let device: DeviceSpec = device.parse().map_err(|e: ModelError| bad_input(e.to_string()))?;
-    let dtype = retouch_model::device::parse_dtype(dtype).map_err(|e| bad_input(format!("--dtype: {e}")))?;
-    let source: ModelSource = model.parse().map_err(|e: ModelError| bad_input(e.to_string()))?;
-    let dir = source.resolve(variant, safety).map_err(|e| match e {
-        ModelError::MissingFile(path) => {
-            bad_input(format!("--model {model}: no diffusers checkpoint here ({} is missing)", path.display()))
-        }
-        other => anyhow::Error::new(other).context(format!("cannot fetch model {source}")),
-    })?;
-    let options = LoadOptions { device, variant: variant.map(str::to_string), dtype, kernels, safety_checker: safety };
-    InstructPix2Pix::load(&dir, &source.to_string(), &options).map_err(|e| match e {
-        ModelError::Device(message) | ModelError::SafetyChecker(message) => bad_input(message),
-        other => anyhow::Error::new(other).context(format!("cannot load model {source}")),
-    })
 }
 
 fn read_init_latents(path: &PathBuf) -> anyhow::Result<Vec<f32>> {
@@ -146,7 +70,20 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
     let params = params
         .resolve(|| u64::from(rand::random::<u32>()))
         .map_err(|e| bad_input(format!("--{}: {}", e.field.replace('_', "-"), e.message)))?;
+    let model_settings = args.model.settings()?;
+    // Every input is checked before the model loads (seconds to minutes with real weights).
     let bytes = std::fs::read(&args.image).map_err(|e| bad_input(format!("--image {}: {e}", args.image.display())))?;
+    imaging::decode(&bytes, DecodeLimits::default())
+        .map_err(|e| bad_input(format!("--image {}: {e}", args.image.display())))?;
+    if let Some(dir) = args.output.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        return Err(bad_input(format!(
+            "--output {}: the folder {} does not exist",
+            args.output.display(),
+            dir.display()
+        )));
+    }
     let init_latents = args.init_latents.as_ref().map(read_init_latents).transpose()?;
     if params.guidance_scale <= 1.0 || params.image_guidance_scale < 1.0 {
         tracing::info!("guidance is off (guidance_scale ≤ 1 or image_guidance_scale < 1): one UNet branch per step");
@@ -157,9 +94,7 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
     eprintln!("seed: {}", params.seed);
 
     let load_started = Instant::now();
-    let kernels = args.kernels.choice()?;
-    let model =
-        load_model(&args.model, args.variant.as_deref(), &args.device, &args.dtype, kernels, args.safety_checker)?;
+    let model = crate::model::load_blocking(&model_settings)?;
     let load_seconds = load_started.elapsed().as_secs_f64();
 
     let multiple = model.info().size_multiple;
@@ -213,7 +148,7 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
         tracing::warn!("the instruction is longer than 77 CLIP tokens; its end was ignored");
     }
     if output.nsfw_content_detected == Some(true) {
-        if args.safety_checker.blocks() {
+        if model_settings.safety_checker.blocks() {
             anyhow::bail!(
                 "the safety checker flagged the edited image (nsfw); nothing was written (--safety-checker block)"
             );

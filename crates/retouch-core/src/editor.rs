@@ -82,10 +82,14 @@ pub enum EditErrorKind {
     /// The batch itself is invalid (sizes differ, bad latents shape, unsupported scheduler):
     /// retrying will not help.
     InvalidInput,
-    /// The model failed (out of memory, device error): may succeed alone or later.
+    /// The model failed (out of memory, device error, a panic): may succeed alone or later.
     Model,
-    /// The observer asked to stop.
+    /// The observer asked to stop (shutdown).
     Cancelled,
+    /// The call ran past its deadline.
+    Timeout,
+    /// The model is not there to run it (the model thread stopped or never loaded).
+    Unavailable,
 }
 
 /// An edit failure.

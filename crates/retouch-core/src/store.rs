@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 
-use crate::error::{ErrorKind, JobError};
 use crate::job::ObjectUrl;
 
 /// What a `HEAD` returns.
@@ -47,33 +46,6 @@ impl StoreError {
     /// Whether a retry may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Transient(_))
-    }
-
-    /// The job error for a failure while fetching the **input**.
-    pub fn for_source(self) -> JobError {
-        match self {
-            Self::NotFound(m) => JobError::new(ErrorKind::SourceNotFound, m),
-            Self::TooLarge { size, limit } => {
-                JobError::new(ErrorKind::ImageTooLarge, format!("{size} bytes exceeds the limit of {limit} bytes"))
-            }
-            Self::Invalid(m) => JobError::new(ErrorKind::InvalidJob, m),
-            Self::Transient(m) => JobError::transient(ErrorKind::Storage, m),
-            Self::Denied(m) => {
-                JobError::new(ErrorKind::Storage, format!("access denied (check the S3 credentials): {m}"))
-            }
-        }
-    }
-
-    /// The job error for a failure while checking or writing the **output**.
-    pub fn for_output(self) -> JobError {
-        match self {
-            Self::Invalid(m) => JobError::new(ErrorKind::InvalidJob, m),
-            Self::Transient(m) => JobError::transient(ErrorKind::Storage, m),
-            Self::Denied(m) => {
-                JobError::new(ErrorKind::Storage, format!("access denied (check the S3 credentials): {m}"))
-            }
-            other => JobError::new(ErrorKind::Storage, other.to_string()),
-        }
     }
 }
 

@@ -94,12 +94,12 @@ impl S3Store {
             .region()
             .map(ToString::to_string)
             .ok_or_else(|| S3Error::Settings("no region: set the S3 region in the settings or AWS_REGION".into()))?;
-        let mut config = aws_sdk_s3::config::Builder::from(&shared).force_path_style(settings.force_path_style);
+        let mut config = aws_sdk_s3::config::Builder::from(&shared).force_path_style(settings.path_style());
         if let Some(endpoint) = &settings.endpoint {
             config = config.endpoint_url(endpoint);
         }
         let client = Client::from_conf(config.build());
-        tracing::debug!(endpoint = ?settings.endpoint, %region, path_style = settings.force_path_style, "S3 client ready");
+        tracing::debug!(endpoint = ?settings.endpoint, %region, path_style = settings.path_style(), "S3 client ready");
         Ok(Self { client, settings, region })
     }
 

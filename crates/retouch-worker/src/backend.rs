@@ -4,14 +4,16 @@
 //! the runtime, and publishes its state on a `watch` for `/readyz`.
 //!
 //! A panic inside the editor is caught and reported as a model failure of that batch: no job
-//! can take the worker down.
+//! can take the worker down. A model failure (an error of kind `model`, or a panic) marks the
+//! model [`Unhealthy`](ModelState::Unhealthy) — `/readyz` answers 503 and
+//! `retouch_model_ready` drops to 0 — until a later batch succeeds.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use retouch_core::editor::{EditBatch, EditErrorKind, EditObserver, EditedImage, Editor, ModelInfo};
+use retouch_core::editor::{EditBatch, EditError, EditErrorKind, EditObserver, EditedImage, Editor, ModelInfo};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::Metrics;
@@ -23,28 +25,16 @@ pub enum ModelState {
     Loading,
     /// Ready to edit.
     Ready(ModelInfo),
+    /// Loaded, but its last batch failed in the model (out of memory, a device error, a
+    /// panic); it still takes batches and is `Ready` again after the next success.
+    Unhealthy {
+        /// The loaded model.
+        info: ModelInfo,
+        /// The last failure.
+        error: String,
+    },
     /// Loading failed; the worker cannot serve.
     Failed(String),
-}
-
-/// Why a model call produced no images.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum InferError {
-    /// The batch is invalid for this model (e.g. an unsupported scheduler): permanent.
-    #[error("invalid for this model: {0}")]
-    Invalid(String),
-    /// The model failed (out of memory, device error, a panic): may pass alone or later.
-    #[error("model failure: {0}")]
-    Model(String),
-    /// The call ran past its deadline.
-    #[error("the model call exceeded its {0:?} deadline")]
-    Timeout(Duration),
-    /// The caller cancelled it (shutdown).
-    #[error("cancelled")]
-    Cancelled,
-    /// The model thread is gone or never became ready.
-    #[error("model unavailable: {0}")]
-    Unavailable(String),
 }
 
 /// A successful model call.
@@ -60,7 +50,7 @@ struct Command {
     batch: EditBatch,
     timeout: Duration,
     cancel: Arc<AtomicBool>,
-    reply: oneshot::Sender<Result<BatchOutput, InferError>>,
+    reply: oneshot::Sender<Result<BatchOutput, EditError>>,
     span: tracing::Span,
 }
 
@@ -128,31 +118,21 @@ impl Backend {
                 };
                 let info = editor.info().clone();
                 metrics.model_loaded(started.elapsed().as_secs_f64(), version, &info.name, &info.device);
-                let _ = state_tx.send(ModelState::Ready(info));
+                let _ = state_tx.send(ModelState::Ready(info.clone()));
                 while let Some(cmd) = rx.blocking_recv() {
                     let _enter = cmd.span.enter();
-                    let started = Instant::now();
-                    let deadline = started + cmd.timeout;
-                    let mut observer = StepObserver { metrics: &metrics, last: started, deadline, cancel: &cmd.cancel };
-                    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| editor.edit(&cmd.batch, &mut observer)));
-                    let result = match outcome {
-                        Ok(Ok(images)) => Ok(BatchOutput { images, seconds: started.elapsed().as_secs_f64() }),
-                        Ok(Err(e)) => Err(match e.kind {
-                            EditErrorKind::InvalidInput => InferError::Invalid(e.message),
-                            EditErrorKind::Model => InferError::Model(e.message),
-                            EditErrorKind::Cancelled if cmd.cancel.load(Ordering::Relaxed) => InferError::Cancelled,
-                            EditErrorKind::Cancelled => InferError::Timeout(cmd.timeout),
-                        }),
-                        Err(panic) => {
-                            let message = panic
-                                .downcast_ref::<&str>()
-                                .map(|s| (*s).to_string())
-                                .or_else(|| panic.downcast_ref::<String>().cloned())
-                                .unwrap_or_else(|| "unknown panic".into());
-                            tracing::error!(%message, "the model panicked; the batch fails, the worker carries on");
-                            Err(InferError::Model(format!("the model panicked: {message}")))
-                        }
+                    let result = run_batch(editor.as_ref(), &cmd, &metrics);
+                    let healthy = !matches!(&result, Err(e) if e.kind == EditErrorKind::Model);
+                    let next = match &result {
+                        Err(e) if !healthy => ModelState::Unhealthy { info: info.clone(), error: e.message.clone() },
+                        _ => ModelState::Ready(info.clone()),
                     };
+                    metrics.model_healthy(healthy);
+                    state_tx.send_if_modified(|state| {
+                        let changed = *state != next;
+                        *state = next;
+                        changed
+                    });
                     // The caller may have gone (shutdown); nothing to do then.
                     let _ = cmd.reply.send(result);
                 }
@@ -179,7 +159,7 @@ impl Backend {
         let mut rx = self.state.clone();
         loop {
             match &*rx.borrow_and_update() {
-                ModelState::Ready(info) => return Ok(info.clone()),
+                ModelState::Ready(info) | ModelState::Unhealthy { info, .. } => return Ok(info.clone()),
                 ModelState::Failed(e) => return Err(e.clone()),
                 ModelState::Loading => {}
             }
@@ -192,17 +172,46 @@ impl Backend {
     /// Runs one batch on the model thread.
     ///
     /// # Errors
-    /// [`InferError`] classifying the failure.
+    /// [`EditError`]: the editor's own, [`EditErrorKind::Timeout`] past `timeout`,
+    /// [`EditErrorKind::Cancelled`] when `cancel` was set, [`EditErrorKind::Model`] for a
+    /// panic, [`EditErrorKind::Unavailable`] when the model thread is gone.
     pub async fn edit(
         &self,
         batch: EditBatch,
         timeout: Duration,
         cancel: Arc<AtomicBool>,
-    ) -> Result<BatchOutput, InferError> {
+    ) -> Result<BatchOutput, EditError> {
+        let unavailable = |message: &str| EditError { kind: EditErrorKind::Unavailable, message: message.into() };
         let (reply, answer) = oneshot::channel();
         let cmd = Command { batch, timeout, cancel, reply, span: tracing::Span::current() };
-        self.commands.send(cmd).await.map_err(|_| InferError::Unavailable("the model thread has stopped".into()))?;
-        answer.await.map_err(|_| InferError::Unavailable("the model thread dropped the batch".into()))?
+        self.commands.send(cmd).await.map_err(|_| unavailable("model unavailable: the model thread has stopped"))?;
+        answer.await.map_err(|_| unavailable("model unavailable: the model thread dropped the batch"))?
+    }
+}
+
+/// One batch on the model thread: the editor's call under the deadline and the cancel flag,
+/// a panic turned into a model failure.
+fn run_batch(editor: &dyn Editor, cmd: &Command, metrics: &Metrics) -> Result<BatchOutput, EditError> {
+    let started = Instant::now();
+    let deadline = started + cmd.timeout;
+    let mut observer = StepObserver { metrics, last: started, deadline, cancel: &cmd.cancel };
+    match std::panic::catch_unwind(AssertUnwindSafe(|| editor.edit(&cmd.batch, &mut observer))) {
+        Ok(Ok(images)) => Ok(BatchOutput { images, seconds: started.elapsed().as_secs_f64() }),
+        // The observer stops the edit for both reasons; the flag tells which.
+        Ok(Err(e)) if e.kind == EditErrorKind::Cancelled && !cmd.cancel.load(Ordering::Relaxed) => Err(EditError {
+            kind: EditErrorKind::Timeout,
+            message: format!("the model call exceeded its {:?} deadline", cmd.timeout),
+        }),
+        Ok(Err(e)) => Err(e),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            tracing::error!(%message, "the model panicked; the batch fails, the worker carries on");
+            Err(EditError { kind: EditErrorKind::Model, message: format!("the model panicked: {message}") })
+        }
     }
 }
 

@@ -1,10 +1,17 @@
-//! The job engine: a job's life, stage by stage.
+//! The job engine: a job's life, stage by stage, in the order this file reads.
 //!
 //! ```text
-//! receive ─▶ validate ─▶ output exists? ─▶ fetch ─▶ decode ─▶ batch ─▶ infer ─▶ encode ─▶ upload ─▶ publish ─▶ ack
-//!            │            └─ yes: publish duplicate, ack                                         (failures: retry or
-//!            └─ invalid: failure result + dead letter                                             failure result + dead letter)
+//! run: receive ─▶ prepare: validate ─▶ output exists? ─▶ fetch ─▶ decode ─▶ batcher ─▶ dispatch ─▶ infer ─▶ finish: encode ─▶ upload ─▶ settle: publish ─▶ ack
+//!                          │            └─ yes: settle as a duplicate                                                              (failures: retry, or
+//!                          └─ invalid: failure result + dead letter                                                                 failure result + dead letter)
 //! ```
+//!
+//! Reading order: [`run`] receives deliveries and spawns [`prepare`] for each; prepared jobs
+//! go through the batcher ([`crate::batcher`]) to [`dispatch`], which runs one batch at a time
+//! through [`infer`] on the model thread ([`crate::backend`]); each edited image gets its own
+//! [`finish`] task; every path ends in one of the three settlements at the bottom
+//! ([`Ctx::succeed`], [`Ctx::fail`], [`Ctx::release`]). What a failure means (its kind, whether
+//! to retry) is decided in one place, [`crate::failure`].
 //!
 //! Concurrency, and why every queue is bounded:
 //! * a semaphore of `concurrency` permits (= the broker prefetch) bounds deliveries in flight;
@@ -16,32 +23,37 @@
 //! * each finished image gets its own task for encode → upload → publish → ack, overlapping the
 //!   next inference.
 //!
-//! Settlement decisions live in one place ([`Ctx::fail`]): transient errors are retried with
-//! exponential backoff until the delivery limit, then — like permanent errors — answered with a
-//! failure result and a dead letter. Shutdown stops receiving, gives back every job whose model
-//! call has not started, lets the running batch finish within `shutdown_timeout` (else gives its
-//! jobs back too), and waits for the uploads, results and acks in progress.
+//! Transient errors are retried with exponential backoff until the delivery limit, then — like
+//! permanent errors — answered with a failure result and a dead letter. Shutdown stops
+//! receiving, gives back every job whose model call has not started, lets the running batch
+//! finish within `shutdown_timeout` (else gives its jobs back too), and waits for the uploads,
+//! results and acks in progress. Outcomes are counted once, in the metrics; a run's
+//! [`Summary`] is read from them.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use image::RgbImage;
-use retouch_core::editor::{EditBatch, EditRequest, EditedImage, ModelInfo};
-use retouch_core::error::{ErrorKind, JobError};
-use retouch_core::imaging::{self, DecodeLimits, ImageError};
+use retouch_core::backoff::Backoff;
+use retouch_core::editor::{EditBatch, EditErrorKind, EditRequest, EditedImage, ModelInfo};
+use retouch_core::error::JobError;
+use retouch_core::imaging::{self, DecodeLimits};
 use retouch_core::job::{JobResult, PROTOCOL_VERSION, ResultError, Status, Timings, ValidJob, parse_job};
 use retouch_core::queue::{Delivery, DeliveryInfo, JobSource, ResultSink};
 use retouch_core::store::ObjectStore;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::backend::{Backend, InferError};
+use crate::backend::Backend;
 use crate::batcher::{self, BatchKey, BatchPolicy, Batchable};
+use crate::failure::{self, Object};
+pub use crate::metrics::Summary;
 use crate::metrics::{Metrics, Outcome, Stage};
 
 /// Object metadata keys written with every output (S3 user metadata).
@@ -60,45 +72,111 @@ pub mod meta {
     pub const NSFW: &str = "retouch-nsfw-content-detected";
 }
 
-/// The engine's knobs (a subset of the worker config, so tests and local mode can build it).
-#[derive(Clone, Debug)]
+/// The engine's knobs: the `[engine]` section of the worker's configuration file, which
+/// deserializes straight into it (every default is here), plus two values the caller sets
+/// from other sections ([`concurrency`](Self::concurrency), [`block_nsfw`](Self::block_nsfw)).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct EngineSettings {
-    /// Default output location prefix.
+    /// Where outputs go when a job names none: `<output_prefix>/<job_id>.<ext>`.
     pub output_prefix: String,
-    /// Deliveries in flight (the broker prefetch).
-    pub concurrency: usize,
-    /// Batching rules.
-    pub batch: BatchPolicy,
-    /// Deadline of one model call.
+    /// Largest accepted input object, in bytes.
+    pub max_input_bytes: u64,
+    /// Largest accepted input image (width × height, before resizing).
+    pub max_input_pixels: u64,
+    /// Most compatible jobs (same processed size, steps, scheduler) per model call. Each image
+    /// runs three UNet rows per step, so GPU memory grows ~3× per image; 4 fits a 24 GB card
+    /// at 512 px in f16. 1 disables batching. 1–64.
+    pub max_batch: usize,
+    /// Longest a job waits for companions before its batch starts anyway.
+    #[serde(with = "humantime_serde")]
+    pub max_batch_wait: Duration,
+    /// Deadline of one model call; a batch past it fails with `timeout`.
+    #[serde(with = "humantime_serde")]
     pub job_timeout: Duration,
-    /// Time the running batch gets to finish after a stop.
+    /// On a stop (SIGTERM): time the running batch gets to finish before its jobs are given
+    /// back. Keep it below Kubernetes' `terminationGracePeriodSeconds`.
+    #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
-    /// Input limits.
-    pub limits: DecodeLimits,
-    /// First retry delay; doubles per attempt.
+    /// First retry delay of a transient failure; doubles per attempt (±20 % jitter).
+    #[serde(with = "humantime_serde")]
     pub retry_backoff: Duration,
-    /// Retry delay cap.
+    /// Cap of the retry delay.
+    #[serde(with = "humantime_serde")]
     pub retry_backoff_max: Duration,
-    /// Name in results.
+    /// Name reported in results; empty = the host name (the pod name in Kubernetes).
     pub worker_name: String,
+    /// Deliveries in flight (the broker prefetch); 0 = 3 × [`max_batch`](Self::max_batch).
+    /// Not a configuration key: the worker sets it from `[amqp] prefetch`.
+    #[serde(skip)]
+    pub concurrency: usize,
     /// Fail a job whose image the safety checker flagged (`nsfw`, permanent: failure result and
-    /// dead letter, no output) instead of writing the black image (the `block` policy).
+    /// dead letter, no output) instead of writing the black image (the `block` policy). Not a
+    /// key of this section: it follows `[model] safety_checker`.
+    #[serde(skip)]
     pub block_nsfw: bool,
 }
 
-/// Counts of how deliveries were settled during a run.
-#[derive(Debug, Default)]
-pub struct Summary {
-    /// Outputs written.
-    pub succeeded: AtomicU64,
-    /// Outputs found from an earlier delivery.
-    pub duplicate: AtomicU64,
-    /// Returned for another attempt.
-    pub retried: AtomicU64,
-    /// Dead-lettered with a failure result.
-    pub failed: AtomicU64,
-    /// Given back unstarted at shutdown.
-    pub released: AtomicU64,
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            output_prefix: "s3://retouch/outputs".into(),
+            max_input_bytes: 50 << 20,
+            max_input_pixels: 50_000_000,
+            max_batch: 4,
+            max_batch_wait: Duration::from_millis(250),
+            job_timeout: Duration::from_secs(600),
+            shutdown_timeout: Duration::from_secs(120),
+            retry_backoff: Duration::from_secs(2),
+            retry_backoff_max: Duration::from_secs(60),
+            worker_name: String::new(),
+            concurrency: 0,
+            block_nsfw: false,
+        }
+    }
+}
+
+impl EngineSettings {
+    /// Checks the ranges the types do not.
+    ///
+    /// # Errors
+    /// A message naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=64).contains(&self.max_batch) {
+            return Err(format!("max_batch {}: must be 1–64", self.max_batch));
+        }
+        if retouch_core::job::ObjectUrl::parse(&format!("{}/x", self.output_prefix.trim_end_matches('/'))).is_err() {
+            return Err(format!(
+                "output_prefix {:?}: must look like s3://bucket or s3://bucket/path",
+                self.output_prefix
+            ));
+        }
+        for (key, zero) in [
+            ("job_timeout", self.job_timeout.is_zero()),
+            ("max_input_bytes", self.max_input_bytes == 0),
+            ("max_input_pixels", self.max_input_pixels == 0),
+        ] {
+            if zero {
+                return Err(format!("{key}: must be positive"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Deliveries in flight: [`concurrency`](Self::concurrency), or 3 × `max_batch` when 0.
+    pub fn effective_concurrency(&self) -> usize {
+        if self.concurrency == 0 { 3 * self.max_batch.max(1) } else { self.concurrency }
+    }
+
+    /// The batcher's rules.
+    pub fn batch_policy(&self) -> BatchPolicy {
+        BatchPolicy { max_batch: self.max_batch.max(1), max_wait: self.max_batch_wait }
+    }
+
+    /// The decoder's limits.
+    pub fn limits(&self) -> DecodeLimits {
+        DecodeLimits { max_pixels: self.max_input_pixels, max_bytes: self.max_input_bytes }
+    }
 }
 
 /// Errors that end the engine (not a job).
@@ -109,407 +187,10 @@ pub enum EngineError {
     Model(String),
 }
 
-/// What every stage shares.
-struct Ctx<O, R> {
-    settings: EngineSettings,
-    store: Arc<O>,
-    sink: Arc<R>,
-    metrics: Arc<Metrics>,
-    model: ModelInfo,
-    summary: Arc<Summary>,
-    tasks: TaskTracker,
-}
-
-/// A delivery being worked on: owns its concurrency permit and in-flight gauge slot until
-/// it is settled.
-struct InFlight<D> {
-    delivery: D,
-    received: Instant,
-    timings: Timings,
-    /// The safety checker's verdict once the model (or an earlier delivery's output) gave one.
-    nsfw_content_detected: Option<bool>,
-    _slot: Slot,
-}
-
-/// Holds a concurrency permit and one unit of `retouch_jobs_in_flight`; both are returned on
-/// drop, i.e. when the delivery is settled.
-struct Slot {
-    _permit: OwnedSemaphorePermit,
-    metrics: Arc<Metrics>,
-}
-
-impl Slot {
-    fn new(permit: OwnedSemaphorePermit, metrics: Arc<Metrics>) -> Self {
-        metrics.in_flight().inc();
-        Self { _permit: permit, metrics }
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.metrics.in_flight().dec();
-    }
-}
-
-/// A job ready for the model.
-struct Prepared<D> {
-    flight: InFlight<D>,
-    job: ValidJob,
-    image: RgbImage,
-    key: BatchKey,
-}
-
-impl<D: Delivery> Batchable for Prepared<D> {
-    fn key(&self) -> BatchKey {
-        self.key
-    }
-}
-
-fn seconds(since: Instant) -> f64 {
-    since.elapsed().as_secs_f64()
-}
-
-impl<O: ObjectStore, R: ResultSink> Ctx<O, R> {
-    fn result(&self, flight_info: &DeliveryInfo, job: Option<&ValidJob>, timings: &Timings) -> JobResult {
-        JobResult {
-            version: PROTOCOL_VERSION,
-            job_id: job.map(|j| j.job.job_id.clone()).or_else(|| flight_info.message_id.clone()).unwrap_or_default(),
-            campaign_id: job.and_then(|j| j.job.campaign_id.clone()),
-            status: Status::Succeeded,
-            source: job.map(|j| j.source.to_string()),
-            output: None,
-            width: None,
-            height: None,
-            seed: job.map(|j| j.params.seed),
-            attempt: flight_info.attempt,
-            duplicate: false,
-            nsfw_content_detected: None,
-            worker: self.settings.worker_name.clone(),
-            model: self.model.name.clone(),
-            timings: timings.clone(),
-            error: None,
-            metadata: job.and_then(|j| j.job.metadata.clone()),
-        }
-    }
-
-    fn retry_delay(&self, attempt: u32) -> Duration {
-        let base = self.settings.retry_backoff.as_secs_f64() * 2f64.powi(attempt.saturating_sub(1).min(16) as i32);
-        let capped = base.min(self.settings.retry_backoff_max.as_secs_f64());
-        // ±20 % jitter so retries of one burst do not return together.
-        let jitter = 0.8
-            + 0.4
-                * (SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos()) % 1000)
-                    as f64
-                / 1000.0;
-        Duration::from_secs_f64(capped * jitter)
-    }
-
-    /// The one place a failure becomes a disposition.
-    async fn fail<D: Delivery>(&self, mut flight: InFlight<D>, job: Option<&ValidJob>, error: JobError) {
-        flight.timings.total = seconds(flight.received);
-        let info = flight.delivery.info().clone();
-        let job_id = job.map_or_else(|| info.message_id.clone().unwrap_or_default(), |j| j.job.job_id.clone());
-        if error.retryable && !info.last_attempt {
-            let delay = self.retry_delay(info.attempt);
-            tracing::warn!(job_id, attempt = info.attempt, kind = %error.kind, error = %error.message,
-                retry_in = ?delay, "transient failure; retrying");
-            self.metrics.settled(Outcome::Retried, Some(error.kind), flight.timings.total);
-            self.summary.retried.fetch_add(1, Ordering::Relaxed);
-            let InFlight { delivery, _slot, .. } = flight;
-            if let Err(e) = delivery.retry(delay).await {
-                tracing::warn!(job_id, error = %e, "could not return the job to the queue");
-            }
-            return;
-        }
-        tracing::error!(job_id, attempt = info.attempt, kind = %error.kind, error = %error.message,
-            final_attempt = info.last_attempt, "job failed; dead-lettering");
-        let mut result = self.result(&info, job, &flight.timings);
-        result.nsfw_content_detected = flight.nsfw_content_detected;
-        result.status = Status::Failed;
-        result.error =
-            Some(ResultError { kind: error.kind, message: error.message.clone(), retryable: error.retryable });
-        if let Err(e) = self.sink.publish(&result, &info).await {
-            tracing::error!(job_id, error = %e, "could not publish the failure result");
-        }
-        self.metrics.settled(Outcome::Failed, Some(error.kind), flight.timings.total);
-        self.summary.failed.fetch_add(1, Ordering::Relaxed);
-        let InFlight { delivery, _slot, .. } = flight;
-        if let Err(e) = delivery.dead_letter(&error).await {
-            tracing::error!(job_id, error = %e, "could not dead-letter the job");
-        }
-    }
-
-    /// Publishes a success (or duplicate) result, then acks.
-    async fn succeed<D: Delivery>(&self, mut flight: InFlight<D>, job: &ValidJob, size: (u32, u32), duplicate: bool) {
-        flight.timings.total = seconds(flight.received);
-        let info = flight.delivery.info().clone();
-        let mut result = self.result(&info, Some(job), &flight.timings);
-        result.nsfw_content_detected = flight.nsfw_content_detected;
-        result.output = Some(job.output.to_string());
-        (result.width, result.height) = (Some(size.0), Some(size.1));
-        result.duplicate = duplicate;
-        let published = Instant::now();
-        if let Err(e) = self.sink.publish(&result, &info).await {
-            // The output exists: another delivery will find it and publish a duplicate result.
-            return self
-                .fail(flight, Some(job), JobError::transient(ErrorKind::Internal, format!("result not published: {e}")))
-                .await;
-        }
-        self.metrics.stage(Stage::Publish, seconds(published));
-        let outcome = if duplicate { Outcome::Duplicate } else { Outcome::Succeeded };
-        self.metrics.settled(outcome, None, flight.timings.total);
-        let counter = if duplicate { &self.summary.duplicate } else { &self.summary.succeeded };
-        counter.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(job_id = %job.job.job_id, output = %job.output, duplicate, seconds = flight.timings.total, "job done");
-        let InFlight { delivery, _slot, .. } = flight;
-        if let Err(e) = delivery.ack().await {
-            tracing::warn!(job_id = %job.job.job_id, error = %e, "ack lost; the job will come back as a duplicate");
-        }
-    }
-
-    fn release<D: Delivery>(&self, flight: InFlight<D>) {
-        self.metrics.settled(Outcome::Released, None, 0.0);
-        self.summary.released.fetch_add(1, Ordering::Relaxed);
-        let InFlight { delivery, _slot: slot, .. } = flight;
-        self.tasks.spawn(async move {
-            let _slot = slot;
-            if let Err(e) = delivery.release().await {
-                tracing::warn!(error = %e, "could not give a job back; the broker will redeliver it");
-            }
-        });
-    }
-}
-
-fn image_error(e: ImageError) -> JobError {
-    match e {
-        ImageError::TooLarge(m) => JobError::new(ErrorKind::ImageTooLarge, m),
-        ImageError::Invalid(m) | ImageError::TooSmall(m) => JobError::new(ErrorKind::InvalidImage, m),
-        ImageError::Encode(m) => JobError::new(ErrorKind::Internal, m),
-    }
-}
-
-/// Receive → validate → duplicate check → fetch → decode, then hand over to the batcher.
-async fn prepare<D: Delivery, O: ObjectStore, R: ResultSink>(
-    ctx: Arc<Ctx<O, R>>,
-    mut flight: InFlight<D>,
-    to_batcher: mpsc::Sender<Prepared<D>>,
-    stop: CancellationToken,
-) {
-    if let Some(published) = flight.delivery.info().published_at
-        && let Ok(wait) = SystemTime::now().duration_since(published)
-    {
-        flight.timings.queue_wait = Some(wait.as_secs_f64());
-        ctx.metrics.stage(Stage::QueueWait, wait.as_secs_f64());
-    }
-    let job = match parse_job(flight.delivery.body()).and_then(|j| j.validate(&ctx.settings.output_prefix)) {
-        Ok(job) => job,
-        Err(e) => return ctx.fail(flight, None, e).await,
-    };
-    match ctx.store.head(&job.output).await {
-        Ok(Some(existing)) if existing.metadata.get(meta::JOB_ID) == Some(&job.job.job_id) => {
-            let dim = |k: &str| existing.metadata.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
-            let size = (dim(meta::WIDTH), dim(meta::HEIGHT));
-            flight.nsfw_content_detected = existing.metadata.get(meta::NSFW).and_then(|v| v.parse().ok());
-            return ctx.succeed(flight, &job, size, true).await;
-        }
-        Ok(Some(_)) => tracing::warn!(output = %job.output, "the output exists from another job; it will be replaced"),
-        Ok(None) => {}
-        Err(e) => return ctx.fail(flight, Some(&job), e.for_output()).await,
-    }
-    if stop.is_cancelled() {
-        return ctx.release(flight);
-    }
-
-    let fetch_started = Instant::now();
-    let bytes = match ctx.store.get(&job.source, ctx.settings.limits.max_bytes).await {
-        Ok(bytes) => bytes,
-        Err(e) => return ctx.fail(flight, Some(&job), e.for_source()).await,
-    };
-    flight.timings.fetch = seconds(fetch_started);
-    ctx.metrics.stage(Stage::Fetch, flight.timings.fetch);
-    ctx.metrics.input_bytes(bytes.len());
-
-    let decode_started = Instant::now();
-    let (limits, max_side, multiple) = (ctx.settings.limits, job.params.max_side, ctx.model.size_multiple);
-    let decoded = tokio::task::spawn_blocking(move || imaging::prepare(&bytes, limits, max_side, multiple)).await;
-    let image = match decoded {
-        Ok(Ok(d)) => d.image,
-        Ok(Err(e)) => return ctx.fail(flight, Some(&job), image_error(e)).await,
-        Err(e) => {
-            return ctx
-                .fail(flight, Some(&job), JobError::new(ErrorKind::InvalidImage, format!("decoder crashed: {e}")))
-                .await;
-        }
-    };
-    flight.timings.decode = seconds(decode_started);
-    ctx.metrics.stage(Stage::Decode, flight.timings.decode);
-    if stop.is_cancelled() {
-        return ctx.release(flight);
-    }
-
-    let Some(scheduler) = job.params.scheduler.or(ctx.model.default_scheduler) else {
-        let e =
-            JobError::new(ErrorKind::InvalidJob, "the checkpoint's scheduler is not implemented; set params.scheduler");
-        return ctx.fail(flight, Some(&job), e).await;
-    };
-    if job.params.karras_sigmas == Some(true) && !scheduler.supports_karras_sigmas() {
-        let e = JobError::new(
-            ErrorKind::InvalidJob,
-            format!("params.karras_sigmas: the checkpoint's scheduler {scheduler} has no Karras sigmas"),
-        );
-        return ctx.fail(flight, Some(&job), e).await;
-    }
-    let key = BatchKey {
-        size: image.dimensions(),
-        steps: job.params.steps,
-        scheduler,
-        karras_sigmas: job.params.karras_sigmas,
-    };
-    if let Err(mpsc::error::SendError(prepared)) = to_batcher.send(Prepared { flight, job, image, key }).await {
-        ctx.release(prepared.flight);
-    }
-}
-
-/// Encode → upload → publish → ack for one edited image.
-async fn finish<D: Delivery, O: ObjectStore, R: ResultSink>(
-    ctx: Arc<Ctx<O, R>>,
-    mut flight: InFlight<D>,
-    job: ValidJob,
-    edited: EditedImage,
-) {
-    let size = edited.image.dimensions();
-    if edited.instruction_truncated {
-        tracing::warn!(job_id = %job.job.job_id, "instruction longer than 77 CLIP tokens; its end was ignored");
-    }
-    flight.nsfw_content_detected = edited.nsfw_content_detected;
-    if edited.nsfw_content_detected == Some(true) {
-        ctx.metrics.nsfw_flagged();
-        if ctx.settings.block_nsfw {
-            let e = JobError::new(
-                ErrorKind::Nsfw,
-                "the safety checker flagged the edited image; no output was written (safety_checker = block)",
-            );
-            return ctx.fail(flight, Some(&job), e).await;
-        }
-        tracing::warn!(job_id = %job.job.job_id, "the safety checker flagged the edited image; the output is black");
-    }
-    let encode_started = Instant::now();
-    let (format, quality) = (job.params.format, job.params.quality);
-    let encoded = tokio::task::spawn_blocking(move || imaging::encode(&edited.image, format, quality)).await;
-    let bytes = match encoded {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(e)) => return ctx.fail(flight, Some(&job), image_error(e)).await,
-        Err(e) => {
-            return ctx
-                .fail(flight, Some(&job), JobError::new(ErrorKind::Internal, format!("encoder crashed: {e}")))
-                .await;
-        }
-    };
-    flight.timings.encode = seconds(encode_started);
-    ctx.metrics.stage(Stage::Encode, flight.timings.encode);
-
-    let mut metadata = BTreeMap::from([
-        (meta::JOB_ID.to_string(), job.job.job_id.clone()),
-        (meta::SEED.to_string(), job.params.seed.to_string()),
-        (meta::MODEL.to_string(), ctx.model.name.clone()),
-        (meta::WIDTH.to_string(), size.0.to_string()),
-        (meta::HEIGHT.to_string(), size.1.to_string()),
-    ]);
-    if let Some(nsfw) = flight.nsfw_content_detected {
-        metadata.insert(meta::NSFW.to_string(), nsfw.to_string());
-    }
-    let upload_started = Instant::now();
-    let n = bytes.len();
-    if let Err(e) = ctx.store.put(&job.output, bytes, format.content_type(), &metadata).await {
-        return ctx.fail(flight, Some(&job), e.for_output()).await;
-    }
-    flight.timings.upload = seconds(upload_started);
-    ctx.metrics.stage(Stage::Upload, flight.timings.upload);
-    ctx.metrics.output_bytes(n);
-    ctx.succeed(flight, &job, size, false).await;
-}
-
-/// Runs one batch on the model and fans the results out; a failed batch of several jobs is
-/// retried one job at a time before anyone is failed.
-async fn infer<D: Delivery, O: ObjectStore, R: ResultSink>(
-    ctx: &Arc<Ctx<O, R>>,
-    backend: &Backend,
-    jobs: Vec<Prepared<D>>,
-    stop: &CancellationToken,
-) {
-    let n = jobs.len();
-    let first = jobs.first().map(|p| p.key);
-    let Some(key) = first else { return };
-    let mut flights = Vec::with_capacity(n);
-    let mut requests = Vec::with_capacity(n);
-    for p in jobs {
-        requests.push(EditRequest {
-            image: p.image,
-            instruction: p.job.job.instruction.clone(),
-            negative_prompt: p.job.params.negative_prompt.clone(),
-            seed: p.job.params.seed,
-            guidance_scale: p.job.params.guidance_scale,
-            image_guidance_scale: p.job.params.image_guidance_scale,
-            init_latents: None,
-        });
-        flights.push((p.flight, p.job));
-    }
-    let batch =
-        EditBatch { steps: key.steps, scheduler: Some(key.scheduler), karras_sigmas: key.karras_sigmas, requests };
-    ctx.metrics.batch(n);
-
-    // After a stop the running batch gets `shutdown_timeout`, then it is cancelled.
-    let cancel = Arc::new(AtomicBool::new(false));
-    let watchdog = {
-        let (cancel, stop, grace) = (cancel.clone(), stop.clone(), ctx.settings.shutdown_timeout);
-        tokio::spawn(async move {
-            stop.cancelled().await;
-            tokio::time::sleep(grace).await;
-            cancel.store(true, Ordering::Relaxed);
-        })
-    };
-    let requests_backup = if n > 1 { Some(batch.requests.clone()) } else { None };
-    let result = backend.edit(batch, ctx.settings.job_timeout, cancel).await;
-    watchdog.abort();
-
-    match result {
-        Ok(output) => {
-            for ((mut flight, job), edited) in flights.into_iter().zip(output.images) {
-                flight.timings.inference = output.seconds;
-                ctx.metrics.stage(Stage::Inference, output.seconds);
-                ctx.tasks.spawn(finish(ctx.clone(), flight, job, edited));
-            }
-        }
-        Err(InferError::Model(message)) if n > 1 => {
-            tracing::warn!(error = %message, jobs = n, "batch failed; retrying its jobs one at a time");
-            let requests = requests_backup.expect("kept for batches of several");
-            for ((flight, job), request) in flights.into_iter().zip(requests) {
-                let single = Prepared { flight, job, image: request.image, key };
-                Box::pin(infer(ctx, backend, vec![single], stop)).await;
-            }
-        }
-        Err(InferError::Cancelled) => {
-            for (flight, _) in flights {
-                ctx.release(flight);
-            }
-        }
-        Err(e) => {
-            let error = match &e {
-                InferError::Invalid(m) => JobError::new(ErrorKind::InvalidJob, m.clone()),
-                InferError::Timeout(_) => JobError::new(ErrorKind::Timeout, e.to_string()),
-                InferError::Model(m) => JobError::transient(ErrorKind::Model, m.clone()),
-                InferError::Unavailable(m) => JobError::transient(ErrorKind::Internal, m.clone()),
-                InferError::Cancelled => unreachable!("handled above"),
-            };
-            for (flight, job) in flights {
-                let (ctx, error) = (ctx.clone(), error.clone());
-                ctx.tasks.clone().spawn(async move { ctx.fail(flight, Some(&job), error).await });
-            }
-        }
-    }
-}
+// --- receive --------------------------------------------------------------------------------
 
 /// Runs the engine until `shutdown` resolves (or a finite source is exhausted), then drains.
+/// Returns how this run settled its deliveries.
 ///
 /// `source.next()` must be cancel-safe (it is raced against `shutdown`).
 ///
@@ -523,51 +204,33 @@ pub async fn run<S, O, R>(
     backend: Arc<Backend>,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send,
-) -> Result<Arc<Summary>, EngineError>
+) -> Result<Summary, EngineError>
 where
     S: JobSource,
     O: ObjectStore,
     R: ResultSink,
 {
     let model = backend.ready().await.map_err(EngineError::Model)?;
-    let concurrency = settings.concurrency.max(1);
-    let policy = settings.batch;
-    let summary = Arc::new(Summary::default());
+    let settled_before = metrics.summary();
+    let concurrency = settings.effective_concurrency();
+    let policy = settings.batch_policy();
     let tasks = TaskTracker::new();
-    let ctx = Arc::new(Ctx {
-        settings,
-        store,
-        sink,
-        metrics: metrics.clone(),
-        model,
-        summary: summary.clone(),
-        tasks: tasks.clone(),
-    });
+    let retry = Backoff::new(settings.retry_backoff, settings.retry_backoff_max).with_jitter(0.8, 1.2);
+    let ctx = Arc::new(Ctx { settings, retry, store, sink, metrics: metrics.clone(), model, tasks: tasks.clone() });
     let stop = CancellationToken::new();
     let permits = Arc::new(Semaphore::new(concurrency));
 
     // Prepared jobs wait here for the batcher: at most one per delivery in flight.
     let (to_batcher, batcher_rx) = mpsc::channel::<Prepared<S::Delivery>>(concurrency);
     // One ready batch waits while the model runs another.
-    let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<Prepared<S::Delivery>>>(1);
+    let (batch_tx, batch_rx) = mpsc::channel::<Vec<Prepared<S::Delivery>>>(1);
     let batcher_task = {
         let (ctx, stop) = (ctx.clone(), stop.clone());
         tokio::spawn(batcher::run(policy, batcher_rx, batch_tx, stop, move |p: Prepared<S::Delivery>| {
             ctx.release(p.flight)
         }))
     };
-    let dispatcher_task = {
-        let (ctx, stop, backend) = (ctx.clone(), stop.clone(), backend.clone());
-        tokio::spawn(async move {
-            while let Some(batch) = batch_rx.recv().await {
-                if stop.is_cancelled() {
-                    batch.into_iter().for_each(|p| ctx.release(p.flight));
-                    continue;
-                }
-                infer(&ctx, &backend, batch, &stop).await;
-            }
-        })
-    };
+    let dispatcher_task = tokio::spawn(dispatch(ctx.clone(), backend, batch_rx, stop.clone()));
 
     tokio::pin!(shutdown);
     let stopped = loop {
@@ -583,13 +246,7 @@ where
         };
         match delivery {
             Ok(Some(delivery)) => {
-                let flight = InFlight {
-                    delivery,
-                    received: Instant::now(),
-                    timings: Timings::default(),
-                    nsfw_content_detected: None,
-                    _slot: Slot::new(permit, metrics.clone()),
-                };
+                let flight = InFlight::new(delivery, Slot::new(permit, metrics.clone()));
                 let info = flight.delivery.info();
                 let span =
                     tracing::info_span!("job", id = info.message_id.as_deref().unwrap_or(""), attempt = info.attempt);
@@ -632,5 +289,422 @@ where
     } else {
         drain.await;
     }
-    Ok(summary)
+    Ok(metrics.summary().since(&settled_before))
+}
+
+// --- prepare: validate, duplicate check, fetch, decode ---------------------------------------
+
+/// Validate → duplicate check → fetch → decode, then hand the job to the batcher.
+async fn prepare<D: Delivery, O: ObjectStore, R: ResultSink>(
+    ctx: Arc<Ctx<O, R>>,
+    mut flight: InFlight<D>,
+    to_batcher: mpsc::Sender<Prepared<D>>,
+    stop: CancellationToken,
+) {
+    if let Some(published) = flight.delivery.info().published_at
+        && let Ok(wait) = SystemTime::now().duration_since(published)
+    {
+        flight.timings.queue_wait = Some(wait.as_secs_f64());
+        ctx.metrics.stage(Stage::QueueWait, wait.as_secs_f64());
+    }
+    let job = match parse_job(flight.delivery.body()).and_then(|j| j.validate(&ctx.settings.output_prefix)) {
+        Ok(job) => job,
+        Err(e) => return ctx.fail(flight, None, e).await,
+    };
+    let Some(scheduler) = job.params.scheduler.or(ctx.model.default_scheduler) else {
+        return ctx.fail(flight, Some(&job), failure::no_scheduler()).await;
+    };
+    if job.params.karras_sigmas == Some(true) && !scheduler.supports_karras_sigmas() {
+        return ctx.fail(flight, Some(&job), failure::no_karras_sigmas(scheduler)).await;
+    }
+
+    match ctx.store.head(&job.output).await {
+        Ok(Some(existing)) if existing.metadata.get(meta::JOB_ID) == Some(&job.job.job_id) => {
+            let dim = |k: &str| existing.metadata.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+            let size = (dim(meta::WIDTH), dim(meta::HEIGHT));
+            flight.nsfw_content_detected = existing.metadata.get(meta::NSFW).and_then(|v| v.parse().ok());
+            return ctx.succeed(flight, &job, size, true).await;
+        }
+        Ok(Some(_)) => tracing::warn!(output = %job.output, "the output exists from another job; it will be replaced"),
+        Ok(None) => {}
+        Err(e) => return ctx.fail(flight, Some(&job), failure::storage(Object::Output, e)).await,
+    }
+    if stop.is_cancelled() {
+        return ctx.release(flight);
+    }
+
+    let started = Instant::now();
+    let bytes = match ctx.store.get(&job.source, ctx.settings.max_input_bytes).await {
+        Ok(bytes) => bytes,
+        Err(e) => return ctx.fail(flight, Some(&job), failure::storage(Object::Source, e)).await,
+    };
+    flight.record(&ctx.metrics, Stage::Fetch, started);
+    ctx.metrics.input_bytes(bytes.len());
+
+    let started = Instant::now();
+    let (limits, max_side, multiple) = (ctx.settings.limits(), job.params.max_side, ctx.model.size_multiple);
+    let image = match tokio::task::spawn_blocking(move || imaging::prepare(&bytes, limits, max_side, multiple)).await {
+        Ok(Ok(decoded)) => decoded.image,
+        Ok(Err(e)) => return ctx.fail(flight, Some(&job), failure::image(e)).await,
+        Err(e) => return ctx.fail(flight, Some(&job), failure::crashed(Object::Source, &e)).await,
+    };
+    flight.record(&ctx.metrics, Stage::Decode, started);
+    if stop.is_cancelled() {
+        return ctx.release(flight);
+    }
+
+    let key = BatchKey {
+        size: image.dimensions(),
+        steps: job.params.steps,
+        scheduler,
+        karras_sigmas: job.params.karras_sigmas,
+    };
+    if let Err(mpsc::error::SendError(prepared)) = to_batcher.send(Prepared { flight, job, image, key }).await {
+        ctx.release(prepared.flight);
+    }
+}
+
+// --- dispatch and infer ----------------------------------------------------------------------
+
+/// Takes the batcher's batches one at a time to the model; after a stop, gives back every
+/// batch whose model call has not started.
+async fn dispatch<D: Delivery, O: ObjectStore, R: ResultSink>(
+    ctx: Arc<Ctx<O, R>>,
+    backend: Arc<Backend>,
+    mut batches: mpsc::Receiver<Vec<Prepared<D>>>,
+    stop: CancellationToken,
+) {
+    while let Some(batch) = batches.recv().await {
+        if stop.is_cancelled() {
+            batch.into_iter().for_each(|p| ctx.release(p.flight));
+            continue;
+        }
+        infer(&ctx, &backend, batch, &stop).await;
+    }
+}
+
+/// Runs one batch on the model and fans the edited images out to [`finish`]; a failed batch
+/// of several jobs is retried one job at a time before anyone is failed.
+async fn infer<D: Delivery, O: ObjectStore, R: ResultSink>(
+    ctx: &Arc<Ctx<O, R>>,
+    backend: &Backend,
+    jobs: Vec<Prepared<D>>,
+    stop: &CancellationToken,
+) {
+    let n = jobs.len();
+    let Some(key) = jobs.first().map(|p| p.key) else { return };
+    let mut flights = Vec::with_capacity(n);
+    let mut requests = Vec::with_capacity(n);
+    for p in jobs {
+        requests.push(EditRequest {
+            image: p.image,
+            instruction: p.job.job.instruction.clone(),
+            negative_prompt: p.job.params.negative_prompt.clone(),
+            seed: p.job.params.seed,
+            guidance_scale: p.job.params.guidance_scale,
+            image_guidance_scale: p.job.params.image_guidance_scale,
+            init_latents: None,
+        });
+        flights.push((p.flight, p.job));
+    }
+    let batch =
+        EditBatch { steps: key.steps, scheduler: Some(key.scheduler), karras_sigmas: key.karras_sigmas, requests };
+    ctx.metrics.batch(n);
+
+    // After a stop the running batch gets `shutdown_timeout`, then it is cancelled.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let (cancel, stop, grace) = (cancel.clone(), stop.clone(), ctx.settings.shutdown_timeout);
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            tokio::time::sleep(grace).await;
+            cancel.store(true, Ordering::Relaxed);
+        })
+    };
+    let requests_backup = if n > 1 { Some(batch.requests.clone()) } else { None };
+    let result = backend.edit(batch, ctx.settings.job_timeout, cancel).await;
+    watchdog.abort();
+
+    match result {
+        Ok(output) => {
+            for ((mut flight, job), edited) in flights.into_iter().zip(output.images) {
+                flight.timings.inference = output.seconds;
+                ctx.metrics.stage(Stage::Inference, output.seconds);
+                ctx.tasks.spawn(finish(ctx.clone(), flight, job, edited));
+            }
+        }
+        Err(e) if e.kind == EditErrorKind::Cancelled => {
+            for (flight, _) in flights {
+                ctx.release(flight);
+            }
+        }
+        Err(e) if e.kind == EditErrorKind::Model && n > 1 => {
+            tracing::warn!(error = %e, jobs = n, "batch failed; retrying its jobs one at a time");
+            let requests = requests_backup.expect("kept for batches of several");
+            for ((flight, job), request) in flights.into_iter().zip(requests) {
+                let single = Prepared { flight, job, image: request.image, key };
+                Box::pin(infer(ctx, backend, vec![single], stop)).await;
+            }
+        }
+        Err(e) => {
+            let error = failure::edit(&e);
+            for (flight, job) in flights {
+                let (ctx, error) = (ctx.clone(), error.clone());
+                ctx.tasks.clone().spawn(async move { ctx.fail(flight, Some(&job), error).await });
+            }
+        }
+    }
+}
+
+// --- finish: encode, upload ------------------------------------------------------------------
+
+/// The safety verdict, encode → upload, then the success settlement, for one edited image.
+async fn finish<D: Delivery, O: ObjectStore, R: ResultSink>(
+    ctx: Arc<Ctx<O, R>>,
+    mut flight: InFlight<D>,
+    job: ValidJob,
+    edited: EditedImage,
+) {
+    let size = edited.image.dimensions();
+    if edited.instruction_truncated {
+        tracing::warn!(job_id = %job.job.job_id, "instruction longer than 77 CLIP tokens; its end was ignored");
+    }
+    flight.nsfw_content_detected = edited.nsfw_content_detected;
+    if edited.nsfw_content_detected == Some(true) {
+        ctx.metrics.nsfw_flagged();
+        if ctx.settings.block_nsfw {
+            return ctx.fail(flight, Some(&job), failure::blocked_nsfw()).await;
+        }
+        tracing::warn!(job_id = %job.job.job_id, "the safety checker flagged the edited image; the output is black");
+    }
+
+    let started = Instant::now();
+    let (format, quality) = (job.params.format, job.params.quality);
+    let bytes = match tokio::task::spawn_blocking(move || imaging::encode(&edited.image, format, quality)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => return ctx.fail(flight, Some(&job), failure::image(e)).await,
+        Err(e) => return ctx.fail(flight, Some(&job), failure::crashed(Object::Output, &e)).await,
+    };
+    flight.record(&ctx.metrics, Stage::Encode, started);
+
+    let mut metadata = BTreeMap::from([
+        (meta::JOB_ID.to_string(), job.job.job_id.clone()),
+        (meta::SEED.to_string(), job.params.seed.to_string()),
+        (meta::MODEL.to_string(), ctx.model.name.clone()),
+        (meta::WIDTH.to_string(), size.0.to_string()),
+        (meta::HEIGHT.to_string(), size.1.to_string()),
+    ]);
+    if let Some(nsfw) = flight.nsfw_content_detected {
+        metadata.insert(meta::NSFW.to_string(), nsfw.to_string());
+    }
+    let started = Instant::now();
+    let n = bytes.len();
+    if let Err(e) = ctx.store.put(&job.output, bytes, format.content_type(), &metadata).await {
+        return ctx.fail(flight, Some(&job), failure::storage(Object::Output, e)).await;
+    }
+    flight.record(&ctx.metrics, Stage::Upload, started);
+    ctx.metrics.output_bytes(n);
+    ctx.succeed(flight, &job, size, false).await;
+}
+
+// --- settle: publish the result, then ack / retry / dead-letter / release --------------------
+
+/// What every stage shares.
+struct Ctx<O, R> {
+    /// The engine's knobs.
+    settings: EngineSettings,
+    /// Delays before retries of transient failures (from the settings).
+    retry: Backoff,
+    /// Where sources are read and outputs written.
+    store: Arc<O>,
+    /// Where results go.
+    sink: Arc<R>,
+    /// Every metric, the outcome counts included.
+    metrics: Arc<Metrics>,
+    /// The loaded model's facts.
+    model: ModelInfo,
+    /// The finish and settlement tasks, awaited on drain.
+    tasks: TaskTracker,
+}
+
+impl<O: ObjectStore, R: ResultSink> Ctx<O, R> {
+    /// Publishes a success (or duplicate) result, then acks.
+    async fn succeed<D: Delivery>(&self, mut flight: InFlight<D>, job: &ValidJob, size: (u32, u32), duplicate: bool) {
+        flight.timings.total = seconds(flight.received);
+        let info = flight.delivery.info().clone();
+        let mut result = self.result(&flight, &info, Some(job));
+        result.output = Some(job.output.to_string());
+        (result.width, result.height) = (Some(size.0), Some(size.1));
+        result.duplicate = duplicate;
+        let published = Instant::now();
+        if let Err(e) = self.sink.publish(&result, &info).await {
+            return self.fail(flight, Some(job), failure::unpublished(&e)).await;
+        }
+        self.metrics.stage(Stage::Publish, seconds(published));
+        let outcome = if duplicate { Outcome::Duplicate } else { Outcome::Succeeded };
+        self.metrics.settled(outcome, None, flight.timings.total);
+        tracing::info!(job_id = %job.job.job_id, output = %job.output, duplicate, seconds = flight.timings.total, "job done");
+        let InFlight { delivery, _slot, .. } = flight;
+        if let Err(e) = delivery.ack().await {
+            tracing::warn!(job_id = %job.job.job_id, error = %e, "ack lost; the job will come back as a duplicate");
+        }
+    }
+
+    /// The one place a failure becomes a disposition: a retryable error before the delivery
+    /// limit goes back to the queue after a backoff; anything else gets a failure result and a
+    /// dead letter.
+    async fn fail<D: Delivery>(&self, mut flight: InFlight<D>, job: Option<&ValidJob>, error: JobError) {
+        flight.timings.total = seconds(flight.received);
+        let info = flight.delivery.info().clone();
+        let job_id = job.map_or_else(|| info.message_id.clone().unwrap_or_default(), |j| j.job.job_id.clone());
+        if error.retryable && !info.last_attempt {
+            let delay = self.retry.delay(info.attempt.saturating_sub(1));
+            tracing::warn!(job_id, attempt = info.attempt, kind = %error.kind, error = %error.message,
+                retry_in = ?delay, "transient failure; retrying");
+            self.metrics.settled(Outcome::Retried, Some(error.kind), flight.timings.total);
+            let InFlight { delivery, _slot, .. } = flight;
+            if let Err(e) = delivery.retry(delay).await {
+                tracing::warn!(job_id, error = %e, "could not return the job to the queue");
+            }
+            return;
+        }
+        tracing::error!(job_id, attempt = info.attempt, kind = %error.kind, error = %error.message,
+            final_attempt = info.last_attempt, "job failed; dead-lettering");
+        let mut result = self.result(&flight, &info, job);
+        result.status = Status::Failed;
+        result.error =
+            Some(ResultError { kind: error.kind, message: error.message.clone(), retryable: error.retryable });
+        if let Err(e) = self.sink.publish(&result, &info).await {
+            tracing::error!(job_id, error = %e, "could not publish the failure result");
+        }
+        self.metrics.settled(Outcome::Failed, Some(error.kind), flight.timings.total);
+        let InFlight { delivery, _slot, .. } = flight;
+        if let Err(e) = delivery.dead_letter(&error).await {
+            tracing::error!(job_id, error = %e, "could not dead-letter the job");
+        }
+    }
+
+    /// Gives an unstarted job back to the queue (shutdown), without spending an attempt.
+    fn release<D: Delivery>(&self, flight: InFlight<D>) {
+        self.metrics.settled(Outcome::Released, None, 0.0);
+        let InFlight { delivery, _slot: slot, .. } = flight;
+        self.tasks.spawn(async move {
+            let _slot = slot;
+            if let Err(e) = delivery.release().await {
+                tracing::warn!(error = %e, "could not give a job back; the broker will redeliver it");
+            }
+        });
+    }
+
+    /// The result every settlement starts from: a success without an output yet.
+    fn result<D: Delivery>(&self, flight: &InFlight<D>, info: &DeliveryInfo, job: Option<&ValidJob>) -> JobResult {
+        JobResult {
+            version: PROTOCOL_VERSION,
+            job_id: job.map(|j| j.job.job_id.clone()).or_else(|| info.message_id.clone()).unwrap_or_default(),
+            campaign_id: job.and_then(|j| j.job.campaign_id.clone()),
+            status: Status::Succeeded,
+            source: job.map(|j| j.source.to_string()),
+            output: None,
+            width: None,
+            height: None,
+            seed: job.map(|j| j.params.seed),
+            attempt: info.attempt,
+            duplicate: false,
+            nsfw_content_detected: flight.nsfw_content_detected,
+            worker: self.settings.worker_name.clone(),
+            model: self.model.name.clone(),
+            timings: flight.timings.clone(),
+            error: None,
+            metadata: job.and_then(|j| j.job.metadata.clone()),
+        }
+    }
+}
+
+// --- the pieces a delivery carries through its life ------------------------------------------
+
+/// A delivery being worked on: owns its concurrency permit and in-flight gauge slot until
+/// it is settled.
+struct InFlight<D> {
+    /// The broker's (or the local queue's) delivery, settled exactly once.
+    delivery: D,
+    /// When it was received; `timings.total` counts from here.
+    received: Instant,
+    /// The stage times reported in its result.
+    timings: Timings,
+    /// The safety checker's verdict once the model (or an earlier delivery's output) gave one.
+    nsfw_content_detected: Option<bool>,
+    /// Returned on drop, i.e. when the delivery is settled.
+    _slot: Slot,
+}
+
+impl<D> InFlight<D> {
+    fn new(delivery: D, slot: Slot) -> Self {
+        Self {
+            delivery,
+            received: Instant::now(),
+            timings: Timings::default(),
+            nsfw_content_detected: None,
+            _slot: slot,
+        }
+    }
+
+    /// Records a finished stage that began at `started`: in the job's timings (its result) and
+    /// in the stage histogram.
+    fn record(&mut self, metrics: &Metrics, stage: Stage, started: Instant) {
+        let secs = seconds(started);
+        match stage {
+            Stage::QueueWait => self.timings.queue_wait = Some(secs),
+            Stage::Fetch => self.timings.fetch = secs,
+            Stage::Decode => self.timings.decode = secs,
+            Stage::Inference => self.timings.inference = secs,
+            Stage::Encode => self.timings.encode = secs,
+            Stage::Upload => self.timings.upload = secs,
+            Stage::Publish => {}
+        }
+        metrics.stage(stage, secs);
+    }
+}
+
+/// Holds a concurrency permit and one unit of `retouch_jobs_in_flight`; both are returned on
+/// drop, i.e. when the delivery is settled.
+struct Slot {
+    /// One of the engine's `concurrency` permits.
+    _permit: OwnedSemaphorePermit,
+    /// For the in-flight gauge.
+    metrics: Arc<Metrics>,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, metrics: Arc<Metrics>) -> Self {
+        metrics.in_flight().inc();
+        Self { _permit: permit, metrics }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.metrics.in_flight().dec();
+    }
+}
+
+/// A job ready for the model.
+struct Prepared<D> {
+    /// Its delivery.
+    flight: InFlight<D>,
+    /// The validated job.
+    job: ValidJob,
+    /// The decoded, resized source.
+    image: RgbImage,
+    /// What it can share a model call with.
+    key: BatchKey,
+}
+
+impl<D: Delivery> Batchable for Prepared<D> {
+    fn key(&self) -> BatchKey {
+        self.key
+    }
+}
+
+fn seconds(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64()
 }

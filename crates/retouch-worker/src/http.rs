@@ -1,6 +1,6 @@
 //! The operations endpoint: `/metrics` (Prometheus text format), `/healthz` (the process is
-//! alive) and `/readyz` (the model is loaded and the broker consumer connected; 503 with the
-//! reason otherwise).
+//! alive) and `/readyz` (the model is loaded and healthy — its last batch did not fail in the
+//! model — and the broker consumer connected; 503 with the reason otherwise).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -43,6 +43,9 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, String) {
     match (model, connected) {
         (ModelState::Ready(_), true) => (StatusCode::OK, "ready\n".into()),
         (ModelState::Ready(_), false) => (StatusCode::SERVICE_UNAVAILABLE, "broker not connected\n".into()),
+        (ModelState::Unhealthy { error, .. }, _) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("model unhealthy (its last batch failed): {error}\n"))
+        }
         (ModelState::Loading, _) => (StatusCode::SERVICE_UNAVAILABLE, "model loading\n".into()),
         (ModelState::Failed(e), _) => (StatusCode::SERVICE_UNAVAILABLE, format!("model failed: {e}\n")),
     }

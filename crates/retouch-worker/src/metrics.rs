@@ -52,6 +52,36 @@ impl Outcome {
     }
 }
 
+/// Deliveries settled, per outcome: read from `retouch_jobs_total` ([`Metrics::summary`]),
+/// so the counts a run reports and the ones Prometheus scrapes are the same numbers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Outputs written.
+    pub succeeded: u64,
+    /// Outputs found from an earlier delivery.
+    pub duplicate: u64,
+    /// Returned for another attempt.
+    pub retried: u64,
+    /// Dead-lettered with a failure result.
+    pub failed: u64,
+    /// Given back unstarted at shutdown.
+    pub released: u64,
+}
+
+impl Summary {
+    /// The settlements between `earlier` and `self` (both from the same metrics).
+    #[must_use]
+    pub fn since(&self, earlier: &Summary) -> Summary {
+        Summary {
+            succeeded: self.succeeded.saturating_sub(earlier.succeeded),
+            duplicate: self.duplicate.saturating_sub(earlier.duplicate),
+            retried: self.retried.saturating_sub(earlier.retried),
+            failed: self.failed.saturating_sub(earlier.failed),
+            released: self.released.saturating_sub(earlier.released),
+        }
+    }
+}
+
 /// Pipeline stages timed per job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
@@ -328,6 +358,30 @@ impl Metrics {
         self.model_load_seconds.set(seconds);
         self.model_ready.set(1);
         self.build_info.with_label_values(&[version, model, device]).set(1);
+    }
+
+    /// `retouch_model_ready`: 0 while the loaded model's last batch failed in the model, 1
+    /// again after a success.
+    pub fn model_healthy(&self, healthy: bool) {
+        self.model_ready.set(i64::from(healthy));
+    }
+
+    /// How many deliveries have been settled, per outcome, since the metrics were created.
+    pub fn summary(&self) -> Summary {
+        let count = |outcome: Outcome| -> u64 {
+            if outcome.has_error() {
+                ErrorKind::ALL.iter().map(|k| self.jobs.with_label_values(&[outcome.as_str(), k.as_str()]).get()).sum()
+            } else {
+                self.jobs.with_label_values(&[outcome.as_str(), "none"]).get()
+            }
+        };
+        Summary {
+            succeeded: count(Outcome::Succeeded),
+            duplicate: count(Outcome::Duplicate),
+            retried: count(Outcome::Retried),
+            failed: count(Outcome::Failed),
+            released: count(Outcome::Released),
+        }
     }
 
     /// Sets the GPU memory gauge.

@@ -17,7 +17,6 @@ use retouch_core::params::SchedulerKind;
 use retouch_core::queue::{DeliveryInfo, JobSource, QueueCounters, QueueError, ResultSink};
 use retouch_core::store::{ObjectMeta, ObjectStore, StoreError};
 use retouch_worker::backend::Backend;
-use retouch_worker::batcher::BatchPolicy;
 use retouch_worker::engine::{self, EngineSettings};
 use retouch_worker::local::{FsStore, LocalDelivery, LocalQueue};
 use retouch_worker::metrics::Metrics;
@@ -177,15 +176,14 @@ fn world_with(name: &str, fail_multi: bool, step_delay: Duration, gate: Option<G
 fn settings(dir: &Path, max_batch: usize) -> EngineSettings {
     EngineSettings {
         output_prefix: format!("file://{}/out", dir.display()),
-        concurrency: 3 * max_batch,
-        batch: BatchPolicy { max_batch, max_wait: Duration::from_millis(50) },
+        max_batch,
+        max_batch_wait: Duration::from_millis(50),
         job_timeout: Duration::from_secs(30),
         shutdown_timeout: Duration::from_secs(5),
-        limits: retouch_core::imaging::DecodeLimits::default(),
         retry_backoff: Duration::from_millis(10),
         retry_backoff_max: Duration::from_millis(40),
         worker_name: "test-worker".into(),
-        block_nsfw: false,
+        ..EngineSettings::default()
     }
 }
 
@@ -204,7 +202,7 @@ async fn run(
     queue: LocalQueue,
     store: impl ObjectStore,
     max_batch: usize,
-) -> (Arc<engine::Summary>, Arc<Results>) {
+) -> (engine::Summary, Arc<Results>) {
     run_with(w, queue, store, settings(&w.dir, max_batch)).await
 }
 
@@ -213,7 +211,7 @@ async fn run_with(
     queue: LocalQueue,
     store: impl ObjectStore,
     settings: EngineSettings,
-) -> (Arc<engine::Summary>, Arc<Results>) {
+) -> (engine::Summary, Arc<Results>) {
     let sink = Arc::new(Results::default());
     let summary = engine::run(
         settings,
@@ -242,7 +240,7 @@ async fn jobs_are_batched_by_size_and_produce_outputs_and_results() {
         jobs.push(job(&format!("job-{i}"), &path, ""));
     }
     let (summary, results) = run(&w, LocalQueue::new(jobs, 2), FsStore, 4).await;
-    assert_eq!(summary.succeeded.load(Ordering::Relaxed), 5);
+    assert_eq!(summary.succeeded, 5);
     let results = results.all();
     assert_eq!(results.len(), 5);
     for r in &results {
@@ -277,8 +275,8 @@ async fn bad_jobs_fail_with_the_right_kind_and_are_dead_lettered() {
     ];
     let queue = LocalQueue::new(jobs, 3);
     let (summary, results) = run(&w, queue.clone(), FsStore, 2).await;
-    assert_eq!(summary.failed.load(Ordering::Relaxed), 6);
-    assert_eq!(summary.succeeded.load(Ordering::Relaxed), 1);
+    assert_eq!(summary.failed, 6);
+    assert_eq!(summary.succeeded, 1);
     let kinds: BTreeMap<String, ErrorKind> =
         results.all().into_iter().filter_map(|r| r.error.map(|e| (r.job_id, e.kind))).collect();
     assert_eq!(kinds["garbage"], ErrorKind::InvalidJob);
@@ -305,7 +303,7 @@ async fn transient_storage_failures_are_retried_then_succeed_or_dead_letter() {
     // Two failures, limit 3: the third delivery succeeds.
     let store = FlakyStore { inner: FsStore, failures: AtomicUsize::new(2) };
     let (summary, results) = run(&w, LocalQueue::new([job("a", &src, "")], 3), store, 1).await;
-    assert_eq!(summary.retried.load(Ordering::Relaxed), 2);
+    assert_eq!(summary.retried, 2);
     let r = results.all();
     assert_eq!((r.len(), r[0].status, r[0].attempt), (1, Status::Succeeded, 3));
 
@@ -313,7 +311,7 @@ async fn transient_storage_failures_are_retried_then_succeed_or_dead_letter() {
     let store = FlakyStore { inner: FsStore, failures: AtomicUsize::new(100) };
     let queue = LocalQueue::new([job("b", &src, "")], 2);
     let (summary, results) = run(&w, queue.clone(), store, 1).await;
-    assert_eq!(summary.retried.load(Ordering::Relaxed), 2);
+    assert_eq!(summary.retried, 2);
     let r = results.all();
     assert_eq!(r.len(), 1);
     let error = r[0].error.clone().expect("error");
@@ -332,7 +330,7 @@ async fn a_redelivered_job_whose_output_exists_is_a_duplicate() {
     let (summary, second) = run(&w, LocalQueue::new([job("same", &src, "")], 2), FsStore, 1).await;
     let r = &second.all()[0];
     assert!(r.duplicate && r.status == Status::Succeeded && r.width == Some(16), "{r:?}");
-    assert_eq!(summary.duplicate.load(Ordering::Relaxed), 1);
+    assert_eq!(summary.duplicate, 1);
     assert_eq!(w.batches.lock().expect("lock").len(), calls, "no inference for a duplicate");
 }
 
@@ -348,7 +346,7 @@ async fn flagged_images_are_written_black_and_counted_or_blocked_with_kind_nsfw(
     // Default: the black image is the output, the result and the metric say so.
     let jobs = vec![flag("black"), job("clean", &src, "")];
     let (summary, results) = run(&w, LocalQueue::new(jobs, 2), FsStore, 2).await;
-    assert_eq!(summary.succeeded.load(Ordering::Relaxed), 2);
+    assert_eq!(summary.succeeded, 2);
     let by_id: BTreeMap<String, JobResult> = results.all().into_iter().map(|r| (r.job_id.clone(), r)).collect();
     assert_eq!(by_id["black"].nsfw_content_detected, Some(true));
     assert_eq!(by_id["clean"].nsfw_content_detected, Some(false));
@@ -366,7 +364,7 @@ async fn flagged_images_are_written_black_and_counted_or_blocked_with_kind_nsfw(
     let settings = EngineSettings { block_nsfw: true, ..settings(&w.dir, 2) };
     let queue = LocalQueue::new(vec![flag("blocked"), job("fine", &src, "")], 3);
     let (summary, results) = run_with(&w, queue.clone(), FsStore, settings).await;
-    assert_eq!((summary.succeeded.load(Ordering::Relaxed), summary.failed.load(Ordering::Relaxed)), (1, 1));
+    assert_eq!((summary.succeeded, summary.failed), (1, 1));
     let blocked = results.all().into_iter().find(|r| r.job_id == "blocked").expect("result");
     let error = blocked.error.clone().expect("error");
     assert_eq!((blocked.status, error.kind, error.retryable), (Status::Failed, ErrorKind::Nsfw, false));
@@ -390,7 +388,7 @@ async fn a_failing_batch_is_retried_one_job_at_a_time() {
         jobs.push(job(&format!("j{i}"), &path, ""));
     }
     let (summary, _) = run(&w, LocalQueue::new(jobs, 2), FsStore, 3).await;
-    assert_eq!(summary.succeeded.load(Ordering::Relaxed), 3);
+    assert_eq!(summary.succeeded, 3);
     assert_eq!(w.batches.lock().expect("lock").clone(), vec![3, 1, 1, 1]);
 }
 
@@ -402,7 +400,7 @@ async fn a_panicking_model_fails_the_job_not_the_worker() {
     let poison = format!(r#"{{"job_id":"poison","source":"file://{}","instruction":"panic"}}"#, src.display());
     let queue = LocalQueue::new([("poison".to_string(), poison.into_bytes()), job("fine", &src, "")], 1);
     let (summary, results) = run(&w, queue, FsStore, 1).await;
-    assert_eq!(summary.succeeded.load(Ordering::Relaxed), 1);
+    assert_eq!(summary.succeeded, 1);
     let poison = results.all().into_iter().find(|r| r.job_id == "poison").expect("result");
     assert_eq!(poison.error.expect("error").kind, ErrorKind::Model);
 }
@@ -466,7 +464,7 @@ async fn shutdown_gives_back_unstarted_jobs_and_finishes_the_running_batch() {
     )
     .await
     .expect("engine");
-    let (done, released) = (summary.succeeded.load(Ordering::Relaxed), summary.released.load(Ordering::Relaxed));
+    let (done, released) = (summary.succeeded, summary.released);
     assert_eq!(done, 2, "the running batch of 2 finished");
     assert_eq!(released, 4, "the other jobs were given back");
     assert_eq!(queue.released().len(), 4);

@@ -123,7 +123,7 @@ pub fn test_settings(endpoint: String) -> S3Settings {
     S3Settings {
         endpoint: Some(endpoint),
         region: REGION.into(),
-        force_path_style: true,
+        force_path_style: Some(true),
         connect_timeout: Duration::from_secs(1),
         operation_timeout: Duration::from_secs(10),
         attempt_timeout: Duration::from_secs(5),
