@@ -17,7 +17,7 @@
 # flash-attn: candle-flash-attn's build script compiles 53 FlashAttention-2 kernels with nvcc
 # (the longest part of a cold build). retouch reaches 8 of them: fp16 and bf16, not causal, not
 # split-KV, for the head sizes FLASH_KERNEL_HEAD_SIZES in crates/retouch-model/src/kernels.rs
-# lists (read from that line). Only those are compiled; the other 45 become host-only stubs
+# lists (read from that line). Only those (and flash_api.cu) are compiled; the other 44 become host-only stubs
 # that abort if ever called (nvcc-cache.sh, RETOUCH_FLASH_KERNELS; RETOUCH_FLASH_KERNELS=all
 # compiles all 53). Their objects are kept in CANDLE_FLASH_ATTN_BUILD_DIR
 # (default $RETOUCH_CACHE/flash-attn/sm_$CUDA_COMPUTE_CAP, created), where cudaforge recompiles

@@ -278,29 +278,33 @@ rt_stop_owned_rabbitmq() {
   RT_OWNED_RABBITMQ_DIR=""
 }
 
-# rt_ensure_s3s: the s3s-fs $RT_S3S_VERSION binary (an S3 server that checks SigV4).
-# Reuses $RETOUCH_TEST_S3S_BIN if preset, else $RETOUCH_CACHE/s3s/bin/s3s-fs if cargo's
-# install record says it is $RT_S3S_VERSION; otherwise `cargo install` it (3-8 min, niced,
-# with the repository's pinned toolchain). Exports RETOUCH_TEST_S3S_BIN. Starts nothing:
-# each test starts its own instance.
+# rt_ensure_s3s: the S3 server of the tests (an S3 server that checks SigV4): the workspace's
+# `retouch-test-s3` (tests/s3-server: s3s-fs $RT_S3S_VERSION's library behind its own small
+# main), built with the workspace so that it shares the dependencies' artifacts. Reuses
+# $RETOUCH_TEST_S3S_BIN if preset; otherwise builds `-p retouch-test-s3` into
+# ${CARGO_TARGET_DIR:-<repo>/target} (tests/run instead builds it within its workspace build and
+# calls rt_use_built_s3s). Exports RETOUCH_TEST_S3S_BIN. Starts nothing: each test starts its
+# own instance.
 rt_ensure_s3s() {
-  local t0 root="$RETOUCH_CACHE/s3s" build="$RETOUCH_CACHE/s3s-build"
+  local t0
   t0=$(rt_now)
   if [ -n "${RETOUCH_TEST_S3S_BIN:-}" ] && [ -x "$RETOUCH_TEST_S3S_BIN" ]; then
     rt_record s3s-fs reused "$t0" "$RETOUCH_TEST_S3S_BIN (preset)"
     return 0
   fi
-  if [ -x "$root/bin/s3s-fs" ] && grep -qs "\"s3s-fs $RT_S3S_VERSION " "$root/.crates.toml"; then
-    rt_record s3s-fs reused "$t0" "$root/bin/s3s-fs ($RT_S3S_VERSION)"
-  else
-    rt_log "building s3s-fs $RT_S3S_VERSION with cargo install (3-8 min on 2 cores, nice 19)..."
-    (cd "$RT_REPO_ROOT" && nice -n 19 cargo install "s3s-fs@$RT_S3S_VERSION" --features binary \
-      --locked --root "$root" --target-dir "$build" >&2) \
-      || rt_die "cargo install s3s-fs@$RT_S3S_VERSION failed (build dir kept: $build)"
-    rm -rf "$build"
-    rt_record s3s-fs installed "$t0" "$root/bin/s3s-fs ($RT_S3S_VERSION, cargo install)"
-  fi
-  export RETOUCH_TEST_S3S_BIN="$root/bin/s3s-fs"
+  rt_log "building the S3 test server (cargo build -p retouch-test-s3; s3s-fs $RT_S3S_VERSION)..."
+  (cd "$RT_REPO_ROOT" && cargo build --locked -p retouch-test-s3 >&2) \
+    || rt_die "cargo build -p retouch-test-s3 failed"
+  rt_use_built_s3s "$t0" built
+}
+
+# rt_use_built_s3s T0 ACTION: exports RETOUCH_TEST_S3S_BIN as the workspace's built
+# retouch-test-s3 and records it (dies if it is not there).
+rt_use_built_s3s() {
+  local bin="${CARGO_TARGET_DIR:-$RT_REPO_ROOT/target}/debug/retouch-test-s3"
+  [ -x "$bin" ] || rt_die "no $bin: the workspace build did not produce the S3 test server"
+  export RETOUCH_TEST_S3S_BIN="$bin"
+  rt_record s3s-fs "$2" "$1" "$bin (s3s-fs $RT_S3S_VERSION, SigV4 checked)"
 }
 
 # rt_ensure_promtool: promtool (Debian 12's `prometheus` package gives 2.42.0). Reuses a
@@ -386,7 +390,8 @@ rt_ensure_kube_validate() {
   export RETOUCH_TEST_KUBE_VALIDATE="$venv/bin/kubernetes-validate"
 }
 
-# rt_ensure_all: everything above, in order, under the install lock.
+# rt_ensure_all [--no-s3s]: everything above, in order, under the install lock; --no-s3s leaves
+# the S3 server to the caller's workspace build (tests/run).
 rt_ensure_all() {
   rt_lock
   rt_ensure_python
@@ -394,7 +399,7 @@ rt_ensure_all() {
   rt_ensure_promtool
   rt_ensure_helm
   rt_ensure_kube_validate
-  rt_ensure_s3s                # last: the only slow one on a fresh machine
+  [ "${1:-}" = --no-s3s ] || rt_ensure_s3s
   rt_unlock
 }
 

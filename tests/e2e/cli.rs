@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use retouch_core::job::Status;
 use retouch_e2e::{
-    Broker, Env, S3Server, Worker, retouch_bin, run_cli, temp_dir, test_png, tiny_model, unique, workspace,
+    Broker, Env, S3Server, Worker, command, retouch_bin, run_cli, temp_dir, test_png, tiny_model, unique, workspace,
 };
 use serde_json::json;
 
@@ -161,6 +161,19 @@ fn bad_input_exits_2_with_one_line_that_says_what_to_fix() {
     ]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("model_index.json"), "{stderr}");
+
+    // Inputs are checked before the model loads: with no model at all, the bad image and the
+    // missing output folder are what the command reports.
+    let nowhere = dir.join("nowhere").display().to_string();
+    let not_image = not_image.display().to_string();
+    let (code, _, stderr) = edit(&["--model", &nowhere, "--image", &not_image, "--instruction", "x", "--output", &out]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("not a valid image") && !stderr.contains("model_index.json"), "{stderr}");
+    let in_missing_folder = dir.join("no/such/folder/o.png").display().to_string();
+    let (code, _, stderr) =
+        edit(&["--model", &nowhere, "--image", &image, "--instruction", "x", "--output", &in_missing_folder]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("does not exist") && !stderr.contains("model_index.json"), "{stderr}");
 }
 
 /// Lays out a Hugging Face hub cache for `owner/name` at `revision` holding the tiny
@@ -266,4 +279,32 @@ fn a_worker_loads_its_model_from_s3() {
     let results = broker.results_until(Duration::from_secs(60), |r| !r.is_empty());
     assert_eq!(results["from-s3-model"].status, Status::Succeeded);
     assert!(results["from-s3-model"].model.starts_with("s3://models/tiny"), "{:?}", results["from-s3-model"].model);
+
+    // `retouch batch` loads the same s3:// model through the same loader (RETOUCH_S3_* for the
+    // store), into its own cache folder.
+    let batch_tmp = temp_dir("s3model-batch");
+    let (inputs, outputs, batch_cache) =
+        (batch_tmp.path().join("in"), batch_tmp.path().join("out"), batch_tmp.path().join("cache"));
+    std::fs::create_dir_all(&inputs).expect("inputs");
+    std::fs::write(inputs.join("a.png"), test_png(5)).expect("input");
+    let mut cmd = command(&name, &[], &s3, &[("RUST_LOG", "warn")]);
+    cmd.arg("batch");
+    let args = [
+        "--model",
+        "s3://models/tiny/",
+        "--model-cache-dir",
+        batch_cache.to_str().expect("utf-8"),
+        "--input-dir",
+        inputs.to_str().expect("utf-8"),
+        "--instruction",
+        "x",
+        "--steps",
+        "2",
+        "--output-dir",
+        outputs.to_str().expect("utf-8"),
+    ];
+    let (code, stdout, stderr) = run_cli(cmd, &args);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(outputs.join("a.png").is_file(), "{stdout}{stderr}");
+    assert!(batch_cache.join("models/tiny/unet/config.json").is_file(), "mirrored into --model-cache-dir");
 }

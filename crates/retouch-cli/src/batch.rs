@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use retouch_core::editor::Editor;
 use retouch_core::imaging::DecodeLimits;
 use retouch_core::job::{EditJob, JobResult, Status};
@@ -176,15 +175,8 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION"),
     ));
 
-    let bar = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        bar.set_draw_target(ProgressDrawTarget::hidden());
-    }
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} images {msg} ({per_sec}, eta {eta})")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
+    let bar =
+        crate::progress::bar(total as u64, "{spinner} [{bar:30}] {pos}/{len} images {msg} ({per_sec}, eta {eta})");
     bar.set_message("loading model…");
     let counts = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
     let report_path = args.report.clone().unwrap_or_else(|| output_dir.join("report.jsonl"));

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::WorkerConfig;
+use crate::progress::bar;
 use anyhow::Context;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use retouch_amqp::{Admin, AmqpPublisher, JobPublishOptions, OutgoingJob};
 use retouch_core::job::{EditJob, JobResult, ObjectUrl, Status};
 use retouch_core::params::OutputFormat;
@@ -77,15 +77,6 @@ async fn storage(config: &WorkerConfig, urls: &[&str]) -> anyhow::Result<Storage
         None
     };
     Ok(Storage { s3 })
-}
-
-fn bar(total: u64, template: &str) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        bar.set_draw_target(ProgressDrawTarget::hidden());
-    }
-    bar.set_style(ProgressStyle::with_template(template).expect("static template").progress_chars("=> "));
-    bar
 }
 
 /// Flags of `retouch submit`.

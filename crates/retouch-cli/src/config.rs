@@ -265,10 +265,7 @@ fn section_table<'t>(table: &'t mut toml::Table, section: &str) -> &'t mut toml:
     if !entry.is_table() {
         *entry = toml::Value::Table(toml::Table::new());
     }
-    match entry {
-        toml::Value::Table(t) => t,
-        _ => unreachable!("made a table above"),
-    }
+    entry.as_table_mut().expect("made a table above")
 }
 
 /// Moves deprecated top-level keys of a file into their sections, with a warning each; a key

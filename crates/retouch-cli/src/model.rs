@@ -231,13 +231,20 @@ pub fn s3_from_env() -> anyhow::Result<S3Settings> {
 }
 
 /// Loads the model of a one-machine command (`edit`, `batch`, `bench`) from its flags, on this
-/// thread (it blocks), with a private runtime for an `s3://` source.
+/// thread (it blocks; never call it from async code), with a private runtime for an `s3://`
+/// source. The runtime has a worker thread of its own: [`ModelSettings::load`] drives it through
+/// a `Handle`, which on a current-thread runtime would never poll the S3 calls' I/O.
 ///
 /// # Errors
 /// As [`ModelSettings::load`].
 pub fn load_blocking(settings: &ModelSettings) -> anyhow::Result<InstructPix2Pix> {
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start a runtime")?;
+    // A worker thread of its own: `load` drives the runtime through a `Handle`, which on a
+    // current-thread runtime would never poll the S3 calls' I/O.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")?;
     let s3 = if settings.source.starts_with("s3://") { s3_from_env()? } else { S3Settings::default() };
     settings.load(&s3, runtime.handle())
 }

@@ -122,17 +122,23 @@ impl Backend {
                 while let Some(cmd) = rx.blocking_recv() {
                     let _enter = cmd.span.enter();
                     let result = run_batch(editor.as_ref(), &cmd, &metrics);
-                    let healthy = !matches!(&result, Err(e) if e.kind == EditErrorKind::Model);
+                    // Health changes on evidence about the model only: a success, or a failure
+                    // in the model. An invalid batch, a timeout or a cancel says nothing new.
                     let next = match &result {
-                        Err(e) if !healthy => ModelState::Unhealthy { info: info.clone(), error: e.message.clone() },
-                        _ => ModelState::Ready(info.clone()),
+                        Ok(_) => Some(ModelState::Ready(info.clone())),
+                        Err(e) if e.kind == EditErrorKind::Model => {
+                            Some(ModelState::Unhealthy { info: info.clone(), error: e.message.clone() })
+                        }
+                        Err(_) => None,
                     };
-                    metrics.model_healthy(healthy);
-                    state_tx.send_if_modified(|state| {
-                        let changed = *state != next;
-                        *state = next;
-                        changed
-                    });
+                    if let Some(next) = next {
+                        metrics.model_healthy(matches!(next, ModelState::Ready(_)));
+                        state_tx.send_if_modified(|state| {
+                            let changed = *state != next;
+                            *state = next;
+                            changed
+                        });
+                    }
                     // The caller may have gone (shutdown); nothing to do then.
                     let _ = cmd.reply.send(result);
                 }

@@ -4,7 +4,7 @@
 //! images diffusers checked, and whole edits — flagged ones black, the others within 2/255.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
@@ -14,6 +14,7 @@ use retouch_core::safety::SafetyPolicy;
 use retouch_model::safety::{ImageProcessor, SafetyChecker, decide};
 use retouch_model::{InstructPix2Pix, LoadOptions, ModelError};
 use serde_json::Value;
+use tempfile::TempDir;
 
 use crate::{fixtures, floats, read_json};
 
@@ -236,10 +237,10 @@ fn off_skips_the_checker_and_on_requires_one() {
 }
 
 /// A copy of the fixture checkpoint's checker with its tensors renamed by `rename`.
-fn renamed_checker(tag: &str, rename: impl Fn(&str) -> Option<String>, extra: &[(&str, Tensor)]) -> PathBuf {
+fn renamed_checker(tag: &str, rename: impl Fn(&str) -> Option<String>, extra: &[(&str, Tensor)]) -> TempDir {
     let src = fixtures().join(MODEL);
-    let dir = std::env::temp_dir().join(format!("retouch-safety-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let tmp = tempfile::Builder::new().prefix(&format!("retouch-safety-{tag}-")).tempdir().expect("temp dir");
+    let dir = tmp.path();
     for sub in ["safety_checker", "feature_extractor"] {
         std::fs::create_dir_all(dir.join(sub)).expect("mkdir");
     }
@@ -257,7 +258,7 @@ fn renamed_checker(tag: &str, rename: impl Fn(&str) -> Option<String>, extra: &[
         out.insert((*name).to_string(), t.clone());
     }
     candle_core::safetensors::save(&out, dir.join("safety_checker/model.safetensors")).expect("save");
-    dir
+    tmp
 }
 
 fn cosines(dir: &Path) -> Result<(Vec<f32>, Vec<f32>), ModelError> {
@@ -271,22 +272,19 @@ fn tower_names_of_old_and_new_transformers_both_load_and_every_tensor_is_used() 
     let reference = cosines(&fixtures().join(MODEL)).expect("real layout");
     // transformers 5 writes the tower as `vision_model.*`.
     let flat = renamed_checker("flat", |k| Some(k.replacen("vision_model.vision_model.", "vision_model.", 1)), &[]);
-    assert_eq!(cosines(&flat).expect("transformers 5 names"), reference);
+    assert_eq!(cosines(flat.path()).expect("transformers 5 names"), reference);
     // Older files carry the position_ids buffer: allowed to stay unused.
     let ids = Tensor::arange(0i64, 257, &Device::Cpu).expect("ids").unsqueeze(0).expect("ids");
     let buffer =
         renamed_checker("ids", |k| Some(k.to_string()), &[("vision_model.vision_model.embeddings.position_ids", ids)]);
-    assert_eq!(cosines(&buffer).expect("with position_ids"), reference);
+    assert_eq!(cosines(buffer.path()).expect("with position_ids"), reference);
     // Anything else left over is an error naming it.
     let stray = Tensor::zeros(4, DType::F32, &Device::Cpu).expect("zeros");
     let extra = renamed_checker("extra", |k| Some(k.to_string()), &[("vision_model.vision_model.stray.weight", stray)]);
-    let e = cosines(&extra).expect_err("unused tensor").to_string();
+    let e = cosines(extra.path()).expect_err("unused tensor").to_string();
     assert!(e.contains("stray.weight") && e.contains("not used"), "{e}");
     // A missing class embedding is an error, never a random one.
     let missing = renamed_checker("missing", |k| (!k.ends_with("class_embedding")).then(|| k.to_string()), &[]);
-    let e = cosines(&missing).expect_err("missing tensor").to_string();
+    let e = cosines(missing.path()).expect_err("missing tensor").to_string();
     assert!(e.contains("class_embedding"), "{e}");
-    for dir in [flat, buffer, extra, missing] {
-        let _ = std::fs::remove_dir_all(dir);
-    }
 }
