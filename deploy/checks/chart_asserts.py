@@ -104,7 +104,7 @@ def check_common(objs, key_types):
         if init["name"] == "fetch-model":
             a = init["args"]
             assert a[0] == "fetch-model" and a[a.index("--model") + 1] == model["source"]
-            assert a[a.index("--cache-dir") + 1] == model_dir
+            assert a[a.index("--model-cache-dir") + 1] == model_dir
 
     svc = objs["Service"][0]
     assert svc["spec"]["publishNotReadyAddresses"] is True

@@ -308,3 +308,22 @@ fn a_worker_loads_its_model_from_s3() {
     assert!(outputs.join("a.png").is_file(), "{stdout}{stderr}");
     assert!(batch_cache.join("models/tiny/unet/config.json").is_file(), "mirrored into --model-cache-dir");
 }
+
+/// `retouch fetch-model` with the arguments the chart's init container passes
+/// (helm/retouch/templates/deployment.yaml) and the example config file, for a local checkpoint:
+/// it prints the checkpoint's directory. `--cache-dir`, the flag's older name, still works.
+#[test]
+fn fetch_model_takes_the_init_containers_arguments() {
+    let tmp = temp_dir("fetchmodel");
+    let cache = tmp.path().display().to_string();
+    let model = tiny_model().display().to_string();
+    let config = workspace().join("config/worker.toml").display().to_string();
+    for cache_flag in ["--model-cache-dir", "--cache-dir"] {
+        let mut cmd = Command::new(retouch_bin());
+        cmd.env("RUST_LOG", "warn").env_remove("RETOUCH_MODEL_SOURCE");
+        let args = ["fetch-model", "--model", &model, cache_flag, &cache, "--config", &config];
+        let (code, stdout, stderr) = run_cli(cmd, &args);
+        assert_eq!(code, 0, "{args:?}: {stdout}{stderr}");
+        assert_eq!(stdout.trim(), model, "{args:?}: {stderr}");
+    }
+}

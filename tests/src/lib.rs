@@ -595,14 +595,40 @@ pub fn command(name: &str, broker_env: &[(String, String)], s3: &S3Server, extra
     cmd
 }
 
-/// Runs a `retouch` command to completion: `(exit code, stdout, stderr)`.
+/// Longest a `retouch` command of a test may run before it counts as hung.
+pub const CLI_DEADLINE: Duration = Duration::from_secs(600);
+
+/// Runs a `retouch` command to completion: `(exit code, stdout, stderr)`. A command still
+/// running after [`CLI_DEADLINE`] is killed and the test fails with what it printed, instead of
+/// hanging the suite.
 pub fn run_cli(mut cmd: Command, args: &[&str]) -> (i32, String, String) {
-    let out = cmd.args(args).output().expect("run retouch");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut child =
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run retouch");
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut text);
+            }
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for retouch") {
+            break status;
+        }
+        if started.elapsed() > CLI_DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            let (out, err) = (stdout.join().unwrap_or_default(), stderr.join().unwrap_or_default());
+            panic!("retouch {args:?} still ran after {CLI_DEADLINE:?}; killed.\n{out}{err}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status.code().unwrap_or(-1), stdout.join().unwrap_or_default(), stderr.join().unwrap_or_default())
 }
 
 /// A minimal HTTP/1.0 GET: `(status, body)`.

@@ -162,8 +162,9 @@ pub struct ModelArgs {
     /// Weight variant to load, e.g. fp16 for `*.fp16.safetensors`.
     #[arg(long, env = "RETOUCH_MODEL_VARIANT")]
     pub variant: Option<String>,
-    /// Local mirror of s3:// models [default: /var/cache/retouch/models].
-    #[arg(long, env = "RETOUCH_MODEL_CACHE_DIR")]
+    /// Local mirror of s3:// models [default: /var/cache/retouch/models]. (`--cache-dir`, its
+    /// name in `fetch-model` before the model flags were one set, still works.)
+    #[arg(long, env = "RETOUCH_MODEL_CACHE_DIR", alias = "cache-dir")]
     pub model_cache_dir: Option<PathBuf>,
     /// Device: cpu, cuda or cuda:N [default: cpu].
     #[arg(long, env = "RETOUCH_MODEL_DEVICE")]
