@@ -103,8 +103,10 @@ def check_common(objs, key_types):
     for init in pod.get("initContainers", []):
         if init["name"] == "fetch-model":
             a = init["args"]
-            assert a[0] == "fetch-model" and a[a.index("--model") + 1] == model["source"]
-            assert a[a.index("--model-cache-dir") + 1] == model_dir
+            # The model comes from the worker's own config file (and environment), never from
+            # flags that could disagree with it.
+            assert a == ["fetch-model", "--config", "/etc/retouch/worker.toml"], a
+            assert any(m["mountPath"] == "/etc/retouch" for m in init["volumeMounts"]), "no config mount"
 
     svc = objs["Service"][0]
     assert svc["spec"]["publishNotReadyAddresses"] is True

@@ -298,10 +298,11 @@ rt_ensure_s3s() {
   rt_use_built_s3s "$t0" built
 }
 
-# rt_use_built_s3s T0 ACTION: exports RETOUCH_TEST_S3S_BIN as the workspace's built
-# retouch-test-s3 and records it (dies if it is not there).
+# rt_use_built_s3s T0 ACTION [DIR]: exports RETOUCH_TEST_S3S_BIN as the workspace's built
+# retouch-test-s3 in DIR (default: the debug profile of ${CARGO_TARGET_DIR:-<repo>/target}) and
+# records it (dies if it is not there).
 rt_use_built_s3s() {
-  local bin="${CARGO_TARGET_DIR:-$RT_REPO_ROOT/target}/debug/retouch-test-s3"
+  local bin="${3:-${CARGO_TARGET_DIR:-$RT_REPO_ROOT/target}/debug}/retouch-test-s3"
   [ -x "$bin" ] || rt_die "no $bin: the workspace build did not produce the S3 test server"
   export RETOUCH_TEST_S3S_BIN="$bin"
   rt_record s3s-fs "$2" "$1" "$bin (s3s-fs $RT_S3S_VERSION, SigV4 checked)"

@@ -309,19 +309,26 @@ fn a_worker_loads_its_model_from_s3() {
     assert!(batch_cache.join("models/tiny/unet/config.json").is_file(), "mirrored into --model-cache-dir");
 }
 
-/// `retouch fetch-model` with the arguments the chart's init container passes
-/// (helm/retouch/templates/deployment.yaml) and the example config file, for a local checkpoint:
-/// it prints the checkpoint's directory. `--cache-dir`, the flag's older name, still works.
+/// `retouch fetch-model` as the chart's init container runs it (helm/retouch/templates/
+/// deployment.yaml: only `--config`), the model and its cache set through the environment as an
+/// `extraEnv` would set them for the worker: it prints the checkpoint's directory. The old
+/// `--cache-dir` flag name still works.
 #[test]
 fn fetch_model_takes_the_init_containers_arguments() {
     let tmp = temp_dir("fetchmodel");
     let cache = tmp.path().display().to_string();
     let model = tiny_model().display().to_string();
     let config = workspace().join("config/worker.toml").display().to_string();
-    for cache_flag in ["--model-cache-dir", "--cache-dir"] {
+    let runs: [(&[(&str, &str)], Vec<&str>); 2] = [
+        (
+            &[("RETOUCH_MODEL_SOURCE", model.as_str()), ("RETOUCH_MODEL_CACHE_DIR", cache.as_str())],
+            vec!["fetch-model", "--config", &config],
+        ),
+        (&[], vec!["fetch-model", "--model", &model, "--cache-dir", &cache, "--config", &config]),
+    ];
+    for (env, args) in runs {
         let mut cmd = Command::new(retouch_bin());
-        cmd.env("RUST_LOG", "warn").env_remove("RETOUCH_MODEL_SOURCE");
-        let args = ["fetch-model", "--model", &model, cache_flag, &cache, "--config", &config];
+        cmd.env("RUST_LOG", "warn").env_remove("RETOUCH_MODEL_SOURCE").envs(env.iter().copied());
         let (code, stdout, stderr) = run_cli(cmd, &args);
         assert_eq!(code, 0, "{args:?}: {stdout}{stderr}");
         assert_eq!(stdout.trim(), model, "{args:?}: {stderr}");

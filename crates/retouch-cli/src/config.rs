@@ -208,7 +208,8 @@ impl WorkerConfig {
                 Some(p) => p.display().to_string(),
                 None => "RETOUCH_* environment".into(),
             };
-            ConfigError::Invalid { origin, message: e.message().trim().to_string() }
+            // Display names the key (`in `engine.max_batch``); message() alone does not.
+            ConfigError::Invalid { origin, message: e.to_string().trim().replace('\n', " ") }
         })?;
         config.validate()?;
         Ok(Loaded { config, warnings })
@@ -285,6 +286,10 @@ fn upgrade_flat_keys(table: &mut toml::Table, path: &Path, warnings: &mut Vec<St
                     "both the deprecated key `{old}` and `{section}.{key}` are set; keep `{section}.{key}`"
                 ),
             });
+        }
+        // The old worker also used the operation timeout for each attempt.
+        if old == "s3_operation_timeout" && !target.contains_key("attempt_timeout") {
+            target.insert("attempt_timeout".to_string(), value.clone());
         }
         target.insert(key.to_string(), value);
         warnings.push(format!("{}: `{old}` is deprecated: use `{key}` in [{section}]", path.display()));
@@ -379,7 +384,11 @@ mod tests {
     fn flat_keys_still_work_with_a_warning_and_lose_to_sectioned_ones() {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("old.toml");
-        std::fs::write(&path, "max_batch = 2\nmodel = \"/models/x\"\nmetrics_addr = \"127.0.0.1:1\"\n").expect("write");
+        std::fs::write(
+            &path,
+            "max_batch = 2\nmodel = \"/models/x\"\nmetrics_addr = \"127.0.0.1:1\"\ns3_operation_timeout = \"5m\"\n",
+        )
+        .expect("write");
         let loaded = WorkerConfig::load(
             Some(&path),
             env(&[
@@ -392,6 +401,8 @@ mod tests {
         let c = &loaded.config;
         assert_eq!((c.engine.max_batch, c.model.source.as_str(), c.metrics.addr.port()), (2, "/models/x", 1));
         assert_eq!(c.model.device, "cuda");
+        let five_minutes = Duration::from_secs(300);
+        assert_eq!((c.s3.operation_timeout, c.s3.attempt_timeout), (five_minutes, five_minutes), "as the old worker");
         assert_eq!(c.engine.max_batch_wait, Duration::from_secs(3), "the sectioned variable wins");
         let warnings = loaded.warnings.join("\n");
         for needle in [
@@ -417,7 +428,10 @@ mod tests {
         let e = WorkerConfig::load(Some(&path), env(&[])).expect_err("section typo").to_string();
         assert!(e.contains("engin"), "{e}");
         let e = WorkerConfig::load(None, env(&[("RETOUCH_ENGINE_MAX_BATCH", "lots")])).expect_err("type").to_string();
-        assert!(e.contains("RETOUCH_* environment") && e.contains("invalid type"), "{e}");
+        assert!(
+            e.contains("RETOUCH_* environment") && e.contains("invalid type") && e.contains("engine.max_batch"),
+            "{e}"
+        );
         let e = WorkerConfig::load(None, env(&[("RETOUCH_ENGINE_MAX_BATCH", "0")])).expect_err("range").to_string();
         assert!(e.contains("engine.max_batch"), "{e}");
         let e = WorkerConfig::load(None, env(&[("RETOUCH_AMQP_PREFETCH", "2"), ("RETOUCH_ENGINE_MAX_BATCH", "4")]))

@@ -151,23 +151,26 @@ impl ModelSettings {
 }
 
 /// The model flags of `edit`, `batch`, `bench` and `fetch-model`: the fields of
-/// [`ModelSettings`], each defaulting to the `[model]` default (or, for `fetch-model`, to the
-/// worker config's value). S3 models use the `RETOUCH_S3_*` variables for the store.
+/// [`ModelSettings`]. A flag not given takes the `[model]` value the worker would use: for
+/// `edit`, `batch` and `bench` the default overridden by the environment (`RETOUCH_MODEL_SOURCE`,
+/// `RETOUCH_MODEL_DEVICE`, … and the deprecated `RETOUCH_MODEL`, `RETOUCH_DEVICE` with a
+/// warning), for `fetch-model` the config file's too. S3 models use the `RETOUCH_S3_*`
+/// variables for the store.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ModelArgs {
     /// Checkpoint: a diffusers directory, hf:OWNER/NAME[@REVISION] or s3://bucket/prefix/
     /// [default: hf:timbrooks/instruct-pix2pix].
-    #[arg(long, env = "RETOUCH_MODEL_SOURCE")]
+    #[arg(long)]
     pub model: Option<String>,
     /// Weight variant to load, e.g. fp16 for `*.fp16.safetensors`.
-    #[arg(long, env = "RETOUCH_MODEL_VARIANT")]
+    #[arg(long)]
     pub variant: Option<String>,
     /// Local mirror of s3:// models [default: /var/cache/retouch/models]. (`--cache-dir`, its
     /// name in `fetch-model` before the model flags were one set, still works.)
-    #[arg(long, env = "RETOUCH_MODEL_CACHE_DIR", alias = "cache-dir")]
+    #[arg(long, alias = "cache-dir")]
     pub model_cache_dir: Option<PathBuf>,
     /// Device: cpu, cuda or cuda:N [default: cpu].
-    #[arg(long, env = "RETOUCH_MODEL_DEVICE")]
+    #[arg(long)]
     pub device: Option<String>,
     /// Compute precision: auto (f32 on the CPU, f16 on CUDA), f32, f16 or bf16 [default: auto].
     #[arg(long)]
@@ -183,7 +186,7 @@ pub struct ModelArgs {
     /// Safety checker: auto (as diffusers: run it when the checkpoint ships one; a flagged
     /// output is black), on (require one), off (never), block (require one; a flagged image is
     /// not written and fails) [default: auto].
-    #[arg(long, env = "RETOUCH_MODEL_SAFETY_CHECKER", value_name = "auto|on|off|block")]
+    #[arg(long, value_name = "auto|on|off|block")]
     pub safety_checker: Option<SafetyPolicy>,
 }
 
@@ -211,12 +214,13 @@ impl ModelArgs {
         Ok(settings)
     }
 
-    /// The flags over the `[model]` defaults.
+    /// The flags over the `[model]` section as the environment sets it (deprecation warnings
+    /// logged).
     ///
     /// # Errors
-    /// As [`over`](Self::over).
+    /// As [`over`](Self::over); bad input for invalid `RETOUCH_*` variables.
     pub fn settings(&self) -> anyhow::Result<ModelSettings> {
-        self.over(&ModelSettings::default())
+        self.over(&crate::worker::load_config(None)?.model)
     }
 }
 
@@ -266,7 +270,7 @@ mod tests {
             (ModelArgs { conv: Some("fft".into()), ..ModelArgs::default() }, "--conv \"fft\""),
             (ModelArgs { attention: Some("sparse".into()), ..ModelArgs::default() }, "--attention \"sparse\""),
         ] {
-            let e = args.settings().expect_err("invalid").to_string();
+            let e = args.over(&ModelSettings::default()).expect_err("invalid").to_string();
             assert!(e.contains(needle), "{needle}: {e}");
         }
     }

@@ -115,7 +115,12 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let addr = config.metrics.addr;
     let listener =
         tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on metrics.addr {addr}"))?;
-    let http_state = HttpState { metrics: metrics.clone(), model: backend.watch(), queue: counters.clone() };
+    let http_state = HttpState {
+        metrics: metrics.clone(),
+        model: backend.watch(),
+        queue: counters.clone(),
+        unhealthy_hold: http::UNHEALTHY_HOLD,
+    };
     let http_task = {
         let stop = stop.clone();
         tokio::spawn(async move { http::serve(listener, http_state, async move { stop.cancelled().await }).await })

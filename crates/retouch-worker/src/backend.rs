@@ -5,8 +5,8 @@
 //!
 //! A panic inside the editor is caught and reported as a model failure of that batch: no job
 //! can take the worker down. A model failure (an error of kind `model`, or a panic) marks the
-//! model [`Unhealthy`](ModelState::Unhealthy) — `/readyz` answers 503 and
-//! `retouch_model_ready` drops to 0 — until a later batch succeeds.
+//! model [`Unhealthy`](ModelState::Unhealthy): `/readyz` answers 503 until a later batch
+//! succeeds or, on a worker left idle, until the hold of [`crate::http`] has passed.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -32,6 +32,8 @@ pub enum ModelState {
         info: ModelInfo,
         /// The last failure.
         error: String,
+        /// When it failed.
+        since: Instant,
     },
     /// Loading failed; the worker cannot serve.
     Failed(String),
@@ -126,13 +128,14 @@ impl Backend {
                     // in the model. An invalid batch, a timeout or a cancel says nothing new.
                     let next = match &result {
                         Ok(_) => Some(ModelState::Ready(info.clone())),
-                        Err(e) if e.kind == EditErrorKind::Model => {
-                            Some(ModelState::Unhealthy { info: info.clone(), error: e.message.clone() })
-                        }
+                        Err(e) if e.kind == EditErrorKind::Model => Some(ModelState::Unhealthy {
+                            info: info.clone(),
+                            error: e.message.clone(),
+                            since: Instant::now(),
+                        }),
                         Err(_) => None,
                     };
                     if let Some(next) = next {
-                        metrics.model_healthy(matches!(next, ModelState::Ready(_)));
                         state_tx.send_if_modified(|state| {
                             let changed = *state != next;
                             *state = next;

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use image::RgbImage;
 use retouch_core::backoff::Backoff;
-use retouch_core::editor::{EditBatch, EditErrorKind, EditRequest, EditedImage, ModelInfo};
+use retouch_core::editor::{EditBatch, EditError, EditErrorKind, EditRequest, EditedImage, ModelInfo};
 use retouch_core::error::JobError;
 use retouch_core::imaging::{self, DecodeLimits};
 use retouch_core::job::{JobResult, PROTOCOL_VERSION, ResultError, Status, Timings, ValidJob, parse_job};
@@ -311,13 +311,6 @@ async fn prepare<D: Delivery, O: ObjectStore, R: ResultSink>(
         Ok(job) => job,
         Err(e) => return ctx.fail(flight, None, e).await,
     };
-    let Some(scheduler) = job.params.scheduler.or(ctx.model.default_scheduler) else {
-        return ctx.fail(flight, Some(&job), failure::no_scheduler()).await;
-    };
-    if job.params.karras_sigmas == Some(true) && !scheduler.supports_karras_sigmas() {
-        return ctx.fail(flight, Some(&job), failure::no_karras_sigmas(scheduler)).await;
-    }
-
     match ctx.store.head(&job.output).await {
         Ok(Some(existing)) if existing.metadata.get(meta::JOB_ID) == Some(&job.job.job_id) => {
             let dim = |k: &str| existing.metadata.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -328,6 +321,14 @@ async fn prepare<D: Delivery, O: ObjectStore, R: ResultSink>(
         Ok(Some(_)) => tracing::warn!(output = %job.output, "the output exists from another job; it will be replaced"),
         Ok(None) => {}
         Err(e) => return ctx.fail(flight, Some(&job), failure::storage(Object::Output, e)).await,
+    }
+    // After the duplicate check: a redelivery whose output exists is a success whatever model
+    // the worker runs now.
+    let Some(scheduler) = job.params.scheduler.or(ctx.model.default_scheduler) else {
+        return ctx.fail(flight, Some(&job), failure::no_scheduler()).await;
+    };
+    if job.params.karras_sigmas == Some(true) && !scheduler.supports_karras_sigmas() {
+        return ctx.fail(flight, Some(&job), failure::no_karras_sigmas(scheduler)).await;
     }
     if stop.is_cancelled() {
         return ctx.release(flight);
@@ -425,6 +426,18 @@ async fn infer<D: Delivery, O: ObjectStore, R: ResultSink>(
     let result = backend.edit(batch, ctx.settings.job_timeout, cancel).await;
     watchdog.abort();
 
+    // An editor that answers with another number of images than it was asked for is broken:
+    // the batch fails as a model failure (zip would leave the extra deliveries unsettled).
+    let result = result.and_then(|output| {
+        if output.images.len() == n {
+            Ok(output)
+        } else {
+            Err(EditError {
+                kind: EditErrorKind::Model,
+                message: format!("the model returned {} images for {n} requests", output.images.len()),
+            })
+        }
+    });
     match result {
         Ok(output) => {
             for ((mut flight, job), edited) in flights.into_iter().zip(output.images) {

@@ -1,10 +1,14 @@
 //! The operations endpoint: `/metrics` (Prometheus text format), `/healthz` (the process is
-//! alive) and `/readyz` (the model is loaded and healthy — its last batch did not fail in the
-//! model — and the broker consumer connected; 503 with the reason otherwise).
+//! alive) and `/readyz` (the model is loaded and healthy, and the broker consumer connected; 503
+//! with the reason otherwise). "Healthy": the last batch did not fail in the model (out of
+//! memory, a device error, a panic) — or it did, but longer than [`HttpState::unhealthy_hold`]
+//! ago, so that a worker left idle after one failed job becomes ready again instead of staying
+//! unready (and alerting) until the next job.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -27,7 +31,13 @@ pub struct HttpState {
     pub model: watch::Receiver<ModelState>,
     /// Broker connection state.
     pub queue: Arc<QueueCounters>,
+    /// How long a failure in the model keeps `/readyz` at 503 when no batch succeeds after it
+    /// ([`UNHEALTHY_HOLD`] in the worker).
+    pub unhealthy_hold: Duration,
 }
+
+/// The worker's [`HttpState::unhealthy_hold`].
+pub const UNHEALTHY_HOLD: Duration = Duration::from_secs(300);
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], state.metrics.render())
@@ -43,9 +53,11 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, String) {
     match (model, connected) {
         (ModelState::Ready(_), true) => (StatusCode::OK, "ready\n".into()),
         (ModelState::Ready(_), false) => (StatusCode::SERVICE_UNAVAILABLE, "broker not connected\n".into()),
-        (ModelState::Unhealthy { error, .. }, _) => {
+        (ModelState::Unhealthy { error, since, .. }, _) if since.elapsed() < state.unhealthy_hold => {
             (StatusCode::SERVICE_UNAVAILABLE, format!("model unhealthy (its last batch failed): {error}\n"))
         }
+        (ModelState::Unhealthy { .. }, true) => (StatusCode::OK, "ready\n".into()),
+        (ModelState::Unhealthy { .. }, false) => (StatusCode::SERVICE_UNAVAILABLE, "broker not connected\n".into()),
         (ModelState::Loading, _) => (StatusCode::SERVICE_UNAVAILABLE, "model loading\n".into()),
         (ModelState::Failed(e), _) => (StatusCode::SERVICE_UNAVAILABLE, format!("model failed: {e}\n")),
     }

@@ -360,12 +360,6 @@ impl Metrics {
         self.build_info.with_label_values(&[version, model, device]).set(1);
     }
 
-    /// `retouch_model_ready`: 0 while the loaded model's last batch failed in the model, 1
-    /// again after a success.
-    pub fn model_healthy(&self, healthy: bool) {
-        self.model_ready.set(i64::from(healthy));
-    }
-
     /// How many deliveries have been settled, per outcome, since the metrics were created.
     pub fn summary(&self) -> Summary {
         let count = |outcome: Outcome| -> u64 {

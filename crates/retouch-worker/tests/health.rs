@@ -1,6 +1,7 @@
-//! `/readyz` and `retouch_model_ready` follow the model's health after it loaded: a batch that
-//! fails in the model makes the worker unready (with the reason), the next successful batch
-//! makes it ready again; an invalid batch is the job's fault and changes nothing.
+//! `/readyz` follows the model's health after it loaded: a batch that fails in the model makes
+//! the worker unready (with the reason), the next successful batch makes it ready again, and so
+//! does the passing of the hold on a worker left idle; an invalid batch is the job's fault and
+//! changes nothing. `retouch_model_ready` keeps meaning "loaded" throughout.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -82,7 +83,12 @@ async fn readiness_follows_the_models_health() {
         size_multiple: 8,
         default_scheduler: None,
     };
-    let outcomes = VecDeque::from([Some(EditErrorKind::Model), Some(EditErrorKind::InvalidInput), None]);
+    let outcomes = VecDeque::from([
+        Some(EditErrorKind::Model),
+        Some(EditErrorKind::InvalidInput),
+        None,
+        Some(EditErrorKind::Model),
+    ]);
     let editor = Scripted { info: info.clone(), outcomes: Mutex::new(outcomes) };
     let counters = Arc::new(QueueCounters::default());
     counters.connected.store(true, Ordering::Relaxed);
@@ -92,7 +98,8 @@ async fn readiness_follows_the_models_health() {
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let state = HttpState { metrics: metrics.clone(), model: backend.watch(), queue: counters };
+    let hold = Duration::from_secs(2);
+    let state = HttpState { metrics: metrics.clone(), model: backend.watch(), queue: counters, unhealthy_hold: hold };
     let server = tokio::spawn(http::serve(listener, state, std::future::pending()));
     let ready_gauge = || metrics.render().lines().any(|l| l == "retouch_model_ready 1");
 
@@ -106,7 +113,7 @@ async fn readiness_follows_the_models_health() {
     let (status, body) = get(addr, "/readyz").await;
     assert_eq!(status, 503);
     assert!(body.contains("model unhealthy") && body.contains("scripted Model"), "{body}");
-    assert!(!ready_gauge(), "retouch_model_ready drops to 0");
+    assert!(ready_gauge(), "retouch_model_ready still says loaded");
 
     // A batch the model refuses as invalid is not a sign of a sick model, but it is no success
     // either: the worker stays as it was until a batch succeeds.
@@ -117,5 +124,20 @@ async fn readiness_follows_the_models_health() {
     backend.edit(batch(), Duration::from_secs(5), no_cancel()).await.expect("scripted success");
     assert_eq!(get(addr, "/readyz").await, (200, "ready\n".into()));
     assert!(ready_gauge());
+
+    // Left idle after a failure, the worker is ready again once the hold has passed.
+    backend.edit(batch(), Duration::from_secs(5), no_cancel()).await.expect_err("scripted failure");
+    let failed_at = std::time::Instant::now();
+    assert_eq!(get(addr, "/readyz").await.0, 503);
+    let deadline = failed_at + Duration::from_secs(30);
+    loop {
+        let (status, _) = get(addr, "/readyz").await;
+        if status == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {status} long after the hold");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(failed_at.elapsed() >= hold, "ready again only after the hold");
     server.abort();
 }
