@@ -319,7 +319,9 @@ fn fetch_model_takes_the_init_containers_arguments() {
     let cache = tmp.path().display().to_string();
     let model = tiny_model().display().to_string();
     let config = workspace().join("config/worker.toml").display().to_string();
-    let runs: [(&[(&str, &str)], Vec<&str>); 2] = [
+    /// Environment variables and arguments of one run.
+    type Run<'a> = (&'a [(&'a str, &'a str)], Vec<&'a str>);
+    let runs: [Run; 2] = [
         (
             &[("RETOUCH_MODEL_SOURCE", model.as_str()), ("RETOUCH_MODEL_CACHE_DIR", cache.as_str())],
             vec!["fetch-model", "--config", &config],
