@@ -14,12 +14,12 @@
 # Then prints the binary's size, its NEEDED libraries, the PTX targets embedded in it and the
 # machine code (cubins) of its static kernel libraries (libmoe.a, libflashattention.a).
 #
-# flash-attn: candle-flash-attn's build script compiles 53 FlashAttention-2 kernels with nvcc
+# flash-attn: candle-flash-attn's build script compiles 52 FlashAttention-2 kernels (53 .cu files with flash_api.cu) with nvcc
 # (the longest part of a cold build). retouch reaches 8 of them: fp16 and bf16, not causal, not
 # split-KV, for the head sizes FLASH_KERNEL_HEAD_SIZES in crates/retouch-model/src/kernels.rs
 # lists (read from that line). Only those (and flash_api.cu) are compiled; the other 44 become host-only stubs
 # that abort if ever called (nvcc-cache.sh, RETOUCH_FLASH_KERNELS; RETOUCH_FLASH_KERNELS=all
-# compiles all 53). Their objects are kept in CANDLE_FLASH_ATTN_BUILD_DIR
+# compiles all 53 files). Their objects are kept in CANDLE_FLASH_ATTN_BUILD_DIR
 # (default $RETOUCH_CACHE/flash-attn/sm_$CUDA_COMPUTE_CAP, created), where cudaforge recompiles
 # only kernels whose source, flags or architecture changed -- but it records them only once all
 # 53 compiled, so nvcc is deploy/cuda/nvcc-cache.sh, which also keeps each finished object in

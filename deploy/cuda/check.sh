@@ -8,7 +8,7 @@
 # It type-checks every `#[cfg(feature = ...)]` line against the real candle/cudarc APIs and runs
 # the build scripts: candle-kernels' nvcc compiles its PTX and the static MoE/GGUF kernel library
 # for CUDA_COMPUTE_CAP (default 90) for real, so a toolkit/kernel incompatibility shows.
-# candle-flash-attn's 53 kernels are NOT compiled: nvcc is deploy/cuda/nvcc-check.sh, which
+# candle-flash-attn's 52 kernels are NOT compiled: nvcc is deploy/cuda/nvcc-check.sh, which
 # writes an empty object for each .cu under candle-flash-attn's kernels/ (a check never links)
 # and runs the real nvcc for everything else. Compiling those kernels is deploy/cuda/build.sh's
 # job, with its own kernel cache (CANDLE_FLASH_ATTN_BUILD_DIR, unset here so the empty objects

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # deploy/cuda/nvcc-cache.sh: the `nvcc` that deploy/cuda/build.sh hands to cargo (through NVCC,
-# which cudaforge reads): a per-kernel object cache for candle-flash-attn's 53 FlashAttention-2
+# which cudaforge reads): a per-kernel object cache for candle-flash-attn's 52 FlashAttention-2
 # kernels, so that an interrupted build resumes where it stopped.
 #
 # Why: cudaforge 0.1.6 records its incremental-build cache (CANDLE_FLASH_ATTN_BUILD_DIR/
 # .cudaforge_cache.json) only after EVERY kernel compiled; a build killed (or one kernel failing,
-# e.g. out of memory) after 3 of 4 hours keeps nothing, and the next run compiles all 53 again.
+# e.g. out of memory) after 3 of 4 hours keeps nothing, and the next run compiles them all again.
 # This wrapper keeps each finished object under $RETOUCH_NVCC_CACHE/<key>.o and, when asked for
 # the same compile again, copies it instead of compiling.
 #
@@ -24,8 +24,9 @@
 # from the file's `template<>` line), whose body prints which kernel was left out and aborts.
 # flash_api.cu references every specialization, so the archive must define them all; retouch
 # never calls the left-out ones (it routes other head sizes to its matmul attention, and never
-# asks for causal or paged/split-KV attention). 8 real kernels instead of 53: a sixth of the
-# build time and of the machine code.
+# asks for causal or paged/split-KV attention). 8 real kernels instead of 52: measured, 9 nvcc
+# compiles taking 5107 s of nvcc time on two busy cores and 18.4 MB of xz'd binary (docs/gpu.md
+# §2); the time and size of all 52 were not measured.
 # build.sh installs this file as <toolkit>/bin/nvcc-cache (a fixed path: cudaforge derives the
 # toolkit's include/ from it). RETOUCH_NVCC_LOG, if set: one line per kernel (hit, or compiled
 # with its wall time).

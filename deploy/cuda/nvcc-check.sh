@@ -2,7 +2,7 @@
 # deploy/cuda/nvcc-check.sh: the `nvcc` that deploy/cuda/check.sh hands to cargo (through NVCC,
 # which cudaforge reads), so that `cargo check --features flash-attn` stays cheap.
 #
-# `cargo check` still runs build scripts: candle-flash-attn's compiles 53 FlashAttention-2
+# `cargo check` still runs build scripts: candle-flash-attn's compiles 52 FlashAttention-2
 # kernels with nvcc (hours on two cores) and candle-kernels' compiles the static MoE/GGUF kernel
 # library libmoe.a for the target architecture (most of a cold check's time, once per feature
 # set). A check never links, so for those sources -- a `-c` compile of a .cu file under a

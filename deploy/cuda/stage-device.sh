@@ -58,7 +58,7 @@ awk -v t="$tree" -v c="$carry" 'BEGIN {printf "working tree %.1f MiB + carry %.1
 if [ $((tree + carry)) -ge $limit ]; then
   echo "over the device tool's 64 MiB: ignore or remove large untracked files, or carry less." >&2
   echo "retouch.xz is $(stat -c %s "$STAGE/retouch.xz") bytes ($(sed -n 's/^features=//p' "$STAGE/build-info.txt" 2>/dev/null));" \
-    "a build without flash-attn's 53 kernels is far smaller:" >&2
+    "a build without flash-attn's kernels is far smaller:" >&2
   echo "  RETOUCH_CUDA_FEATURES=cuda,cudnn deploy/cuda/stage-device.sh   (device-check.sh then skips the flash lever)" >&2
   exit 1
 fi

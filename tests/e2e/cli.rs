@@ -7,13 +7,10 @@ use std::time::Duration;
 
 use retouch_core::job::Status;
 use retouch_e2e::{
-    Broker, Env, S3Server, Worker, command, retouch_bin, run_cli, temp_dir, test_png, tiny_model, unique, workspace,
+    Broker, Env, S3Server, Worker, command, fixtures, open_rgb, retouch_bin, run_cli, temp_dir, test_png, tiny_model,
+    unique, workspace,
 };
 use serde_json::json;
-
-fn fixtures() -> PathBuf {
-    workspace().join("tests/fixtures")
-}
 
 fn edit(args: &[&str]) -> (i32, String, String) {
     let mut cmd = Command::new(retouch_bin());
@@ -22,10 +19,7 @@ fn edit(args: &[&str]) -> (i32, String, String) {
 }
 
 fn max_diff(a: &Path, b: &Path) -> u8 {
-    let a = image::open(a).expect("a").to_rgb8();
-    let b = image::open(b).expect("b").to_rgb8();
-    assert_eq!(a.dimensions(), b.dimensions());
-    a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0)
+    retouch_e2e::max_diff(&open_rgb(a), &open_rgb(b))
 }
 
 #[test]

@@ -11,30 +11,13 @@ use std::time::Duration;
 
 use retouch_core::error::ErrorKind;
 use retouch_core::job::{JobResult, Status};
-use retouch_e2e::{Broker, Env, S3Server, Worker, retouch_bin, run_cli, tiny_model, unique, workspace};
+use retouch_e2e::{
+    Broker, Env, S3Server, Worker, fixtures, max_diff, open_rgb, retouch_bin, run_cli, temp_dir, tiny_model, unique,
+};
 use serde_json::json;
-
-fn fixtures() -> PathBuf {
-    workspace().join("tests/fixtures")
-}
 
 fn safety_model() -> PathBuf {
     fixtures().join("models/tiny-sd15-safety")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(unique(name));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    dir
-}
-
-fn rgb(path: &Path) -> image::RgbImage {
-    image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8()
-}
-
-fn max_diff(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
-    assert_eq!(a.dimensions(), b.dimensions());
-    a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0)
 }
 
 fn is_black(image: &image::RgbImage) -> bool {
@@ -66,20 +49,21 @@ fn edit(image: &str, output: &Path, extra: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn edit_writes_flagged_images_black_like_diffusers_blocks_them_or_skips_the_checker() {
-    let dir = tmp("safety-edit");
+    let tmp = temp_dir("safety-edit");
+    let dir = tmp.path();
     // Default (auto): the checkpoint names a checker, so it runs (as in diffusers).
     let flagged = dir.join("flagged.png");
     let (code, out, err) = edit("images/alpha.png", &flagged, &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(err.contains("nsfw content detected"), "{err}");
-    assert!(is_black(&rgb(&flagged)), "diffusers' output is black");
-    assert_eq!(rgb(&flagged), rgb(&fixtures().join("golden/safety_flagged_0.png")));
+    assert!(is_black(&open_rgb(&flagged)), "diffusers' output is black");
+    assert_eq!(open_rgb(&flagged), open_rgb(&fixtures().join("golden/safety_flagged_0.png")));
 
     let clear = dir.join("clear.png");
     let (code, out, err) = edit("images/a.png", &clear, &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(!err.contains("nsfw"), "{err}");
-    let d = max_diff(&rgb(&clear), &rgb(&fixtures().join("golden/safety_clear_0.png")));
+    let d = max_diff(&open_rgb(&clear), &open_rgb(&fixtures().join("golden/safety_clear_0.png")));
     assert!(d <= 2, "unflagged output within 2/255 of diffusers: {d}");
 
     // block: nothing written, a failure exit with a one-line reason.
@@ -93,8 +77,8 @@ fn edit_writes_flagged_images_black_like_diffusers_blocks_them_or_skips_the_chec
     let unchecked = dir.join("unchecked.png");
     let (code, out, err) = edit("images/alpha.png", &unchecked, &["--safety-checker", "off"]);
     assert_eq!(code, 0, "{out}{err}");
-    let d = max_diff(&rgb(&unchecked), &rgb(&fixtures().join("safety/inputs/safety_flagged_0.png")));
-    assert!(d <= 2 && !is_black(&rgb(&unchecked)), "off: as without a checker ({d})");
+    let d = max_diff(&open_rgb(&unchecked), &open_rgb(&fixtures().join("safety/inputs/safety_flagged_0.png")));
+    assert!(d <= 2 && !is_black(&open_rgb(&unchecked)), "off: as without a checker ({d})");
 
     // on: a checkpoint without a checker is bad input.
     let mut cmd = Command::new(retouch_bin());
@@ -116,7 +100,6 @@ fn edit_writes_flagged_images_black_like_diffusers_blocks_them_or_skips_the_chec
     );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--safety-checker on") && err.contains("safety_checker"), "{err}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 fn report(path: &Path) -> Vec<serde_json::Value> {
@@ -136,7 +119,8 @@ fn by_source<'a>(rows: &'a [serde_json::Value], file: &str) -> &'a serde_json::V
 
 #[test]
 fn batch_applies_the_safety_policy_per_image() {
-    let dir = tmp("safety-batch");
+    let tmp = temp_dir("safety-batch");
+    let dir = tmp.path();
     let input = dir.join("in");
     std::fs::create_dir_all(&input).expect("mkdir");
     for name in ["alpha.png", "a.png"] {
@@ -173,8 +157,8 @@ fn batch_applies_the_safety_policy_per_image() {
     let rows = report(&out.join("report.jsonl"));
     assert_eq!(by_source(&rows, "alpha.png")["nsfw_content_detected"], true);
     assert_eq!(by_source(&rows, "/a.png")["nsfw_content_detected"], false);
-    assert!(is_black(&rgb(&out.join("alpha.png"))));
-    let d = max_diff(&rgb(&out.join("a.png")), &rgb(&fixtures().join("golden/safety_clear_0.png")));
+    assert!(is_black(&open_rgb(&out.join("alpha.png"))));
+    let d = max_diff(&open_rgb(&out.join("a.png")), &open_rgb(&fixtures().join("golden/safety_clear_0.png")));
     assert!(d <= 2, "{d}");
 
     // block: the flagged image fails with kind nsfw and has no output; the other succeeds.
@@ -188,7 +172,6 @@ fn batch_applies_the_safety_policy_per_image() {
     assert_eq!((&blocked["output"], &blocked["nsfw_content_detected"]), (&json!(null), &json!(true)));
     assert!(!out.join("alpha.png").exists(), "no output under block");
     assert_eq!(by_source(&rows, "/a.png")["status"], "succeeded");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 fn setup(test: &str) -> (Env, String, S3Server, Broker) {
@@ -227,11 +210,14 @@ fn a_worker_writes_flagged_images_black_and_counts_them() {
     assert!(is_black(&output(&s3, flagged)), "the flagged output is black, as diffusers writes it");
     let clear = &results["clear"];
     assert_eq!((clear.status, clear.nsfw_content_detected), (Status::Succeeded, Some(false)), "{clear:?}");
-    let d = max_diff(&output(&s3, clear), &rgb(&fixtures().join("golden/safety_clear_0.png")));
+    let d = max_diff(&output(&s3, clear), &open_rgb(&fixtures().join("golden/safety_clear_0.png")));
     assert!(d <= 2, "{d}");
     let (_, metrics) = worker.get("/metrics").expect("metrics");
-    assert!(metrics.contains("retouch_nsfw_flagged_total 1"), "{metrics}");
-    assert!(metrics.contains(r#"retouch_jobs_total{error_kind="none",outcome="succeeded"} 2"#), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "retouch_nsfw_flagged_total 1"), "{metrics}");
+    assert!(
+        metrics.lines().any(|l| l == r#"retouch_jobs_total{error_kind="none",outcome="succeeded"} 2"#),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -259,9 +245,9 @@ fn a_blocking_worker_fails_flagged_jobs_with_kind_nsfw_and_dead_letters_them() {
     assert_eq!(dead[0].1["x-retouch-error-kind"], "nsfw");
     assert!(String::from_utf8_lossy(&dead[0].0).contains("blocked"), "the body is kept");
     let (_, metrics) = worker.get("/metrics").expect("metrics");
-    assert!(metrics.contains(r#"retouch_jobs_total{error_kind="nsfw",outcome="failed"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"retouch_dead_letters_total{error_kind="nsfw"} 1"#), "{metrics}");
-    assert!(metrics.contains("retouch_nsfw_flagged_total 1"), "{metrics}");
+    assert!(metrics.lines().any(|l| l == r#"retouch_jobs_total{error_kind="nsfw",outcome="failed"} 1"#), "{metrics}");
+    assert!(metrics.lines().any(|l| l == r#"retouch_dead_letters_total{error_kind="nsfw"} 1"#), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "retouch_nsfw_flagged_total 1"), "{metrics}");
     assert!(worker.try_status().is_none(), "the worker keeps running");
 }
 
@@ -295,11 +281,12 @@ fn cache_without_checker(home: &Path, repo: &str) {
 
 #[test]
 fn fetch_model_needs_the_checker_files_only_when_the_policy_runs_the_checker() {
-    let home = tmp("safety-hf");
-    cache_without_checker(&home, "retouch-test/tiny-safety");
+    let tmp = temp_dir("safety-hf");
+    let home = tmp.path();
+    cache_without_checker(home, "retouch-test/tiny-safety");
     let fetch = |policy: &str| {
         let mut cmd = Command::new(retouch_bin());
-        cmd.env("HF_HOME", &home).env("HF_HUB_OFFLINE", "1").env("RUST_LOG", "warn").env_remove("RETOUCH_CONFIG");
+        cmd.env("HF_HOME", home).env("HF_HUB_OFFLINE", "1").env("RUST_LOG", "warn").env_remove("RETOUCH_CONFIG");
         run_cli(cmd, &["fetch-model", "--model", "hf:retouch-test/tiny-safety", "--safety-checker", policy])
     };
     let (code, stdout, stderr) = fetch("off");
@@ -309,5 +296,4 @@ fn fetch_model_needs_the_checker_files_only_when_the_policy_runs_the_checker() {
     let (code, _, stderr) = fetch("auto");
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("safety_checker/config.json") && stderr.contains("not in the Hub cache"), "{stderr}");
-    std::fs::remove_dir_all(&home).ok();
 }

@@ -2,37 +2,22 @@
 //! `retouch edit` against every new diffusers golden, a worker job over real RabbitMQ and S3,
 //! and `retouch batch` from a manifest.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use retouch_core::error::ErrorKind;
 use retouch_core::job::Status;
-use retouch_e2e::{Broker, Env, S3Server, Worker, retouch_bin, run_cli, tiny_model, unique, workspace};
+use retouch_e2e::{
+    Broker, Env, S3Server, Worker, fixtures, max_diff, open_rgb, retouch_bin, run_cli, temp_dir, tiny_model, unique,
+};
 use serde_json::{Value, json};
 
 /// diffusers' acceptance bound per uint8 channel value.
 const TOLERANCE: u8 = 2;
 
-fn fixtures() -> PathBuf {
-    workspace().join("tests/fixtures")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(unique(name));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    dir
-}
-
-fn max_diff_images(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
-    assert_eq!(a.dimensions(), b.dimensions(), "output size");
-    a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0)
-}
-
-fn max_diff(output: &Path, golden: &str) -> u8 {
-    let a = image::open(output).expect("output decodes").to_rgb8();
-    let b = image::open(fixtures().join(golden)).expect("golden").to_rgb8();
-    max_diff_images(&a, &b)
+fn max_diff_golden(output: &Path, golden: &str) -> u8 {
+    max_diff(&open_rgb(output), &open_rgb(&fixtures().join(golden)))
 }
 
 /// The cases of `tests/fixtures/cases.json` that use a new scheduler, Karras sigmas or a
@@ -59,7 +44,8 @@ fn case<'a>(cases: &'a [Value], name: &str) -> &'a Value {
 
 #[test]
 fn retouch_edit_matches_diffusers_on_every_new_case() {
-    let dir = tmp("samplers-edit");
+    let tmp = temp_dir("samplers-edit");
+    let dir = tmp.path();
     let cases = new_cases();
     let mut report = Vec::new();
     let mut worst = 0;
@@ -109,7 +95,7 @@ fn retouch_edit_matches_diffusers_on_every_new_case() {
             let sampler = format!("{}{karras}, seed", c["scheduler"].as_str().expect("scheduler"));
             assert!(stdout.contains(&sampler), "{name}: {stdout}");
             let golden = c["expected"][i].as_str().expect("golden");
-            let max = max_diff(&out, golden);
+            let max = max_diff_golden(&out, golden);
             report.push(format!("{name:>24}[{i}] max |Δ| {max}"));
             worst = worst.max(max);
             images += 1;
@@ -121,12 +107,12 @@ fn retouch_edit_matches_diffusers_on_every_new_case() {
     for scheduler in ["dpmpp-2m", "dpmpp-2m-sde", "unipc"] {
         assert!(cases.iter().any(|c| c["scheduler"] == scheduler), "no {scheduler} case");
     }
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
 fn karras_sigmas_and_negative_prompts_are_checked_before_loading() {
-    let dir = tmp("samplers-bad");
+    let tmp = temp_dir("samplers-bad");
+    let dir = tmp.path();
     let model = tiny_model().display().to_string();
     let image = fixtures().join("images/a.png").display().to_string();
     let out = dir.join("o.png").display().to_string();
@@ -154,7 +140,6 @@ fn karras_sigmas_and_negative_prompts_are_checked_before_loading() {
     let (code, stdout, stderr) = run_cli(cmd, &args);
     assert_eq!(code, 2, "{stdout}{stderr}");
     assert!(stderr.contains("use_karras_sigmas"), "{stderr}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -203,7 +188,7 @@ fn a_worker_runs_new_samplers_karras_sigmas_and_negative_prompts() {
     };
     for (id, case_name) in [("unipc-karras-negative", "negative_unipc_karras"), ("sde-karras", "dpmpp_2m_sde_karras")] {
         let golden = image::open(fixtures().join(format!("golden/{case_name}_0.png"))).expect("golden").to_rgb8();
-        let max = max_diff_images(&output(id), &golden);
+        let max = max_diff(&output(id), &golden);
         eprintln!("worker {id}: max |Δ| {max} against diffusers ({case_name})");
         assert!(max <= TOLERANCE, "{id}: max |Δ| {max} against diffusers' {case_name}");
     }
@@ -224,7 +209,8 @@ fn a_worker_runs_new_samplers_karras_sigmas_and_negative_prompts() {
 
 #[test]
 fn retouch_batch_takes_the_new_params_from_flags_and_manifest_rows() {
-    let dir = tmp("samplers-batch");
+    let tmp = temp_dir("samplers-batch");
+    let dir = tmp.path();
     let (input, output) = (dir.join("in"), dir.join("out"));
     std::fs::create_dir_all(&input).expect("mkdir");
     std::fs::copy(fixtures().join("images/a.png"), input.join("a.png")).expect("copy");
@@ -263,9 +249,8 @@ fn retouch_batch_takes_the_new_params_from_flags_and_manifest_rows() {
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert!(stdout.contains("2 images: 2 edited"), "{stdout}");
     for (file, c) in [("sde.png", sde), ("negative.png", negative)] {
-        let max = max_diff(&output.join(file), c["expected"][0].as_str().expect("golden"));
+        let max = max_diff_golden(&output.join(file), c["expected"][0].as_str().expect("golden"));
         eprintln!("retouch batch {file}: max |Δ| {max} against diffusers ({})", c["name"]);
         assert!(max <= TOLERANCE, "{file}: max |Δ| {max}");
     }
-    std::fs::remove_dir_all(&dir).ok();
 }

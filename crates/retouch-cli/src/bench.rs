@@ -49,7 +49,7 @@ pub struct BenchArgs {
     pub edit_repeats: usize,
     /// Sampler of the whole-edit stage: euler-ancestral, euler, ddim, dpmpp-2m, dpmpp-2m-sde or
     /// unipc.
-    #[arg(long, default_value = "euler-ancestral", value_parser = parse_scheduler)]
+    #[arg(long, default_value = "euler-ancestral", value_parser = crate::params::parse_scheduler)]
     pub scheduler: SchedulerKind,
     /// Karras sigmas for the whole-edit stage (euler, dpmpp-2m, dpmpp-2m-sde, unipc).
     #[arg(long)]
@@ -57,10 +57,6 @@ pub struct BenchArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
-}
-
-fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
-    s.parse().map_err(|e: retouch_core::params::ParamError| e.message)
 }
 
 /// Peak and current resident set size in MiB, from `/proc/self/status`.

@@ -3,7 +3,7 @@
 
 use retouch_core::params::{EditParams, SchedulerKind};
 
-fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
+pub(crate) fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
     s.parse().map_err(|e: retouch_core::params::ParamError| e.message)
 }
 

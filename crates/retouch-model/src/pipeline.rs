@@ -344,21 +344,24 @@ impl InstructPix2Pix {
         // 1. Text. Negative prompts only matter with guidance; each distinct one is encoded once.
         let guided: Vec<bool> =
             requests.iter().map(|r| r.guidance_scale > 1.0 && r.image_guidance_scale >= 1.0).collect();
-        let mut negatives: Vec<(&str, Tensor)> = Vec::new();
-        for (r, _) in requests.iter().zip(&guided).filter(|(_, g)| **g) {
-            let text = r.negative_prompt.as_deref().unwrap_or("");
-            if !negatives.iter().any(|(t, _)| *t == text) {
-                negatives.push((text, self.encode_prompt(text)?.0));
+        let mut encoded: Vec<(&str, Tensor)> = Vec::new();
+        let mut negative_for: Vec<Option<Tensor>> = Vec::with_capacity(requests.len());
+        for (r, &g) in requests.iter().zip(&guided) {
+            if !g {
+                negative_for.push(None);
+                continue;
             }
-        }
-        let negative_of = |r: &retouch_core::editor::EditRequest| -> Result<Tensor, ModelError> {
             let text = r.negative_prompt.as_deref().unwrap_or("");
-            negatives
-                .iter()
-                .find(|(t, _)| *t == text)
-                .map(|(_, e)| e.clone())
-                .ok_or_else(|| ModelError::InvalidInput("negative prompt not encoded; this is a bug".into()))
-        };
+            let embedding = match encoded.iter().find(|(t, _)| *t == text) {
+                Some((_, e)) => e.clone(),
+                None => {
+                    let e = self.encode_prompt(text)?.0;
+                    encoded.push((text, e.clone()));
+                    e
+                }
+            };
+            negative_for.push(Some(embedding));
+        }
         let mut prompts = Vec::with_capacity(requests.len());
         let mut truncated = Vec::with_capacity(requests.len());
         for r in requests {
@@ -391,13 +394,12 @@ impl InstructPix2Pix {
         // 4. Denoising. The conditioning rows never change across steps.
         let mut contexts = Vec::new();
         let mut conditions = Vec::new();
-        for (i, &g) in guided.iter().enumerate() {
+        for (i, negative) in negative_for.iter().enumerate() {
             let img = image_latents.narrow(0, i, 1)?;
             contexts.push(prompts[i].clone());
             conditions.push(img.clone());
-            if g {
-                let negative = negative_of(&requests[i])?;
-                contexts.extend([negative.clone(), negative]);
+            if let Some(negative) = negative {
+                contexts.extend([negative.clone(), negative.clone()]);
                 conditions.extend([img.clone(), img.zeros_like()?]);
             }
         }

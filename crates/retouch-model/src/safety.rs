@@ -422,10 +422,12 @@ struct Networks {
     tower: ClipVisionTower,
     /// `visual_projection`, `[projection_dim, hidden]`, no bias.
     visual_projection: Linear,
-    /// `[17, P]`, model dtype.
-    concept_embeds: Tensor,
-    /// `[3, P]`, model dtype.
-    special_care_embeds: Tensor,
+    /// `concept_embeds` `[17, P]`, L2-normalised once at load (model dtype). Multiplied through
+    /// a transposed view, as before: a contiguous transposed copy changes the matmul's rounding
+    /// enough to move a 3-decimal score off diffusers' (the parity test saw it).
+    concept_bank: Tensor,
+    /// `special_care_embeds` `[3, P]`, likewise.
+    special_care_bank: Tensor,
     /// `concept_embeds_weights` as float32 values of the stored (model-dtype) tensor.
     concept_thresholds: Vec<f32>,
     /// `special_care_embeds_weights`, likewise.
@@ -451,8 +453,8 @@ impl Networks {
         Ok(Self {
             tower,
             visual_projection,
-            concept_embeds: vb.get((CONCEPTS, p), "concept_embeds")?,
-            special_care_embeds: vb.get((SPECIAL_CARE, p), "special_care_embeds")?,
+            concept_bank: l2_normalize(&vb.get((CONCEPTS, p), "concept_embeds")?)?,
+            special_care_bank: l2_normalize(&vb.get((SPECIAL_CARE, p), "special_care_embeds")?)?,
             concept_thresholds: thresholds("concept_embeds_weights", CONCEPTS)?,
             special_thresholds: thresholds("special_care_embeds_weights", SPECIAL_CARE)?,
         })
@@ -466,8 +468,6 @@ pub struct SafetyChecker {
     nets: Networks,
     /// The feature extractor's preprocessing.
     processor: ImageProcessor,
-    /// The config the networks were built from.
-    config: SafetyCheckerConfig,
     /// The model's device: `pixel_values` are created here.
     device: Device,
     /// The model's dtype: `pixel_values` are cast to it, as diffusers does.
@@ -502,17 +502,12 @@ impl SafetyChecker {
         let files = find_weight_files(&dir.join("safety_checker"), "model", variant)
             .or_else(|_| find_weight_files(&dir.join("safety_checker"), "pytorch_model", variant))?;
         let nets = load_component("safety_checker", &files, dtype, device, IGNORABLE, |vb| Networks::new(&config, vb))?;
-        Ok(Self { nets, processor, config, device: device.clone(), dtype })
+        Ok(Self { nets, processor, device: device.clone(), dtype })
     }
 
     /// The image processor.
     pub fn processor(&self) -> &ImageProcessor {
         &self.processor
-    }
-
-    /// The checker's config.
-    pub fn config(&self) -> &SafetyCheckerConfig {
-        &self.config
     }
 
     /// Thresholds `(special_care, concepts)` as float32 (the stored values in the model dtype).
@@ -530,9 +525,9 @@ impl SafetyChecker {
         let pooled = self.nets.tower.forward(&x)?;
         let embeds = l2_normalize(&self.nets.visual_projection.forward(&pooled)?)?;
         let cos = |bank: &Tensor| -> candle_core::Result<Vec<f32>> {
-            embeds.matmul(&l2_normalize(bank)?.t()?)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+            embeds.matmul(&bank.t()?)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
         };
-        Ok((cos(&self.nets.special_care_embeds)?, cos(&self.nets.concept_embeds)?))
+        Ok((cos(&self.nets.special_care_bank)?, cos(&self.nets.concept_bank)?))
     }
 
     /// Checks one output image (the uint8 image diffusers' `postprocess` makes).

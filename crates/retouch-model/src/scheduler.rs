@@ -601,11 +601,6 @@ impl Schedule {
         })
     }
 
-    /// The kind of scheduler this schedule steps.
-    pub fn kind(&self) -> SchedulerKind {
-        self.kind
-    }
-
     /// The timesteps the UNet sees, in order.
     pub fn timesteps(&self) -> &[f32] {
         &self.timesteps

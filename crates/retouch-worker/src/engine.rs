@@ -85,8 +85,8 @@ pub struct EngineSettings {
     /// Largest accepted input image (width × height, before resizing).
     pub max_input_pixels: u64,
     /// Most compatible jobs (same processed size, steps, scheduler) per model call. Each image
-    /// runs three UNet rows per step, so GPU memory grows ~3× per image; 4 fits a 24 GB card
-    /// at 512 px in f16. 1 disables batching. 1–64.
+    /// runs three UNet rows per step, so GPU memory grows ~3× per image; 4 for a 24 GB card at
+    /// 512 px in f16 is a rule of thumb, not yet measured on a GPU. 1 disables batching. 1–64.
     pub max_batch: usize,
     /// Longest a job waits for companions before its batch starts anyway.
     #[serde(with = "humantime_serde")]
@@ -304,8 +304,7 @@ async fn prepare<D: Delivery, O: ObjectStore, R: ResultSink>(
     if let Some(published) = flight.delivery.info().published_at
         && let Ok(wait) = SystemTime::now().duration_since(published)
     {
-        flight.timings.queue_wait = Some(wait.as_secs_f64());
-        ctx.metrics.stage(Stage::QueueWait, wait.as_secs_f64());
+        flight.record(&ctx.metrics, Stage::QueueWait, wait.as_secs_f64());
     }
     let job = match parse_job(flight.delivery.body()).and_then(|j| j.validate(&ctx.settings.output_prefix)) {
         Ok(job) => job,
@@ -339,7 +338,7 @@ async fn prepare<D: Delivery, O: ObjectStore, R: ResultSink>(
         Ok(bytes) => bytes,
         Err(e) => return ctx.fail(flight, Some(&job), failure::storage(Object::Source, e)).await,
     };
-    flight.record(&ctx.metrics, Stage::Fetch, started);
+    flight.record(&ctx.metrics, Stage::Fetch, seconds(started));
     ctx.metrics.input_bytes(bytes.len());
 
     let started = Instant::now();
@@ -349,7 +348,7 @@ async fn prepare<D: Delivery, O: ObjectStore, R: ResultSink>(
         Ok(Err(e)) => return ctx.fail(flight, Some(&job), failure::image(e)).await,
         Err(e) => return ctx.fail(flight, Some(&job), failure::crashed(Object::Source, &e)).await,
     };
-    flight.record(&ctx.metrics, Stage::Decode, started);
+    flight.record(&ctx.metrics, Stage::Decode, seconds(started));
     if stop.is_cancelled() {
         return ctx.release(flight);
     }
@@ -441,8 +440,7 @@ async fn infer<D: Delivery, O: ObjectStore, R: ResultSink>(
     match result {
         Ok(output) => {
             for ((mut flight, job), edited) in flights.into_iter().zip(output.images) {
-                flight.timings.inference = output.seconds;
-                ctx.metrics.stage(Stage::Inference, output.seconds);
+                flight.record(&ctx.metrics, Stage::Inference, output.seconds);
                 ctx.tasks.spawn(finish(ctx.clone(), flight, job, edited));
             }
         }
@@ -498,7 +496,7 @@ async fn finish<D: Delivery, O: ObjectStore, R: ResultSink>(
         Ok(Err(e)) => return ctx.fail(flight, Some(&job), failure::image(e)).await,
         Err(e) => return ctx.fail(flight, Some(&job), failure::crashed(Object::Output, &e)).await,
     };
-    flight.record(&ctx.metrics, Stage::Encode, started);
+    flight.record(&ctx.metrics, Stage::Encode, seconds(started));
 
     let mut metadata = BTreeMap::from([
         (meta::JOB_ID.to_string(), job.job.job_id.clone()),
@@ -515,7 +513,7 @@ async fn finish<D: Delivery, O: ObjectStore, R: ResultSink>(
     if let Err(e) = ctx.store.put(&job.output, bytes, format.content_type(), &metadata).await {
         return ctx.fail(flight, Some(&job), failure::storage(Object::Output, e)).await;
     }
-    flight.record(&ctx.metrics, Stage::Upload, started);
+    flight.record(&ctx.metrics, Stage::Upload, seconds(started));
     ctx.metrics.output_bytes(n);
     ctx.succeed(flight, &job, size, false).await;
 }
@@ -661,10 +659,9 @@ impl<D> InFlight<D> {
         }
     }
 
-    /// Records a finished stage that began at `started`: in the job's timings (its result) and
-    /// in the stage histogram.
-    fn record(&mut self, metrics: &Metrics, stage: Stage, started: Instant) {
-        let secs = seconds(started);
+    /// Records a finished stage's duration: in the job's timings (its result) and in the stage
+    /// histogram.
+    fn record(&mut self, metrics: &Metrics, stage: Stage, secs: f64) {
         match stage {
             Stage::QueueWait => self.timings.queue_wait = Some(secs),
             Stage::Fetch => self.timings.fetch = secs,
@@ -672,6 +669,7 @@ impl<D> InFlight<D> {
             Stage::Inference => self.timings.inference = secs,
             Stage::Encode => self.timings.encode = secs,
             Stage::Upload => self.timings.upload = secs,
+            // Not a field of a result: the result is what is being published.
             Stage::Publish => {}
         }
         metrics.stage(stage, secs);

@@ -11,6 +11,7 @@
 use retouch_core::editor::{EditError, EditErrorKind};
 use retouch_core::error::{ErrorKind, JobError};
 use retouch_core::imaging::ImageError;
+use retouch_core::queue::QueueError;
 use retouch_core::store::StoreError;
 use tokio::task::JoinError;
 
@@ -94,22 +95,8 @@ pub(crate) fn blocked_nsfw() -> JobError {
 
 /// The output exists but its result could not be published: another delivery will find the
 /// output and publish a duplicate result, so this is worth a retry.
-pub(crate) fn unpublished(error: &dyn std::error::Error) -> JobError {
-    JobError::transient(ErrorKind::Internal, format!("result not published: {}", chain(error)))
-}
-
-/// An error and its `source()` chain on one line (`outer: inner: root`).
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.ends_with(&cause_text) {
-            text = format!("{text}: {cause_text}");
-        }
-        source = cause.source();
-    }
-    text
+pub(crate) fn unpublished(error: &QueueError) -> JobError {
+    JobError::transient(ErrorKind::Internal, format!("result not published: {error}"))
 }
 
 #[cfg(test)]
@@ -154,13 +141,9 @@ mod tests {
     }
 
     #[test]
-    fn chains_keep_every_cause_once() {
-        #[derive(Debug, thiserror::Error)]
-        #[error("outer")]
-        struct Outer(#[source] std::io::Error);
-        let e = Outer(std::io::Error::other("root cause"));
-        assert_eq!(chain(&e), "outer: root cause");
-        let e = unpublished(&e);
-        assert!(e.retryable && e.message.ends_with("outer: root cause"), "{}", e.message);
+    fn an_unpublished_result_is_retried_and_says_why() {
+        let e = unpublished(&QueueError::Unconfirmed("no confirm within 30s".into()));
+        assert!(e.retryable && e.message.ends_with("publish not confirmed: no confirm within 30s"), "{}", e.message);
+        assert_eq!(e.kind, ErrorKind::Internal);
     }
 }

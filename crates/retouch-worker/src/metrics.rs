@@ -193,8 +193,7 @@ impl Metrics {
         let model_load_seconds =
             Gauge::new("retouch_model_load_duration_seconds", "Time the model took to load at start-up.")
                 .expect("valid");
-        let model_ready =
-            IntGauge::new("retouch_model_ready", "1 once the model is loaded and healthy.").expect("valid");
+        let model_ready = IntGauge::new("retouch_model_ready", "1 once the model is loaded.").expect("valid");
         let input_bytes =
             IntCounter::new("retouch_input_bytes_total", "Bytes of input images downloaded.").expect("valid");
         let output_bytes =

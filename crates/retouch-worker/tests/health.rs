@@ -126,8 +126,9 @@ async fn readiness_follows_the_models_health() {
     assert!(ready_gauge());
 
     // Left idle after a failure, the worker is ready again once the hold has passed.
-    backend.edit(batch(), Duration::from_secs(5), no_cancel()).await.expect_err("scripted failure");
+    // Taken before the call: the hold starts when the model fails, inside it.
     let failed_at = std::time::Instant::now();
+    backend.edit(batch(), Duration::from_secs(5), no_cancel()).await.expect_err("scripted failure");
     assert_eq!(get(addr, "/readyz").await.0, 503);
     let deadline = failed_at + Duration::from_secs(30);
     loop {

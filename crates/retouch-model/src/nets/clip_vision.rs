@@ -161,11 +161,6 @@ impl ClipVisionTower {
         })
     }
 
-    /// The config the tower was built from.
-    pub fn config(&self) -> &ClipVisionConfig {
-        &self.config
-    }
-
     /// `pixel_values` `[B, C, S, S]` → `pooler_output` `[B, hidden]`.
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let c = &self.config;

@@ -131,6 +131,7 @@ fn the_checker_matches_diffusers_on_the_images_it_checked() {
             for (got, want) in
                 [(&r.special_cos, floats(&want["special_cos"])), (&r.concept_cos, floats(&want["concept_cos"]))]
             {
+                assert_eq!(got.len(), want.len(), "{name}[{i}]: cosine count");
                 for (g, w) in got.iter().zip(&want) {
                     worst = worst.max((g - w).abs());
                 }
@@ -190,9 +191,11 @@ fn edits_are_flagged_black_exactly_where_diffusers_flags_them() {
     assert!(model.safety_checker().is_some(), "auto runs the checker the checkpoint names");
     let data = read_json("safety_cases.json");
     let mut report = Vec::new();
+    let (mut black, mut clear) = (0, 0);
     for case in data["cases"].as_array().expect("cases") {
         let name = case["name"].as_str().expect("name");
         let outputs = model.run(&batch_for(case), &mut NoProgress).expect("edit");
+        assert_eq!(outputs.len(), case["images"].as_array().expect("images").len(), "{name}: one output per image");
         for (i, out) in outputs.iter().enumerate() {
             let flagged = case["nsfw_content_detected"][i].as_bool().expect("flag");
             assert_eq!(out.nsfw_content_detected, Some(flagged), "{name}[{i}]");
@@ -200,14 +203,17 @@ fn edits_are_flagged_black_exactly_where_diffusers_flags_them() {
             if flagged {
                 assert!(out.image.as_raw().iter().all(|&v| v == 0), "{name}[{i}]: a flagged image is black");
                 assert_eq!(out.image, golden, "{name}[{i}]: diffusers' output is black too");
+                black += 1;
             } else {
                 let d = max_diff(&out.image, &golden);
                 report.push(format!("{name}[{i}] max |Δ| {d}"));
+                clear += 1;
                 assert!(d <= 2, "{name}[{i}]: max |Δ| {d} > 2");
             }
         }
     }
     eprintln!("{}", report.join("\n"));
+    assert!(black >= 1 && clear >= 1, "the cases cover flagged ({black}) and clear ({clear}) outputs");
 }
 
 #[test]
