@@ -9,9 +9,10 @@ RENDER_DIR holds `helm template` outputs named after their values file: default.
 
 For every rendering: the worker's contract (exec args, worker.toml sections, keys and types
 against config/worker.toml, grace period above engine.shutdown_timeout, probes on /healthz and /readyz, the
-AMQP URL from a Secret), the security context of every container, and writable volumes for the
-cache and /tmp. Per file: GPU limits, KEDA/HPA wiring, the PrometheusRule equal to
-deploy/prometheus/alerts.yml, the PVC. Prints one line per file; exit 1 on any failure.
+AMQP URL and the webhook secret from a Secret, never the ConfigMap), the security context of
+every container, and writable volumes for the cache and /tmp. Per file: GPU limits, KEDA/HPA
+wiring (a trigger per job queue), the PrometheusRule equal to deploy/prometheus/alerts.yml, the
+PVC. Prints one line per file; exit 1 on any failure.
 """
 
 import re
@@ -71,12 +72,18 @@ def check_common(objs, key_types):
             want = key_types[section][k]
             assert isinstance(v, want), f"worker.toml {section}.{k} = {v!r} is not {want.__name__}"
     assert "url" not in config["amqp"], "amqp.url must come from the Secret, not the ConfigMap"
+    assert "secret" not in config["webhooks"], "webhooks.secret must come from the Secret, not the ConfigMap"
     engine, model = config["engine"], config["model"]
     grace = pod["terminationGracePeriodSeconds"]
     assert grace > duration_s(engine["shutdown_timeout"]), "grace period must exceed engine.shutdown_timeout"
 
     env = {e["name"]: e for e in worker["env"]}
     assert "secretKeyRef" in env["RETOUCH_AMQP_URL"]["valueFrom"], "RETOUCH_AMQP_URL must come from a Secret"
+    if "RETOUCH_WEBHOOKS_SECRET" in env:
+        assert "secretKeyRef" in env["RETOUCH_WEBHOOKS_SECRET"].get("valueFrom", {}), \
+            "RETOUCH_WEBHOOKS_SECRET must come from a Secret"
+    else:
+        assert not config["webhooks"]["allow_hosts"], "webhooks.allow_hosts without RETOUCH_WEBHOOKS_SECRET"
     assert env["HF_HOME"]["value"].startswith(next(
         m["mountPath"] for m in worker["volumeMounts"] if m["name"] == "model-cache")), "HF_HOME outside the cache volume"
 
@@ -156,12 +163,17 @@ def main(render_dir):
             if name == "gpu-keda-values":
                 assert "replicas" not in dep["spec"], "KEDA owns replicas"
                 so = objs["ScaledObject"][0]
-                trig = so["spec"]["triggers"][0]
-                md = trig["metadata"]
-                assert trig["type"] == "rabbitmq" and md["protocol"] == "http" and md["mode"] == "QueueLength"
-                assert md["queueName"] == config["amqp"]["jobs_queue"]
-                assert md["value"] == "16", "keda.value must win over the prefetch"
-                assert isinstance(md["value"], str) and isinstance(md["activationValue"], str)
+                rabbit = [t for t in so["spec"]["triggers"] if t["type"] == "rabbitmq"]
+                # One trigger per job queue, alike (the HPA takes the larger need).
+                assert [t["metadata"]["queueName"] for t in rabbit] == [
+                    config["amqp"]["jobs_queue"], config["amqp"]["high_priority_queue"]], rabbit
+                trig = rabbit[0]
+                for t in rabbit:
+                    md = t["metadata"]
+                    assert md["protocol"] == "http" and md["mode"] == "QueueLength"
+                    assert md["value"] == "16", "keda.value must win over the prefetch"
+                    assert isinstance(md["value"], str) and isinstance(md["activationValue"], str)
+                    assert t["authenticationRef"] == trig["authenticationRef"]
                 assert so["spec"]["minReplicaCount"] == 0 and "cooldownPeriod" in so["spec"]
                 assert "behavior" in so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]
                 ta = objs["TriggerAuthentication"][0]
@@ -171,9 +183,15 @@ def main(render_dir):
                 pr = objs["PrometheusRule"][0]
                 assert pr["spec"] == rules, "PrometheusRule differs from deploy/prometheus/alerts.yml"
                 assert objs["ServiceMonitor"][0]["spec"]["endpoints"][0]["port"] == "metrics"
-                env = {e["name"] for e in worker["env"]}
+                env = {e["name"]: e for e in worker["env"]}
                 assert "AWS_ACCESS_KEY_ID" not in env, "awsCredentials=false still sets AWS keys"
-                notes.append("KEDA http/QueueLength, PrometheusRule == alerts.yml, ServiceMonitor, IRSA")
+                ref = env["RETOUCH_WEBHOOKS_SECRET"]["valueFrom"]["secretKeyRef"]
+                assert ref == {"name": "retouch-prod", "key": "webhook-secret"}, ref
+                assert config["webhooks"]["allow_hosts"] == ["hooks.example.com", "*.callbacks.example.net:8443"]
+                init_env = {e["name"] for c in dep["spec"]["template"]["spec"].get("initContainers", []) for e in c["env"]}
+                assert "RETOUCH_WEBHOOKS_SECRET" not in init_env, "the init container needs no webhook secret"
+                notes.append("KEDA http/QueueLength on both job queues, PrometheusRule == alerts.yml, "
+                             "ServiceMonitor, IRSA, webhook secret from the Secret")
             if name == "hpa-values":
                 assert "replicas" not in dep["spec"] and "ScaledObject" not in objs
                 assert objs["HorizontalPodAutoscaler"][0]["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
@@ -189,6 +207,7 @@ def main(render_dir):
             if name == "default":
                 assert dep["spec"]["replicas"] == 1 and "ScaledObject" not in objs
                 assert "Secret" not in objs
+                assert "RETOUCH_WEBHOOKS_SECRET" not in {e["name"] for e in worker["env"]}, "webhooks are off by default"
                 notes.append("fixed replicas, existing Secret")
             print(f"  ok    {f.name:26} {', '.join(notes)}")
         except (AssertionError, KeyError, StopIteration, IndexError) as e:

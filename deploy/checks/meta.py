@@ -55,7 +55,7 @@ TABLE_END = "<!-- values-table:end -->"
 
 # Worker keys (`section.key`) the chart does not take in `config:` (secret env / derived from
 # service.port).
-CHART_MANAGED_KEYS = {"amqp.url", "metrics.addr"}
+CHART_MANAGED_KEYS = {"amqp.url", "metrics.addr", "webhooks.secret"}
 # Defaults the chart changes on purpose: it deploys GPU workers with the fp16 weights.
 CHART_DEFAULT_CHANGES = {"model.device", "model.source"}
 # Schema properties that values.yaml need not define.

@@ -28,7 +28,13 @@ PROBE = {"type": "object", "description": "A Kubernetes Probe (httpGet, periods,
 config = obj({
     "amqp": obj({
         "jobs_exchange": S(minLength=1, maxLength=255), "jobs_routing_key": S(maxLength=255),
-        "jobs_queue": S(minLength=1, maxLength=255), "results_exchange": S(minLength=1, maxLength=255),
+        "jobs_queue": S(minLength=1, maxLength=255),
+        "high_priority_queue": S("Empty = no priority queue.", maxLength=255),
+        "high_priority_routing_key": S(maxLength=255),
+        "cancel_exchange": S(minLength=1, maxLength=255), "cancel_stream": S(minLength=1, maxLength=255),
+        "cancel_retention": DUR,
+        "webhook_queue": S(minLength=1, maxLength=255), "webhook_dead_queue": S(minLength=1, maxLength=255),
+        "results_exchange": S(minLength=1, maxLength=255),
         "dead_letter_exchange": S(minLength=1, maxLength=255), "dead_letter_queue": S(minLength=1, maxLength=255),
         "declare_topology": B(), "delivery_limit": I(minimum=1),
         "prefetch": I("0 = 3 × engine.max_batch; otherwise at least engine.max_batch.", minimum=0, maximum=2000),
@@ -58,6 +64,12 @@ config = obj({
         "safety_checker": {"enum": ["auto", "on", "off", "block"],
                            "description": "auto (as diffusers), on, off or block (flagged jobs fail with error kind nsfw)."},
     }, desc="[model]: the model loader (the fields of the `retouch edit` flags)."),
+    "webhooks": obj({
+        "allow_hosts": ARR(items=S(minLength=1),
+                           d="Host names (host, host:port, *.domain, IP literal); validation.yaml refuses schemes and paths."),
+        "allow_http": B(), "timeout": DUR, "retry_for": DUR, "retry_backoff": DUR, "retry_backoff_max": DUR,
+        "concurrency": I(minimum=1, maximum=256),
+    }, desc="[webhooks]: the webhook relay (the secret comes from the Secret, never here)."),
 }, desc="Worker configuration: the sections of worker.toml except [metrics].")
 
 probe_obj = obj({"startup": PROBE, "liveness": PROBE, "readiness": PROBE})
@@ -81,10 +93,12 @@ schema = {
         "secrets": obj({
             "existingSecret": S(), "create": B(), "awsCredentials": B(),
             "keys": obj({"amqpUrl": S(minLength=1), "awsAccessKeyId": S(minLength=1),
-                         "awsSecretAccessKey": S(minLength=1), "rabbitmqManagementUrl": S(minLength=1)}),
+                         "awsSecretAccessKey": S(minLength=1), "rabbitmqManagementUrl": S(minLength=1),
+                         "webhookSecret": S("Empty: no webhook secret in existingSecret (webhooks off).")}),
             "amqpUrl": {"type": "string", "pattern": "^(amqps?://.+)?$"},
             "awsAccessKeyId": S(), "awsSecretAccessKey": S(),
             "rabbitmqManagementUrl": {"type": "string", "pattern": "^(https?://.+)?$"},
+            "webhookSecret": S("whsec_<base64 key> (or bare base64); empty: webhooks off.", pattern="^\\S*$"),
         }),
         "gpu": obj({"enabled": B(), "resourceName": S(minLength=1), "count": I(minimum=1)}),
         "resources": obj({"requests": {"type": "object", "additionalProperties": QTY},

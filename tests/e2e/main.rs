@@ -5,4 +5,5 @@ mod campaign;
 mod cli;
 mod safety;
 mod samplers;
+mod upstream;
 mod worker;

@@ -24,7 +24,9 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties};
-use retouch_amqp::{AmqpPublisher, JobPublishOptions};
+pub use retouch_amqp::JobPublishOptions;
+use retouch_amqp::{AmqpPublisher, OutgoingJob};
+pub use retouch_core::events::{CancelRequest, EventType, JobEvent};
 use retouch_core::job::JobResult;
 use retouch_core::queue::QueueCounters;
 
@@ -241,6 +243,8 @@ pub struct Broker {
     channel: Option<Channel>,
     /// Its connection.
     connection: Option<Connection>,
+    /// Progress events met while reading results (the tap queue is bound with `#`), in order.
+    pub events: Vec<JobEvent>,
 }
 
 impl Broker {
@@ -255,6 +259,7 @@ impl Broker {
             publisher: None,
             channel: None,
             connection: None,
+            events: Vec::new(),
         };
         broker.reconnect();
         let settings = broker.settings(delivery_limit);
@@ -316,6 +321,12 @@ impl Broker {
             results_exchange: format!("{}.results", self.prefix),
             dead_letter_exchange: format!("{}.dlx", self.prefix),
             dead_letter_queue: format!("{}.dead", self.prefix),
+            high_priority_queue: format!("{}.jobs.high", self.prefix),
+            high_priority_routing_key: format!("{}.jobs.high", self.prefix),
+            cancel_exchange: format!("{}.cancel", self.prefix),
+            cancel_stream: format!("{}.cancel", self.prefix),
+            webhook_queue: format!("{}.webhooks", self.prefix),
+            webhook_dead_queue: format!("{}.webhooks.dead", self.prefix),
             delivery_limit,
             ..retouch_amqp::AmqpSettings::default()
         }
@@ -331,6 +342,12 @@ impl Broker {
             ("RETOUCH_AMQP_RESULTS_EXCHANGE", s.results_exchange),
             ("RETOUCH_AMQP_DEAD_LETTER_EXCHANGE", s.dead_letter_exchange),
             ("RETOUCH_AMQP_DEAD_LETTER_QUEUE", s.dead_letter_queue),
+            ("RETOUCH_AMQP_HIGH_PRIORITY_QUEUE", s.high_priority_queue),
+            ("RETOUCH_AMQP_HIGH_PRIORITY_ROUTING_KEY", s.high_priority_routing_key),
+            ("RETOUCH_AMQP_CANCEL_EXCHANGE", s.cancel_exchange),
+            ("RETOUCH_AMQP_CANCEL_STREAM", s.cancel_stream),
+            ("RETOUCH_AMQP_WEBHOOK_QUEUE", s.webhook_queue),
+            ("RETOUCH_AMQP_WEBHOOK_DEAD_QUEUE", s.webhook_dead_queue),
             ("RETOUCH_AMQP_DELIVERY_LIMIT", delivery_limit.to_string()),
         ]
         .into_iter()
@@ -360,6 +377,63 @@ impl Broker {
         self.publish(&serde_json::to_vec(job).expect("json"), &id);
     }
 
+    /// Publishes protocol jobs with `options` (priority, `reply_to`), pipelined, confirmed.
+    pub fn publish_many(&self, jobs: &[serde_json::Value], options: &JobPublishOptions) {
+        let publisher = self.publisher.as_ref().expect("connected");
+        let outgoing = jobs.iter().map(|job| OutgoingJob {
+            body: serde_json::to_vec(job).expect("json"),
+            message_id: job["job_id"].as_str().unwrap_or("no-id").to_string(),
+            options: options.clone(),
+        });
+        let n = self.runtime.block_on(publisher.publish_jobs(outgoing)).expect("jobs confirmed");
+        assert_eq!(n as usize, jobs.len());
+    }
+
+    /// Publishes a cancel request as `retouch cancel` does.
+    pub fn cancel(&self, request: &CancelRequest) {
+        let publisher = self.publisher.as_ref().expect("connected");
+        self.runtime.block_on(publisher.publish_cancel(request)).expect("cancel confirmed");
+    }
+
+    /// Takes results in arrival order until `n` distinct jobs have one (progress events are
+    /// kept in [`events`](Self::events)).
+    pub fn results_in_order(&mut self, n: usize, timeout: Duration) -> Vec<JobResult> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut order = Vec::new();
+        let deadline = Instant::now() + timeout;
+        while seen.len() < n {
+            assert!(Instant::now() < deadline, "timed out with {} of {n} results", seen.len());
+            match self.next_result() {
+                Some(r) => {
+                    if seen.insert(r.job_id.clone()) {
+                        order.push(r);
+                    }
+                }
+                None => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+        order
+    }
+
+    /// The next result of the tap queue, if one is there; progress events on the way are
+    /// moved to [`events`](Self::events).
+    fn next_result(&mut self) -> Option<JobResult> {
+        let queue = self.results_queue();
+        loop {
+            let message = self.get(&queue)?;
+            if message.delivery.properties.kind().as_ref().is_some_and(|k| k.as_str() == "progress") {
+                self.events.push(serde_json::from_slice(&message.delivery.data).expect("event json"));
+                continue;
+            }
+            return Some(serde_json::from_slice(&message.delivery.data).expect("result json"));
+        }
+    }
+
+    /// Drains a queue of this test (`webhooks.dead`, …): `(body, headers)` per message.
+    pub fn drain(&self, suffix: &str) -> Vec<(Vec<u8>, BTreeMap<String, String>)> {
+        self.drain_queue(&format!("{}.{suffix}", self.prefix))
+    }
+
     fn get(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
         let channel = self.channel();
         self.runtime.block_on(async {
@@ -384,10 +458,8 @@ impl Broker {
                 "timed out waiting for results; got {:?}",
                 results.keys().collect::<Vec<_>>()
             );
-            let queue = self.results_queue();
-            match self.get(&queue) {
-                Some(message) => {
-                    let r: JobResult = serde_json::from_slice(&message.delivery.data).expect("result json");
+            match self.next_result() {
+                Some(r) => {
                     results.insert(r.job_id.clone(), r);
                 }
                 None => {
@@ -404,9 +476,7 @@ impl Broker {
     /// Every result available right now, by job id.
     pub fn drain_results(&mut self) -> BTreeMap<String, JobResult> {
         let mut results = BTreeMap::new();
-        let queue = self.results_queue();
-        while let Some(message) = self.get(&queue) {
-            let r: JobResult = serde_json::from_slice(&message.delivery.data).expect("result json");
+        while let Some(r) = self.next_result() {
             results.insert(r.job_id.clone(), r);
         }
         results
@@ -441,15 +511,20 @@ impl Broker {
 
     /// Drains the dead-letter queue: `(body, headers)` per message.
     pub fn dead_letters(&self) -> Vec<(Vec<u8>, BTreeMap<String, String>)> {
-        let queue = format!("{}.dead", self.prefix);
+        self.drain_queue(&format!("{}.dead", self.prefix))
+    }
+
+    fn drain_queue(&self, queue: &str) -> Vec<(Vec<u8>, BTreeMap<String, String>)> {
         let mut out = Vec::new();
-        while let Some(message) = self.get(&queue) {
+        while let Some(message) = self.get(queue) {
             let mut headers = BTreeMap::new();
             if let Some(table) = message.delivery.properties.headers() {
                 for (k, v) in table.inner() {
                     let text = match v {
                         AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
                         AMQPValue::ShortString(s) => s.as_str().to_string(),
+                        AMQPValue::LongInt(i) => i.to_string(),
+                        AMQPValue::LongLongInt(i) => i.to_string(),
                         other => format!("{other:?}"),
                     };
                     headers.insert(k.as_str().to_string(), text);
@@ -470,10 +545,18 @@ impl Drop for Broker {
         let prefix = self.prefix.clone();
         let results = self.results_queue();
         self.runtime.block_on(async move {
-            for q in [format!("{prefix}.jobs"), format!("{prefix}.dead"), results] {
+            for q in [
+                format!("{prefix}.jobs"),
+                format!("{prefix}.jobs.high"),
+                format!("{prefix}.dead"),
+                format!("{prefix}.cancel"),
+                format!("{prefix}.webhooks"),
+                format!("{prefix}.webhooks.dead"),
+                results,
+            ] {
                 let _ = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
             }
-            for e in ["jobs", "results", "dlx"] {
+            for e in ["jobs", "results", "dlx", "cancel"] {
                 let _ = channel
                     .exchange_delete(format!("{prefix}.{e}").as_str().into(), ExchangeDeleteOptions::default())
                     .await;

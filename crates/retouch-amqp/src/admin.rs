@@ -11,7 +11,7 @@
 //! nothing is lost if the tool dies midway.
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
 use retouch_core::job::EditJob;
 use retouch_core::queue::QueueError;
@@ -191,6 +191,33 @@ impl Admin {
     pub async fn consume_results(&self, queue: &str, prefetch: u16) -> Result<ResultsConsumer, QueueError> {
         let channel = self.session.channel("opening the results channel").await?;
         ResultsConsumer::subscribe(channel, queue, prefetch, &self.settings.connection_name).await
+    }
+
+    /// Follows `campaign`'s progress events: a private queue (exclusive, deleted with the
+    /// connection) bound to `progress.<campaign>` on the results exchange, consumed like a
+    /// results queue. Events published while nobody follows are not kept.
+    ///
+    /// # Errors
+    /// [`QueueError::Broker`] on broker errors.
+    pub async fn consume_progress(&self, campaign: &str, prefetch: u16) -> Result<ResultsConsumer, QueueError> {
+        let channel = self.session.channel("opening the progress channel").await?;
+        let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+        let queue = channel
+            .queue_declare(ShortString::from(""), options, FieldTable::default())
+            .await
+            .map_err(|e| broker("declaring a progress queue", e))?;
+        let name = queue.name().as_str().to_owned();
+        channel
+            .queue_bind(
+                short(&name),
+                short(&self.settings.results_exchange),
+                short(&format!("progress.{campaign}")),
+                lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| broker("binding the progress queue", e))?;
+        ResultsConsumer::subscribe(channel, &name, prefetch, &self.settings.connection_name).await
     }
 
     /// Deletes a queue (a finished campaign's results queue).

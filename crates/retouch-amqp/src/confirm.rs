@@ -117,6 +117,26 @@ impl Pending {
     }
 }
 
+/// Sends `message` **without** `mandatory` and without waiting for its confirm: the best-effort
+/// publish of progress events, which may be dropped (nobody bound, a broker that pushes back)
+/// and must never hold up the caller for long.
+///
+/// # Errors
+/// [`PublishError::Transport`] when the channel cannot take the frame.
+pub async fn send_best_effort(channel: &Channel, message: Message<'_>) -> Result<(), PublishError> {
+    channel
+        .basic_publish(
+            message.exchange,
+            message.routing_key,
+            BasicPublishOptions::default(),
+            message.body,
+            message.properties,
+        )
+        .await
+        .map(drop)
+        .map_err(PublishError::Transport)
+}
+
 /// Sends `message` and waits for its confirm, both within `timeout`.
 ///
 /// # Errors

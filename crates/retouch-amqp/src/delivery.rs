@@ -21,6 +21,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use retouch_core::error::JobError;
+use retouch_core::job::Priority;
 use retouch_core::queue::{Delivery, DeliveryInfo, QueueCounters, QueueError};
 use tracing::{debug, error, warn};
 
@@ -54,6 +55,8 @@ pub struct AmqpDelivery {
     _channel: Channel,
     /// The session's publisher-confirm channel, for dead letters.
     confirm: Channel,
+    /// The queue it came from.
+    from: Origin,
     settings: Arc<AmqpSettings>,
     counters: Arc<QueueCounters>,
 }
@@ -69,16 +72,27 @@ impl std::fmt::Debug for AmqpDelivery {
     }
 }
 
+/// The queue a delivery came from.
+#[derive(Clone, Debug)]
+pub(crate) struct Origin {
+    /// Its name (for the dead letter's `x-retouch-queue`).
+    pub(crate) queue: String,
+    /// The priority of its jobs.
+    pub(crate) priority: Priority,
+}
+
 impl AmqpDelivery {
     pub(crate) fn new(
         inner: lapin::message::Delivery,
         channel: Channel,
         confirm: Channel,
+        from: Origin,
         settings: Arc<AmqpSettings>,
         counters: Arc<QueueCounters>,
     ) -> Self {
-        let info = delivery_info(&inner.properties, settings.delivery_limit);
-        Self { inner, info, _channel: channel, confirm, settings, counters }
+        let mut info = delivery_info(&inner.properties, settings.delivery_limit);
+        info.priority = from.priority;
+        Self { inner, info, _channel: channel, confirm, from, settings, counters }
     }
 
     /// The AMQP properties as received (headers included).
@@ -131,7 +145,7 @@ impl AmqpDelivery {
         headers.insert(HEADER_ERROR_RETRYABLE.into(), AMQPValue::Boolean(error.retryable));
         headers.insert(HEADER_ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(self.info.attempt)));
         headers.insert(HEADER_DEAD_LETTERED_AT.into(), AMQPValue::LongString(retouch_core::time::now_rfc3339().into()));
-        headers.insert(HEADER_QUEUE.into(), AMQPValue::LongString(self.settings.jobs_queue.as_str().into()));
+        headers.insert(HEADER_QUEUE.into(), AMQPValue::LongString(self.from.queue.as_str().into()));
         headers
     }
 
@@ -244,6 +258,7 @@ pub(crate) fn delivery_info(props: &BasicProperties, delivery_limit: u32) -> Del
         published_at: props.timestamp().map(|secs| UNIX_EPOCH + Duration::from_secs(secs)),
         attempt: u32::try_from(count.saturating_add(1)).unwrap_or(u32::MAX),
         last_attempt: count >= u64::from(delivery_limit),
+        priority: Priority::Normal,
     }
 }
 

@@ -18,6 +18,10 @@
 //!   unroutable result is counted, not fatal), jobs with pipelined confirms.
 //! * [`admin`]: [`Admin`], a campaign's results queue (declare, consume through
 //!   [`ResultsConsumer`], delete) and dead-letter listing / re-drive.
+//! * [`cancels`]: [`CancelFeed`], the cancel stream read from its start, caught up before the
+//!   first job.
+//! * [`webhooks`]: [`WebhookQueue`], the durable queue of webhook deliveries the relay
+//!   consumes (ack when delivered, dead letter with the last status when given up).
 //! * [`results`]: [`ResultsConsumer`], a results queue as a stream for `retouch watch`.
 //!
 //! Written against RabbitMQ 3.10.8 semantics and correct on 4.x: explicit delivery limit and
@@ -25,6 +29,7 @@
 //! must run inside a tokio runtime.
 
 pub mod admin;
+pub mod cancels;
 pub mod confirm;
 pub mod delivery;
 pub mod publisher;
@@ -33,12 +38,15 @@ mod session;
 pub mod settings;
 pub mod source;
 pub mod topology;
+pub mod webhooks;
 
 pub use admin::{Admin, DeadLetter, Disposition, PassSummary};
+pub use cancels::{CancelFeed, ReceivedCancel};
 pub use confirm::PublishError;
 pub use delivery::AmqpDelivery;
-pub use publisher::{AmqpPublisher, JobPublishOptions, OutgoingJob};
+pub use publisher::{AmqpPublisher, HEADER_WEBHOOK_URL, JobPublishOptions, OutgoingJob};
 pub use results::{ResultMessage, ResultsConsumer};
 pub use settings::AmqpSettings;
 pub use source::AmqpSource;
 pub use topology::{TopologyError, campaign_queue, declare_campaign_queue, declare_topology};
+pub use webhooks::{WebhookMessage, WebhookQueue};

@@ -20,10 +20,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use lapin::types::ShortString;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
 use retouch_core::backoff::Backoff;
-use retouch_core::job::JobResult;
+use retouch_core::events::{CancelRequest, JobEvent};
+use retouch_core::job::{JobResult, Priority};
 use retouch_core::queue::{DeliveryInfo, QueueCounters, QueueError, ResultSink};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -45,6 +46,8 @@ pub struct JobPublishOptions {
     pub reply_to: Option<String>,
     /// Echoed on the result (`correlation_id`).
     pub correlation_id: Option<String>,
+    /// `High` goes to the high-priority queue (when one is configured).
+    pub priority: Priority,
 }
 
 /// One job for [`AmqpPublisher::publish_jobs`].
@@ -254,7 +257,7 @@ impl AmqpPublisher {
             }
             let message = Message {
                 exchange: short(&self.settings.jobs_exchange),
-                routing_key: short(&self.settings.jobs_routing_key),
+                routing_key: short(self.routing_key(job.options.priority)),
                 body: &job.body,
                 properties,
             };
@@ -279,15 +282,23 @@ impl AmqpPublisher {
         )))
     }
 
-    /// One attempt at publishing a result (and its reply); the error says whether the channel
-    /// failed underneath (worth one more attempt).
+    /// The routing key of jobs of `priority`.
+    fn routing_key(&self, priority: Priority) -> &str {
+        if priority == Priority::High && self.settings.has_high_priority_queue() {
+            &self.settings.high_priority_routing_key
+        } else {
+            &self.settings.jobs_routing_key
+        }
+    }
+
+    /// One attempt at publishing a result (to the results exchange, its reply and its webhook
+    /// delivery); the error says whether the channel failed underneath (worth one more attempt).
     async fn publish_result_once(
         &self,
-        body: &[u8],
-        routing_key: &str,
-        message_id: &str,
+        result: &ResultMessage<'_>,
         info: &DeliveryInfo,
     ) -> Result<(), (QueueError, bool)> {
+        let ResultMessage { body, routing_key, message_id, webhook } = *result;
         let channel = self.channel().await.map_err(|e| (e, false))?;
         let mut properties = base_properties();
         if !message_id.is_empty() {
@@ -296,13 +307,26 @@ impl AmqpPublisher {
         if let Some(c) = &info.correlation_id {
             properties = properties.with_correlation_id(short_prop("correlation_id", c).map_err(|e| (e, false))?);
         }
-        let mut targets = vec![(self.settings.results_exchange.as_str(), routing_key)];
+        // (exchange, routing key, properties, must be routed)
+        let mut targets = vec![(self.settings.results_exchange.as_str(), routing_key, properties.clone(), false)];
         if let Some(reply_to) = &info.reply_to {
-            targets.push(("", reply_to.as_str()));
+            targets.push(("", reply_to.as_str(), properties.clone(), false));
         }
-        // Both publishes go out before either confirm is awaited.
+        if let Some(url) = webhook {
+            // The delivery's id (Standard Webhooks' `webhook-id`) is the same for every copy of
+            // this result, so a receiver can drop the duplicates of a redelivered job.
+            let id = format!("{message_id}.{}", routing_key.split('.').next().unwrap_or("result"));
+            let mut headers = FieldTable::default();
+            headers.insert(HEADER_WEBHOOK_URL.into(), AMQPValue::LongString(url.into()));
+            let hook = properties
+                .clone()
+                .with_message_id(short_prop("webhook id", &id).map_err(|e| (e, false))?)
+                .with_headers(headers);
+            targets.push(("", self.settings.webhook_queue.as_str(), hook, true));
+        }
+        // Every publish goes out before any confirm is awaited.
         let mut pending = Vec::with_capacity(targets.len());
-        for (exchange, key) in &targets {
+        for (exchange, key, properties, _) in &targets {
             let message = Message {
                 exchange: short(exchange),
                 routing_key: short_prop("routing key", key).map_err(|e| (e, false))?,
@@ -312,14 +336,15 @@ impl AmqpPublisher {
             pending.push(confirm::send(&channel, message).await);
         }
         let mut error = None;
-        for ((exchange, key), sent) in targets.iter().zip(pending) {
+        for ((exchange, key, _, must_route), sent) in targets.iter().zip(pending) {
+            let (exchange, key) = (*exchange, *key);
             let outcome = match sent {
                 Ok(p) => p.confirmed().await,
                 Err(e) => Err(e),
             };
             match outcome {
                 Ok(()) => debug!(exchange, key, job = message_id, "result published"),
-                Err(PublishError::Unroutable { code, text }) => {
+                Err(PublishError::Unroutable { code, text }) if !must_route => {
                     self.counters.unroutable_results.fetch_add(1, Ordering::Relaxed);
                     warn!(
                         exchange,
@@ -348,8 +373,56 @@ impl AmqpPublisher {
     }
 }
 
+/// A serialised result on its way out.
+#[derive(Clone, Copy)]
+struct ResultMessage<'a> {
+    /// The JSON.
+    body: &'a [u8],
+    /// `<status>.<campaign|none>`.
+    routing_key: &'a str,
+    /// The job id (or the delivery's message id).
+    message_id: &'a str,
+    /// The job's webhook URL, when it asked for one.
+    webhook: Option<&'a str>,
+}
+
+/// Header of a webhook delivery message: the URL to POST to.
+pub const HEADER_WEBHOOK_URL: &str = "x-retouch-webhook-url";
+
+impl AmqpPublisher {
+    /// Publishes a cancel request to the cancel exchange (and so to the cancel stream) and
+    /// waits for its confirm.
+    ///
+    /// # Errors
+    /// [`QueueError::Unconfirmed`] when it is not confirmed or no stream receives it.
+    pub async fn publish_cancel(&self, request: &CancelRequest) -> Result<(), QueueError> {
+        let body = serde_json::to_vec(request).map_err(|e| QueueError::Broker(format!("serialising a cancel: {e}")))?;
+        self.timed("publishing a cancel request", async {
+            let channel = self.channel().await?;
+            let message = Message {
+                exchange: short(&self.settings.cancel_exchange),
+                routing_key: ShortString::from(""),
+                body: &body,
+                properties: base_properties(),
+            };
+            confirm::send(&channel, message)
+                .await
+                .map_err(|e| QueueError::Unconfirmed(e.to_string()))?
+                .confirmed()
+                .await
+                .map_err(|e| {
+                    QueueError::Unconfirmed(format!(
+                        "cancel request to exchange {:?}: {e}",
+                        self.settings.cancel_exchange
+                    ))
+                })
+        })
+        .await
+    }
+}
+
 impl ResultSink for AmqpPublisher {
-    async fn publish(&self, result: &JobResult, info: &DeliveryInfo) -> Result<(), QueueError> {
+    async fn publish(&self, result: &JobResult, info: &DeliveryInfo, webhook: Option<&str>) -> Result<(), QueueError> {
         let body = serde_json::to_vec(result).map_err(|e| QueueError::Broker(format!("serialising a result: {e}")))?;
         let routing_key = result.routing_key();
         let message_id = if result.job_id.is_empty() {
@@ -357,16 +430,45 @@ impl ResultSink for AmqpPublisher {
         } else {
             result.job_id.as_str()
         };
+        let message = ResultMessage { body: &body, routing_key: &routing_key, message_id, webhook };
         self.timed("publishing a result", async {
             // One retry after a transport failure (connection lost mid-publish): results are
             // idempotent by job id, a duplicate is harmless, a loss costs a job retry.
-            match self.publish_result_once(&body, &routing_key, message_id, info).await {
+            match self.publish_result_once(&message, info).await {
                 Ok(()) => Ok(()),
-                Err((_, true)) => {
-                    self.publish_result_once(&body, &routing_key, message_id, info).await.map_err(|(e, _)| e)
-                }
+                Err((_, true)) => self.publish_result_once(&message, info).await.map_err(|(e, _)| e),
                 Err((e, false)) => Err(e),
             }
+        })
+        .await
+    }
+
+    async fn publish_event(&self, event: &JobEvent, reply_to: Option<&str>) -> Result<(), QueueError> {
+        let body = serde_json::to_vec(event).map_err(|e| QueueError::Broker(format!("serialising an event: {e}")))?;
+        let key = event.routing_key();
+        self.timed("publishing an event", async {
+            let channel = self.channel().await?;
+            // Transient: an event is stale the moment the next one exists.
+            let properties = base_properties().with_delivery_mode(1).with_type(ShortString::from("progress"));
+            let mut targets = vec![(self.settings.results_exchange.as_str(), key.as_str())];
+            if let Some(reply_to) = reply_to {
+                targets.push(("", reply_to));
+            }
+            for (exchange, key) in targets {
+                let message = Message {
+                    exchange: short(exchange),
+                    routing_key: short_prop("routing key", key)?,
+                    body: &body,
+                    properties: properties.clone(),
+                };
+                if let Err(e) = confirm::send_best_effort(&channel, message).await {
+                    if e.is_transport() {
+                        self.invalidate(&channel).await;
+                    }
+                    return Err(QueueError::Broker(format!("event to {}: {e}", target(exchange, key))));
+                }
+            }
+            Ok(())
         })
         .await
     }

@@ -32,6 +32,32 @@ pub struct AmqpSettings {
     /// `x-delivery-limit=`[`delivery_limit`](Self::delivery_limit) and
     /// `x-dead-letter-exchange=`[`dead_letter_exchange`](Self::dead_letter_exchange).
     pub jobs_queue: String,
+    /// The quorum queue of `high`-priority jobs (`retouch.jobs.high`), bound to
+    /// [`jobs_exchange`](Self::jobs_exchange) with [`high_priority_routing_key`](Self::high_priority_routing_key),
+    /// declared with the jobs queue's arguments. Workers consume it beside the jobs queue, with
+    /// its own prefetch, and always take a waiting high job before a normal one. Empty = no
+    /// priority queue (every job is normal).
+    pub high_priority_queue: String,
+    /// Routing key of high-priority jobs (`retouch.jobs.high`).
+    pub high_priority_routing_key: String,
+    /// Durable **fanout** exchange that cancel requests are published to (`retouch.cancel`).
+    pub cancel_exchange: String,
+    /// The **stream** queue that keeps cancel requests for
+    /// [`cancel_retention`](Self::cancel_retention) (`retouch.cancel`, `x-max-age`): every
+    /// worker reads it from the start when it starts, so a cancel reaches workers that did not
+    /// exist when it was sent.
+    pub cancel_stream: String,
+    /// How long a cancel request stays in force (the stream's `x-max-age`; the worker forgets
+    /// older ones too). Longer than the longest a job waits in the queue. Default 24 h.
+    #[serde(with = "humantime_serde")]
+    pub cancel_retention: Duration,
+    /// The quorum queue of webhook deliveries (`retouch.webhooks`): a result whose job asked
+    /// for a webhook is published here (confirmed) before the job is acked, and the workers'
+    /// webhook relay consumes it, so a delivery survives the worker that made it.
+    pub webhook_queue: String,
+    /// Where deliveries that never succeeded go, with the last HTTP status in headers
+    /// (`retouch.webhooks.dead`, quorum).
+    pub webhook_dead_queue: String,
     /// Durable **topic** exchange for results (`retouch.results`), routing key
     /// `<status>.<campaign or none>`. Nothing needs to be bound: unroutable results are
     /// counted and logged, never fatal.
@@ -96,6 +122,13 @@ impl Default for AmqpSettings {
             jobs_exchange: "retouch.jobs".into(),
             jobs_routing_key: "retouch.jobs".into(),
             jobs_queue: "retouch.jobs".into(),
+            high_priority_queue: "retouch.jobs.high".into(),
+            high_priority_routing_key: "retouch.jobs.high".into(),
+            cancel_exchange: "retouch.cancel".into(),
+            cancel_stream: "retouch.cancel".into(),
+            cancel_retention: Duration::from_secs(24 * 3600),
+            webhook_queue: "retouch.webhooks".into(),
+            webhook_dead_queue: "retouch.webhooks.dead".into(),
             results_exchange: "retouch.results".into(),
             dead_letter_exchange: "retouch.dlx".into(),
             dead_letter_queue: "retouch.dead".into(),
@@ -126,6 +159,10 @@ impl AmqpSettings {
             ("results_exchange", &self.results_exchange),
             ("dead_letter_exchange", &self.dead_letter_exchange),
             ("dead_letter_queue", &self.dead_letter_queue),
+            ("cancel_exchange", &self.cancel_exchange),
+            ("cancel_stream", &self.cancel_stream),
+            ("webhook_queue", &self.webhook_queue),
+            ("webhook_dead_queue", &self.webhook_dead_queue),
         ] {
             if name.is_empty() || name.len() > 255 || name.starts_with("amq.") {
                 return Err(format!(
@@ -133,8 +170,19 @@ impl AmqpSettings {
                 ));
             }
         }
-        if self.jobs_routing_key.len() > 255 {
-            return Err("jobs_routing_key: longer than 255 bytes".into());
+        if self.jobs_routing_key.len() > 255 || self.high_priority_routing_key.len() > 255 {
+            return Err("jobs_routing_key, high_priority_routing_key: at most 255 bytes".into());
+        }
+        if self.high_priority_queue.len() > 255 || self.high_priority_queue.starts_with("amq.") {
+            return Err("high_priority_queue: at most 255 bytes, not starting with \"amq.\"".into());
+        }
+        if self.has_high_priority_queue()
+            && (self.high_priority_queue == self.jobs_queue || self.high_priority_routing_key == self.jobs_routing_key)
+        {
+            return Err("high_priority_queue and high_priority_routing_key must differ from the jobs queue's".into());
+        }
+        if self.cancel_retention < Duration::from_secs(1) {
+            return Err("cancel_retention: must be at least 1 s".into());
         }
         if self.jobs_queue == self.dead_letter_queue {
             return Err("dead_letter_queue must differ from jobs_queue".into());
@@ -158,6 +206,11 @@ impl AmqpSettings {
             return Err("publish_timeout: must be > 0".into());
         }
         Ok(())
+    }
+
+    /// Whether a high-priority queue is configured.
+    pub fn has_high_priority_queue(&self) -> bool {
+        !self.high_priority_queue.is_empty()
     }
 
     /// The prefetch to ask for: [`prefetch`](Self::prefetch), or `auto` when it is 0 (auto),
@@ -187,6 +240,13 @@ impl fmt::Debug for AmqpSettings {
             .field("jobs_exchange", &self.jobs_exchange)
             .field("jobs_routing_key", &self.jobs_routing_key)
             .field("jobs_queue", &self.jobs_queue)
+            .field("high_priority_queue", &self.high_priority_queue)
+            .field("high_priority_routing_key", &self.high_priority_routing_key)
+            .field("cancel_exchange", &self.cancel_exchange)
+            .field("cancel_stream", &self.cancel_stream)
+            .field("cancel_retention", &self.cancel_retention)
+            .field("webhook_queue", &self.webhook_queue)
+            .field("webhook_dead_queue", &self.webhook_dead_queue)
             .field("results_exchange", &self.results_exchange)
             .field("dead_letter_exchange", &self.dead_letter_exchange)
             .field("dead_letter_queue", &self.dead_letter_queue)

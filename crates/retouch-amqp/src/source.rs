@@ -23,11 +23,12 @@ use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, 
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Consumer, Event};
 use retouch_core::backoff::Backoff;
+use retouch_core::job::Priority;
 use retouch_core::queue::{JobSource, QueueCounters, QueueError};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::delivery::AmqpDelivery;
+use crate::delivery::{AmqpDelivery, Origin};
 use crate::session::{OpenError, Session, Topology};
 use crate::settings::AmqpSettings;
 use crate::topology::short;
@@ -67,14 +68,27 @@ struct Consuming {
     /// The connection and the publisher-confirm channel for dead letters (rebuilt on the same
     /// connection if the broker closes it, e.g. 404 for a missing dead-letter exchange).
     session: Session,
-    /// The consuming channel (`basic.qos` per consumer, manual acks).
+    /// The subscriptions, the high-priority queue's first (when configured): [`next`] always
+    /// takes a waiting high-priority job before a normal one.
+    ///
+    /// [`next`]: JobSource::next
+    subscriptions: Vec<Subscription>,
+    /// Flips `connected` to `false` on a connection error; aborted on drop.
+    watcher: JoinHandle<()>,
+}
+
+/// One queue consumed on a channel of its own (its own prefetch).
+struct Subscription {
+    /// The queue.
+    queue: String,
+    /// The priority of its jobs.
+    priority: Priority,
+    /// The consuming channel (`basic.qos` per consumer, manual acks); settlements use it.
     channel: Channel,
     /// The subscription on [`channel`](Self::channel).
     consumer: Consumer,
     /// Its consumer tag, for `basic.cancel`.
     tag: ShortString,
-    /// Flips `connected` to `false` on a connection error; aborted on drop.
-    watcher: JoinHandle<()>,
 }
 
 impl Drop for Consuming {
@@ -86,22 +100,31 @@ impl Drop for Consuming {
 impl Consuming {
     async fn open(settings: &AmqpSettings, counters: &Arc<QueueCounters>) -> Result<Self, OpenError> {
         let session = Session::open(settings, "consume", Topology::Declare).await?;
-        let channel = session.channel("opening the consuming channel").await?;
-        // global=false: per consumer; quorum queues refuse global QoS with a connection error.
-        channel
-            .basic_qos(settings.prefetch_or(1), BasicQosOptions { global: false })
-            .await
-            .map_err(OpenError::channel("basic.qos"))?;
-        let tag = ShortString::from(format!("{}-{:016x}", short(&settings.connection_name), rand::random::<u64>()));
-        let consumer = channel
-            .basic_consume(
-                short(&settings.jobs_queue),
-                tag.clone(),
-                BasicConsumeOptions { no_ack: false, ..BasicConsumeOptions::default() },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(OpenError::channel("basic.consume"))?;
+        let mut queues = Vec::with_capacity(2);
+        if settings.has_high_priority_queue() {
+            queues.push((settings.high_priority_queue.clone(), Priority::High));
+        }
+        queues.push((settings.jobs_queue.clone(), Priority::Normal));
+        let mut subscriptions = Vec::with_capacity(queues.len());
+        for (queue, priority) in queues {
+            let channel = session.channel("opening a consuming channel").await?;
+            // global=false: per consumer; quorum queues refuse global QoS with a connection error.
+            channel
+                .basic_qos(settings.prefetch_or(1), BasicQosOptions { global: false })
+                .await
+                .map_err(OpenError::channel("basic.qos"))?;
+            let tag = ShortString::from(format!("{}-{:016x}", short(&settings.connection_name), rand::random::<u64>()));
+            let consumer = channel
+                .basic_consume(
+                    short(&queue),
+                    tag.clone(),
+                    BasicConsumeOptions { no_ack: false, ..BasicConsumeOptions::default() },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(OpenError::channel("basic.consume"))?;
+            subscriptions.push(Subscription { queue, priority, channel, consumer, tag });
+        }
 
         let watcher = {
             let mut events = session.connection.events_listener();
@@ -116,7 +139,7 @@ impl Consuming {
                 }
             })
         };
-        Ok(Self { session, channel, consumer, tag, watcher })
+        Ok(Self { session, subscriptions, watcher })
     }
 }
 
@@ -222,7 +245,17 @@ impl JobSource for AmqpSource {
                 self.reconnect().await?;
                 continue;
             };
-            match consuming.consumer.next().await {
+            // Biased: a waiting high-priority job is always taken first.
+            let (received, index) = match consuming.subscriptions.as_mut_slice() {
+                [only] => (only.consumer.next().await, 0),
+                [high, normal, ..] => tokio::select! {
+                    biased;
+                    d = high.consumer.next() => (d, 0),
+                    d = normal.consumer.next() => (d, 1),
+                },
+                [] => return Ok(None),
+            };
+            match received {
                 Some(Ok(d)) => {
                     if !d.acker.usable() {
                         // Prefetched on a channel that has since died: the broker requeued it.
@@ -231,10 +264,12 @@ impl JobSource for AmqpSource {
                     if let Err(e) = consuming.session.ensure_confirm().await {
                         warn!(error = %e, "could not reopen the confirm channel; dead letters will fall back to reject");
                     }
+                    let subscription = &consuming.subscriptions[index];
                     return Ok(Some(AmqpDelivery::new(
                         d,
-                        consuming.channel.clone(),
+                        subscription.channel.clone(),
                         consuming.session.confirm.clone(),
+                        Origin { queue: subscription.queue.clone(), priority: subscription.priority },
                         self.settings.clone(),
                         self.counters.clone(),
                     )));
@@ -255,21 +290,25 @@ impl JobSource for AmqpSource {
         let Some(consuming) = self.consuming.as_mut() else {
             return Ok(());
         };
-        if let Err(e) = consuming.channel.basic_cancel(consuming.tag.clone(), BasicCancelOptions::default()).await {
-            // The connection is gone: nothing more will arrive, and the broker requeued
-            // whatever was unacknowledged.
-            warn!(error = %e, "basic.cancel failed");
-            return Ok(());
-        }
-        // Deliveries the broker sent before the cancel took effect, never handed out: give
-        // them back now rather than hold them until the connection closes.
         let mut released = 0u32;
-        while let Ok(Some(Ok(d))) = tokio::time::timeout(CANCEL_DRAIN, consuming.consumer.next()).await {
-            if let Ok(true) = d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await {
-                released += 1;
+        for subscription in &mut consuming.subscriptions {
+            if let Err(e) =
+                subscription.channel.basic_cancel(subscription.tag.clone(), BasicCancelOptions::default()).await
+            {
+                // The connection is gone: nothing more will arrive, and the broker requeued
+                // whatever was unacknowledged.
+                warn!(error = %e, queue = %subscription.queue, "basic.cancel failed");
+                continue;
+            }
+            // Deliveries the broker sent before the cancel took effect, never handed out: give
+            // them back now rather than hold them until the connection closes.
+            while let Ok(Some(Ok(d))) = tokio::time::timeout(CANCEL_DRAIN, subscription.consumer.next()).await {
+                if let Ok(true) = d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await {
+                    released += 1;
+                }
             }
         }
-        info!(queue = %self.settings.jobs_queue, released, "consumer cancelled; deliveries in flight stay settleable");
+        info!(queue = %self.settings.jobs_queue, released, "consumers cancelled; deliveries in flight stay settleable");
         Ok(())
     }
 }

@@ -3,10 +3,16 @@
 //! ```text
 //! retouch.jobs (direct) --retouch.jobs--> retouch.jobs (quorum; x-delivery-limit,
 //!                                                        x-dead-letter-exchange=retouch.dlx)
+//! retouch.jobs --retouch.jobs.high-------> retouch.jobs.high (quorum; the same arguments)
 //! retouch.dlx (fanout) ------------------> retouch.dead (quorum)
-//! retouch.results (topic)                  <status>.<campaign|none>; nothing bound by default
-//! retouch.results --{succeeded,failed}.<c>--> retouch.results.campaign.<c> (quorum; per campaign,
-//!                                                        declared by `retouch submit`/`watch`)
+//! retouch.results (topic)                  <status>.<campaign|none>, progress.<campaign|none>;
+//!                                          nothing bound by default
+//! retouch.results --{succeeded,failed,cancelled}.<c>--> retouch.results.campaign.<c> (quorum;
+//!                                          per campaign, declared by `retouch submit`/`watch`)
+//! retouch.cancel (fanout) ---------------> retouch.cancel (stream; x-max-age = cancel_retention)
+//! (default exchange) --------------------> retouch.webhooks (quorum; x-delivery-limit, dead
+//!                                          letters to retouch.webhooks.dead through the default
+//!                                          exchange)
 //! ```
 //!
 //! Every declaration of this crate is here. `config/rabbitmq/definitions.json` is the same topology for brokers that are provisioned
@@ -93,6 +99,27 @@ pub fn dead_letter_queue_arguments() -> FieldTable {
     quorum_arguments()
 }
 
+/// The arguments of the webhook delivery queue: quorum, the jobs' delivery limit, and dead
+/// letters (a relay that keeps crashing on a delivery) to the webhook dead-letter queue.
+pub fn webhook_queue_arguments(settings: &AmqpSettings) -> FieldTable {
+    let mut args = quorum_arguments();
+    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(settings.delivery_limit)));
+    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+    args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(settings.webhook_dead_queue.as_str().into()));
+    args
+}
+
+/// The arguments of the cancel stream: a stream queue that keeps `cancel_retention`.
+pub fn cancel_stream_arguments(settings: &AmqpSettings) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
+    args.insert(
+        "x-max-age".into(),
+        AMQPValue::LongString(format!("{}s", settings.cancel_retention.as_secs().max(1)).into()),
+    );
+    args
+}
+
 /// `x-queue-type = quorum` alone.
 fn quorum_arguments() -> FieldTable {
     let mut args = FieldTable::default();
@@ -118,12 +145,17 @@ fn durable_exchange() -> ExchangeDeclareOptions {
 /// [`TopologyError::Missing`] from the passive check, [`TopologyError::Broker`] otherwise.
 pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> Result<(), TopologyError> {
     if !settings.declare_topology {
-        return check_queue_exists(channel, &settings.jobs_queue).await.map(|_| ());
+        check_queue_exists(channel, &settings.jobs_queue).await?;
+        if settings.has_high_priority_queue() {
+            check_queue_exists(channel, &settings.high_priority_queue).await?;
+        }
+        return Ok(());
     }
     for (name, kind) in [
         (&settings.jobs_exchange, ExchangeKind::Direct),
         (&settings.results_exchange, ExchangeKind::Topic),
         (&settings.dead_letter_exchange, ExchangeKind::Fanout),
+        (&settings.cancel_exchange, ExchangeKind::Fanout),
     ] {
         channel
             .exchange_declare(short(name), kind, durable_exchange(), FieldTable::default())
@@ -135,6 +167,15 @@ pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> Res
     bind(channel, &settings.dead_letter_queue, &settings.dead_letter_exchange, "").await?;
     declare_queue(channel, &settings.jobs_queue, jobs_queue_arguments(settings), settings).await?;
     bind(channel, &settings.jobs_queue, &settings.jobs_exchange, &settings.jobs_routing_key).await?;
+    if settings.has_high_priority_queue() {
+        let queue = &settings.high_priority_queue;
+        declare_queue(channel, queue, jobs_queue_arguments(settings), settings).await?;
+        bind(channel, queue, &settings.jobs_exchange, &settings.high_priority_routing_key).await?;
+    }
+    declare_queue(channel, &settings.cancel_stream, cancel_stream_arguments(settings), settings).await?;
+    bind(channel, &settings.cancel_stream, &settings.cancel_exchange, "").await?;
+    declare_queue(channel, &settings.webhook_dead_queue, quorum_arguments(), settings).await?;
+    declare_queue(channel, &settings.webhook_queue, webhook_queue_arguments(settings), settings).await?;
     Ok(())
 }
 
@@ -144,7 +185,8 @@ pub fn campaign_queue(settings: &AmqpSettings, campaign: &str) -> String {
 }
 
 /// Declares (idempotently) the results exchange and the durable quorum queue that collects
-/// `campaign`'s results, bound with `succeeded.<campaign>` and `failed.<campaign>`, and returns
+/// `campaign`'s results, bound with `succeeded.<campaign>`, `failed.<campaign>` and
+/// `cancelled.<campaign>`, and returns
 /// the queue's name ([`campaign_queue`]). `retouch submit` declares it before publishing any
 /// job, so no result of the campaign is missed even when nobody watches yet.
 ///
@@ -164,7 +206,7 @@ pub async fn declare_campaign_queue(
         .map_err(|e| classify(e, "exchange", exchange, settings))?;
     let name = campaign_queue(settings, campaign);
     declare_queue(channel, &name, quorum_arguments(), settings).await?;
-    for status in ["succeeded", "failed"] {
+    for status in ["succeeded", "failed", "cancelled"] {
         bind(channel, &name, exchange, &format!("{status}.{campaign}")).await?;
     }
     Ok(name)

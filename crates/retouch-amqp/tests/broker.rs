@@ -57,6 +57,12 @@ fn scratch_settings(test: &str) -> AmqpSettings {
         results_exchange: format!("{id}.results"),
         dead_letter_exchange: format!("{id}.dlx"),
         dead_letter_queue: format!("{id}.dead"),
+        high_priority_queue: format!("{id}.jobs.high"),
+        high_priority_routing_key: format!("{id}.jobs.high"),
+        cancel_exchange: format!("{id}.cancel"),
+        cancel_stream: format!("{id}.cancel"),
+        webhook_queue: format!("{id}.webhooks"),
+        webhook_dead_queue: format!("{id}.webhooks.dead"),
         connection_name: format!("retouch-amqp-test/{test}"),
         reconnect_backoff_min: Duration::from_millis(200),
         reconnect_backoff_max: Duration::from_secs(2),
@@ -77,8 +83,20 @@ impl Cleanup {
     fn new(s: &AmqpSettings) -> Self {
         Self {
             url: s.url.clone(),
-            queues: vec![s.jobs_queue.clone(), s.dead_letter_queue.clone()],
-            exchanges: vec![s.jobs_exchange.clone(), s.results_exchange.clone(), s.dead_letter_exchange.clone()],
+            queues: vec![
+                s.jobs_queue.clone(),
+                s.dead_letter_queue.clone(),
+                s.high_priority_queue.clone(),
+                s.cancel_stream.clone(),
+                s.webhook_queue.clone(),
+                s.webhook_dead_queue.clone(),
+            ],
+            exchanges: vec![
+                s.jobs_exchange.clone(),
+                s.results_exchange.clone(),
+                s.dead_letter_exchange.clone(),
+                s.cancel_exchange.clone(),
+            ],
         }
     }
 }
@@ -294,7 +312,11 @@ async fn publish_consume_ack_empties_the_queue() {
     let mut source = AmqpSource::connect(settings.clone(), sc.clone()).await.expect("source");
     assert!(sc.connected.load(Ordering::Relaxed));
     let before = SystemTime::now() - Duration::from_secs(2);
-    let opts = JobPublishOptions { reply_to: Some("my-replies".into()), correlation_id: Some("corr-1".into()) };
+    let opts = JobPublishOptions {
+        reply_to: Some("my-replies".into()),
+        correlation_id: Some("corr-1".into()),
+        ..Default::default()
+    };
     publisher.publish_job(&job_body("job-ack"), "job-ack", opts).await.expect("publish");
 
     let d = next(&mut source).await;
@@ -362,7 +384,11 @@ async fn dead_letter_keeps_body_and_properties_and_carries_the_reason() {
     let (settings, _cleanup, publisher, _) = setup("dead-letter").await;
     let sc = counters();
     let mut source = AmqpSource::connect(settings.clone(), sc.clone()).await.expect("source");
-    let opts = JobPublishOptions { reply_to: Some("replies".into()), correlation_id: Some("corr-dl".into()) };
+    let opts = JobPublishOptions {
+        reply_to: Some("replies".into()),
+        correlation_id: Some("corr-dl".into()),
+        ..Default::default()
+    };
     publisher.publish_job(&job_body("job-dl"), "job-dl", opts).await.expect("publish");
     let d = next(&mut source).await;
     d.retry(Duration::ZERO).await.expect("retry");
@@ -495,7 +521,7 @@ async fn results_reach_a_bound_queue_and_reply_to() {
         attempt: 1,
         ..DeliveryInfo::default()
     };
-    publisher.publish(&r, &info).await.expect("publish result");
+    publisher.publish(&r, &info, None).await.expect("publish result");
 
     let m = get_one(&ch, &bound, Duration::from_secs(5)).await;
     assert_eq!(m.delivery.routing_key.as_str(), "succeeded.spring");
@@ -513,7 +539,7 @@ async fn results_reach_a_bound_queue_and_reply_to() {
     assert_eq!(pc.unroutable_results.load(Ordering::Relaxed), 0);
 
     // A failed result does not match "succeeded.*": unroutable, counted, not an error.
-    publisher.publish(&result("job-res-2", Status::Failed, None), &DeliveryInfo::default()).await.expect("Ok");
+    publisher.publish(&result("job-res-2", Status::Failed, None), &DeliveryInfo::default(), None).await.expect("Ok");
     assert_eq!(pc.unroutable_results.load(Ordering::Relaxed), 1);
     publisher.shutdown().await;
 }
@@ -522,12 +548,12 @@ async fn results_reach_a_bound_queue_and_reply_to() {
 async fn unroutable_result_is_counted_not_fatal() {
     let (_settings, _cleanup, publisher, pc) = setup("unroutable-result").await;
     let r = result("job-u", Status::Succeeded, None);
-    publisher.publish(&r, &DeliveryInfo::default()).await.expect("unroutable result is Ok");
+    publisher.publish(&r, &DeliveryInfo::default(), None).await.expect("unroutable result is Ok");
     assert_eq!(pc.unroutable_results.load(Ordering::Relaxed), 1);
     // A reply_to queue that does not exist: counted as well.
     let info =
         DeliveryInfo { reply_to: Some(format!("rt-test.no-such-queue.{}", suffix())), ..DeliveryInfo::default() };
-    publisher.publish(&r, &info).await.expect("Ok");
+    publisher.publish(&r, &info, None).await.expect("Ok");
     assert_eq!(pc.unroutable_results.load(Ordering::Relaxed), 3);
     publisher.shutdown().await;
 }
@@ -560,7 +586,7 @@ async fn a_campaign_queue_collects_its_campaign_results_for_the_results_consumer
         ("no-campaign", Status::Failed, None),
         ("b", Status::Failed, Some("spring")),
     ] {
-        publisher.publish(&result(id, status, campaign), &DeliveryInfo::default()).await.expect("publish");
+        publisher.publish(&result(id, status, campaign), &DeliveryInfo::default(), None).await.expect("publish");
     }
     assert_eq!(pc.unroutable_results.load(Ordering::Relaxed), 2, "only the campaign's results are routed to it");
     assert_eq!(admin.ready(&queue).await.expect("ready"), 2);

@@ -108,6 +108,9 @@ fn folder_jobs(dir: &Path, output_dir: &Path, args: &BatchArgs, params: &EditPar
             campaign_id: None,
             params: params.clone(),
             metadata: None,
+            priority: None,
+            events: None,
+            webhook: None,
         });
     }
     Ok(jobs)
@@ -186,7 +189,8 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
             let slot = match (r.status, r.duplicate) {
                 (Status::Succeeded, false) => 0,
                 (Status::Succeeded, true) => 1,
-                (Status::Failed, _) => 2,
+                // `retouch batch` has no cancel requests: counted with the failures if one came.
+                (Status::Failed | Status::Cancelled, _) => 2,
             };
             counts[slot].fetch_add(1, Ordering::Relaxed);
             if let Some(e) = &r.error {
@@ -233,9 +237,18 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
     };
     let ready = backend.ready().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     bar.set_message(format!("model {} on {}", ready.name, ready.device));
-    let summary = engine::run(settings, queue.clone(), Arc::new(FsStore), Arc::new(report), backend, metrics, shutdown)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let summary = engine::run(
+        settings,
+        queue.clone(),
+        Arc::new(FsStore),
+        Arc::new(report),
+        backend,
+        metrics,
+        engine::Control::default(),
+        shutdown,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     bar.finish_and_clear();
 
     let done = summary.succeeded;

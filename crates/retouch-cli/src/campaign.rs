@@ -23,7 +23,8 @@ use crate::config::WorkerConfig;
 use crate::progress::bar;
 use anyhow::Context;
 use retouch_amqp::{Admin, AmqpPublisher, JobPublishOptions, OutgoingJob};
-use retouch_core::job::{EditJob, JobResult, ObjectUrl, Status};
+use retouch_core::events::{EventType, JobEvent};
+use retouch_core::job::{EditJob, EventKind, JobResult, ObjectUrl, Priority, Status, WebhookTarget};
 use retouch_core::params::OutputFormat;
 use retouch_core::queue::QueueCounters;
 use retouch_s3::S3Store;
@@ -107,11 +108,31 @@ pub struct SubmitArgs {
     /// JPEG quality.
     #[arg(long)]
     pub quality: Option<u8>,
+    /// Scheduling class of every job: `high` jobs go to the high-priority queue, which
+    /// workers drain before the normal one (interactive edits ahead of a bulk campaign).
+    #[arg(long, value_parser = parse_priority, default_value = "normal")]
+    pub priority: Priority,
+    /// Ask for progress events (`started`, `progress`) for every job; `retouch watch` shows
+    /// the running ones.
+    #[arg(long)]
+    pub progress: bool,
+    /// POST every job's result to this URL, signed (its host must be on the workers'
+    /// `webhooks.allow_hosts`).
+    #[arg(long, value_name = "URL")]
+    pub webhook: Option<String>,
     /// Show what would be published and publish nothing.
     #[arg(long)]
     pub dry_run: bool,
     #[command(flatten)]
     pub connection: Connection,
+}
+
+fn parse_priority(s: &str) -> Result<Priority, String> {
+    match s {
+        "normal" => Ok(Priority::Normal),
+        "high" => Ok(Priority::High),
+        other => Err(format!("{other:?}: expected high or normal")),
+    }
 }
 
 /// Jobs for every image under an S3 prefix.
@@ -145,6 +166,9 @@ async fn prefix_jobs(
             campaign_id: Some(args.campaign.clone()),
             params: params.clone(),
             metadata: None,
+            priority: None,
+            events: None,
+            webhook: None,
         });
     }
     Ok(jobs)
@@ -182,7 +206,16 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     // Validate everything before publishing anything.
     let mut entries = Vec::with_capacity(jobs.len());
     let mut bodies = Vec::with_capacity(jobs.len());
-    for job in jobs {
+    for mut job in jobs {
+        if args.priority == Priority::High {
+            job.priority = Some(Priority::High);
+        }
+        if args.progress {
+            job.events = Some(vec![EventKind::Progress]);
+        }
+        if let Some(url) = &args.webhook {
+            job.webhook = Some(WebhookTarget { url: url.clone() });
+        }
         if job.campaign_id.as_deref() != Some(args.campaign.as_str()) {
             return Err(bad_input(format!(
                 "job {}: its campaign_id differs from --campaign {}",
@@ -243,7 +276,7 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
         let outgoing = chunk.iter().map(|(e, body)| OutgoingJob {
             body: body.clone(),
             message_id: e.job_id.clone(),
-            options: JobPublishOptions::default(),
+            options: JobPublishOptions { priority: args.priority, ..JobPublishOptions::default() },
         });
         let confirmed = publisher.publish_jobs(outgoing).await.context("publishing jobs")?;
         anyhow::ensure!(confirmed as usize == chunk.len(), "only {confirmed} of {} jobs were confirmed", chunk.len());
@@ -404,11 +437,20 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     let mut failed = results.values().filter(|r| r.status == Status::Failed).count();
 
     let progress = bar(total as u64, "{spinner} [{bar:30}] {pos}/{len} {msg} ({per_sec}, eta {eta})");
-    let show = |done: usize, failed: usize| {
+    // Jobs running now (from their progress events): id → (step, steps).
+    let mut running: BTreeMap<String, (u32, u32)> = BTreeMap::new();
+    let show = |done: usize, failed: usize, running: &BTreeMap<String, (u32, u32)>| {
         progress.set_position(done as u64);
-        progress.set_message(format!("{} succeeded, {failed} failed", done - failed));
+        let mut message = format!("{} succeeded, {failed} failed", done - failed);
+        if !running.is_empty() {
+            let shown: Vec<String> =
+                running.iter().take(3).map(|(id, (step, steps))| format!("{id} {step}/{steps}")).collect();
+            let more = if running.len() > 3 { format!(" +{}", running.len() - 3) } else { String::new() };
+            message.push_str(&format!("; running: {}{more}", shown.join(", ")));
+        }
+        progress.set_message(message);
     };
-    show(results.len(), failed);
+    show(results.len(), failed, &running);
 
     let settings = config.amqp_for("watch");
     let admin = Admin::connect(settings).await.context("cannot connect to the broker")?;
@@ -424,12 +466,31 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     if results.len() < total {
         let mut consumer =
             admin.consume_results(&queue, WATCH_PREFETCH).await.context("cannot consume the campaign's results")?;
+        // Progress events (of jobs submitted with --progress): best effort, shown, not kept.
+        let mut events = match admin.consume_progress(&args.campaign, WATCH_PREFETCH).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow progress events; running jobs are not shown");
+                None
+            }
+        };
         let stop = crate::signals::terminated();
         tokio::pin!(stop);
         while results.len() < total {
             let next = tokio::select! {
                 () = &mut stop => { outcome = Err(anyhow::anyhow!("interrupted; run the same watch again to resume")); break }
                 () = sleep_until_opt(deadline) => { outcome = Err(anyhow::anyhow!("timed out; run the same watch again to resume")); break }
+                event = next_event(&mut events) => {
+                    match event {
+                        Some(event) if !results.contains_key(&event.job_id) => {
+                            running.insert(event.job_id, (event.step, event.steps));
+                            show(results.len(), failed, &running);
+                        }
+                        Some(_) => {}
+                        None => events = None,
+                    }
+                    continue;
+                }
                 next = consumer.next() => next,
             };
             let Some(message) = next.context("reading results")? else {
@@ -442,8 +503,9 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
                     writeln!(state, "{}", String::from_utf8_lossy(message.body()))?;
                     state.flush()?;
                     if known.contains_key(result.job_id.as_str()) {
+                        running.remove(&result.job_id);
                         failed = failed.saturating_add_signed(merge(&mut results, result));
-                        show(results.len(), failed);
+                        show(results.len(), failed, &running);
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "ignoring a message that is not a result"),
@@ -451,9 +513,13 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
             message.ack().await.context("acknowledging a result")?;
         }
         consumer.cancel().await.context("ending the results subscription")?;
+        if let Some(events) = events {
+            let _ = events.cancel().await;
+        }
     }
     progress.finish_and_clear();
-    let ok = results.len() - failed;
+    let cancelled = results.values().filter(|r| r.status == Status::Cancelled).count();
+    let ok = results.len() - failed - cancelled;
     if results.len() >= total {
         write_report(&report_path, &ledger.entries, &results)?;
         if !args.keep_queue {
@@ -462,7 +528,7 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     }
     admin.close().await;
     println!(
-        "campaign {}: {}/{total} jobs have results — {ok} succeeded, {failed} failed ({:.1} s){}",
+        "campaign {}: {}/{total} jobs have results — {ok} succeeded, {failed} failed, {cancelled} cancelled ({:.1} s){}",
         args.campaign,
         results.len(),
         started.elapsed().as_secs_f64(),
@@ -473,6 +539,20 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
         println!("fix the cause, then: retouch dead-letters redrive --campaign {}", args.campaign);
     }
     Ok(())
+}
+
+/// The next progress event, acknowledged; `None` when the subscription is gone (and forever
+/// when there is none).
+async fn next_event(events: &mut Option<retouch_amqp::ResultsConsumer>) -> Option<JobEvent> {
+    let Some(consumer) = events.as_mut() else { return std::future::pending().await };
+    loop {
+        let message = consumer.next().await.ok().flatten()?;
+        let event = serde_json::from_slice::<JobEvent>(message.body()).ok();
+        let _ = message.ack().await;
+        if let Some(event) = event.filter(|e| matches!(e.event, EventType::Started | EventType::Progress)) {
+            return Some(event);
+        }
+    }
 }
 
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {

@@ -10,6 +10,7 @@
 //! | `[engine]` | [`EngineSettings`] | the job engine (`retouch-worker`) |
 //! | `[model]` | [`ModelSettings`] | the one model loader ([`crate::model`]) |
 //! | `[metrics]` | [`MetricsSettings`] | the HTTP endpoint |
+//! | `[webhooks]` | [`WebhookSettings`] | the webhook relay (`retouch-webhooks`) |
 //!
 //! Sources, later ones winning: the defaults, an optional TOML file (`--config`; the
 //! documented example is `config/worker.toml`), then environment variables
@@ -26,6 +27,7 @@ use std::path::{Path, PathBuf};
 
 use retouch_amqp::AmqpSettings;
 use retouch_s3::S3Settings;
+use retouch_webhooks::WebhookSettings;
 use retouch_worker::engine::EngineSettings;
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +47,8 @@ pub struct WorkerConfig {
     pub model: ModelSettings,
     /// The operations endpoint.
     pub metrics: MetricsSettings,
+    /// Webhooks: the signing secret, the hosts that may be called, retries.
+    pub webhooks: WebhookSettings,
 }
 
 /// `[metrics]`: where `/metrics`, `/healthz` and `/readyz` are served.
@@ -62,7 +66,7 @@ impl Default for MetricsSettings {
 }
 
 /// The sections, in file order.
-const SECTIONS: [&str; 5] = ["amqp", "s3", "engine", "model", "metrics"];
+const SECTIONS: [&str; 6] = ["amqp", "s3", "engine", "model", "metrics", "webhooks"];
 
 /// Keys with no default value (absent from the serialized defaults) that a section accepts.
 const OPTIONAL_KEYS: [(&str, &str); 1] = [("s3", "force_path_style")];
@@ -221,6 +225,7 @@ impl WorkerConfig {
         self.s3.validate().map_err(range("s3"))?;
         self.engine.validate().map_err(range("engine"))?;
         self.model.validate().map_err(range("model"))?;
+        self.webhooks.validate().map_err(range("webhooks"))?;
         if self.amqp.prefetch != 0 && usize::from(self.amqp.prefetch) < self.engine.max_batch {
             return Err(range("amqp")(format!(
                 "prefetch {}: must be 0 (auto) or ≥ engine.max_batch ({})",
@@ -250,6 +255,7 @@ impl WorkerConfig {
     pub fn redacted(&self) -> String {
         let mut copy = self.clone();
         copy.amqp.url = copy.amqp.redacted_url();
+        copy.webhooks = copy.webhooks.redacted();
         toml::to_string(&copy).unwrap_or_else(|e| format!("(unprintable config: {e})"))
     }
 }
@@ -307,6 +313,10 @@ fn env_value(raw: &str, default: Option<&toml::Value>) -> toml::Value {
         Some(toml::Value::Integer(_)) => raw.parse().map_or_else(|_| string(), toml::Value::Integer),
         Some(toml::Value::Boolean(_)) => raw.parse().map_or_else(|_| string(), toml::Value::Boolean),
         Some(toml::Value::Float(_)) => raw.parse().map_or_else(|_| string(), toml::Value::Float),
+        // Lists (`webhooks.allow_hosts`): comma-separated.
+        Some(toml::Value::Array(_)) => toml::Value::Array(
+            raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.into())).collect(),
+        ),
         _ => {
             if let Ok(b) = raw.parse::<bool>() {
                 toml::Value::Boolean(b)
@@ -331,6 +341,30 @@ mod tests {
 
     fn example() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/worker.toml")
+    }
+
+    #[test]
+    fn webhooks_come_from_the_environment_with_the_secret_redacted() {
+        let loaded = WorkerConfig::load(
+            None,
+            env(&[
+                ("RETOUCH_WEBHOOKS_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+                ("RETOUCH_WEBHOOKS_ALLOW_HOSTS", "hooks.example.com, *.internal.example.com:8443"),
+                ("RETOUCH_WEBHOOKS_RETRY_FOR", "10m"),
+                ("RETOUCH_AMQP_CANCEL_RETENTION", "2h"),
+            ]),
+        )
+        .expect("valid");
+        let c = loaded.config;
+        assert!(c.webhooks.enabled());
+        assert_eq!(c.webhooks.allow_hosts, ["hooks.example.com", "*.internal.example.com:8443"]);
+        assert_eq!(c.webhooks.retry_for, Duration::from_secs(600));
+        assert_eq!(c.amqp.cancel_retention, Duration::from_secs(7200));
+        let shown = c.redacted();
+        assert!(!shown.contains("MfKQ9r8") && shown.contains("[webhooks]"), "{shown}");
+        let e = WorkerConfig::load(None, env(&[("RETOUCH_WEBHOOKS_ALLOW_HOSTS", "https://x.example.com/path")]))
+            .expect_err("a URL is not a host");
+        assert!(e.to_string().contains("webhooks.allow_hosts"), "{e}");
     }
 
     #[test]
@@ -363,7 +397,7 @@ mod tests {
         assert!(c.s3.path_style());
         assert_eq!(c.effective_prefetch(), 6);
         assert_eq!(c.amqp_for("w1").connection_name, "retouch w1");
-        assert!(!c.redacted().contains("secret"), "{}", c.redacted());
+        assert!(!c.redacted().contains(":secret@"), "{}", c.redacted());
         assert!(c.redacted().contains("u:***@broker"));
     }
 

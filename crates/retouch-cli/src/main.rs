@@ -9,6 +9,7 @@ mod allocator;
 mod batch;
 mod bench;
 mod campaign;
+mod cancel;
 mod cli_error;
 mod config;
 mod dead_letters;
@@ -19,6 +20,7 @@ mod manifest;
 mod model;
 mod params;
 mod progress;
+mod relay;
 mod signals;
 mod storage;
 mod worker;
@@ -61,6 +63,8 @@ enum Command {
     Submit(Box<campaign::SubmitArgs>),
     /// Follow a campaign's results to a report.
     Watch(Box<campaign::WatchArgs>),
+    /// Cancel jobs or a campaign: queued, batched or running.
+    Cancel(Box<cancel::CancelArgs>),
     /// List or re-drive dead-lettered jobs.
     #[command(subcommand)]
     DeadLetters(dead_letters::DeadLetterCommand),
@@ -86,8 +90,10 @@ fn main() -> ExitCode {
             std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string());
         }
     }
-    let quiet =
-        matches!(cli.command, Command::Batch(_) | Command::Submit(_) | Command::Watch(_) | Command::DeadLetters(_));
+    let quiet = matches!(
+        cli.command,
+        Command::Batch(_) | Command::Submit(_) | Command::Watch(_) | Command::Cancel(_) | Command::DeadLetters(_)
+    );
     logging::init(cli.log_format, cli.verbose, quiet);
     tracing::debug!(malloc_tuned, "allocator");
     let result = match cli.command {
@@ -97,6 +103,7 @@ fn main() -> ExitCode {
         Command::FetchModel(args) => runtime().and_then(|rt| rt.block_on(worker::fetch_model(*args))),
         Command::Submit(args) => runtime().and_then(|rt| rt.block_on(campaign::submit(*args))),
         Command::Watch(args) => runtime().and_then(|rt| rt.block_on(campaign::watch(*args))),
+        Command::Cancel(args) => runtime().and_then(|rt| rt.block_on(cancel::run(*args))),
         Command::DeadLetters(cmd) => runtime().and_then(|rt| rt.block_on(dead_letters::run(cmd))),
         Command::Batch(args) => runtime().and_then(|rt| rt.block_on(batch::run(*args))),
     };

@@ -161,6 +161,9 @@ pub fn to_job(
         campaign_id,
         params,
         metadata: row.metadata,
+        priority: None,
+        events: None,
+        webhook: None,
     })
 }
 

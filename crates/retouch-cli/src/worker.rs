@@ -5,13 +5,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use retouch_amqp::{AmqpPublisher, AmqpSource};
+use retouch_amqp::{AmqpPublisher, AmqpSource, CancelFeed, WebhookQueue};
 use retouch_core::editor::Editor;
 use retouch_core::job::ObjectUrl;
 use retouch_core::queue::QueueCounters;
 use retouch_s3::S3Store;
+use retouch_webhooks::WebhookClient;
 use retouch_worker::backend::Backend;
-use retouch_worker::engine::{self, EngineSettings};
+use retouch_worker::cancel::CancelRegistry;
+use retouch_worker::engine::{self, Control, EngineSettings, WebhookPolicy};
 use retouch_worker::http::{self, HttpState};
 use retouch_worker::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
@@ -67,7 +69,8 @@ pub async fn fetch_model(args: FetchModelArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn host_name() -> String {
+/// This machine's name (the pod name in Kubernetes).
+pub(crate) fn host_name() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())
@@ -138,11 +141,59 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     spawn_gpu_memory_gauge(metrics.clone(), &config.model.device, stop.clone());
     tracing::info!(model = %model.name, device = %model.device, dtype = %model.dtype, "model ready");
 
-    // The broker last: jobs are taken only once the model can run them.
+    // The broker last: jobs are taken only once the model can run them, and only once every
+    // cancel request in force is known.
     let settings = config.amqp_for(&worker_name);
+    let cancels = Arc::new(CancelRegistry::new(settings.cancel_retention));
+    let (mut feed, in_force) = CancelFeed::open(settings.clone()).await.context("cannot read the cancel stream")?;
+    for c in &in_force {
+        cancels.record(&c.request, c.published_at);
+        metrics.cancel_request();
+    }
+    tracing::info!(requests = in_force.len(), "cancel requests in force");
+    let feed_task = {
+        let (cancels, metrics, stop) = (cancels.clone(), metrics.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    () = stop.cancelled() => return,
+                    next = feed.next() => next,
+                };
+                match next {
+                    Ok(c) => {
+                        tracing::info!(jobs = c.request.job_ids.len(), campaign = ?c.request.campaign_id,
+                            by = ?c.request.requested_by, "cancel request");
+                        cancels.record(&c.request, c.published_at);
+                        metrics.cancel_request();
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the cancel stream failed; cancels no longer reach this worker");
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    let relay_task = if config.webhooks.enabled() {
+        let client = Arc::new(WebhookClient::new(&config.webhooks).context("cannot set up the webhook client")?);
+        let prefetch = u16::try_from(config.webhooks.concurrency).unwrap_or(u16::MAX);
+        let queue = WebhookQueue::connect(settings.clone(), prefetch).await.context("cannot consume webhooks")?;
+        let (webhooks, metrics, stop) = (config.webhooks.clone(), metrics.clone(), stop.clone());
+        Some(tokio::spawn(crate::relay::run(queue, webhooks, client, metrics, stop)))
+    } else {
+        None
+    };
     let source = AmqpSource::connect(settings.clone(), counters.clone()).await.context("cannot consume jobs")?;
     let publisher =
         Arc::new(AmqpPublisher::connect(settings, counters.clone()).await.context("cannot publish results")?);
+    let control = Control {
+        cancels,
+        webhooks: WebhookPolicy {
+            enabled: config.webhooks.enabled(),
+            allow: config.webhooks.allow_list(),
+            allow_http: config.webhooks.allow_http,
+        },
+    };
 
     let engine_settings = EngineSettings {
         concurrency: usize::from(config.effective_prefetch()),
@@ -157,6 +208,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         publisher.clone(),
         backend,
         metrics,
+        control,
         crate::signals::terminated(),
     )
     .await?;
@@ -165,6 +217,10 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         publisher.shutdown().await;
     }
     stop.cancel();
+    let _ = feed_task.await;
+    if let Some(relay) = relay_task {
+        let _ = relay.await;
+    }
     let _ = http_task.await;
     Ok(())
 }

@@ -66,6 +66,14 @@ pub trait EditObserver {
     fn cancelled(&self) -> bool {
         false
     }
+    /// Polled before each denoising step, and before decoding, for every image still running
+    /// (`index` into the batch's requests): `true` drops that image now. The editor stops
+    /// computing it and returns no result for it; the other images' results are unchanged,
+    /// bit for bit (each depends only on its own request).
+    fn drop_image(&mut self, index: usize) -> bool {
+        let _ = index;
+        false
+    }
 }
 
 /// An observer that ignores progress.
@@ -122,8 +130,9 @@ pub trait Editor: Send {
     /// Facts about the model.
     fn info(&self) -> &ModelInfo;
 
-    /// Edits every image of `batch`; results are in the same order. Each result depends only
-    /// on its own request, never on what else shares the batch.
+    /// Edits every image of `batch`; results are in the same order, one per request that the
+    /// observer did not drop ([`EditObserver::drop_image`]). Each result depends only on its
+    /// own request, never on what else shares the batch.
     ///
     /// # Errors
     /// [`EditError`], classified for retries.

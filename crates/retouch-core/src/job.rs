@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ErrorKind, JobError};
 use crate::params::{EditParams, MAX_TEXT_BYTES, OutputFormat, ResolvedParams};
 
-/// Protocol version carried by results.
+/// Protocol version carried by results, events and cancel requests. The additions since the
+/// first release (job `priority`, `events`, `webhook`; result status `cancelled`; progress
+/// events; cancel requests) are optional, so version 1 still describes every message.
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// An edit job as published to `retouch.jobs`.
@@ -37,7 +39,60 @@ pub struct EditJob {
     /// Free-form string pairs echoed in the result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<BTreeMap<String, String>>,
+    /// Scheduling class: `high` jobs go to the high-priority queue, which workers drain
+    /// first (`retouch submit --priority high` publishes there). Absent = `normal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
+    /// Events the job wants besides its result: `["progress"]` asks for `started` and
+    /// throttled `progress` messages (routing key `progress.<campaign|none>`, and `reply_to`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<EventKind>>,
+    /// Where to POST the result, signed as Standard Webhooks says; the host must be on the
+    /// worker's allow-list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookTarget>,
 }
+
+/// `priority` of a job.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// The bulk of a campaign.
+    #[default]
+    Normal,
+    /// Interactive work: taken before every normal job a worker holds or will receive.
+    High,
+}
+
+impl Priority {
+    /// The protocol name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::High => "high",
+        }
+    }
+}
+
+/// An event a job can subscribe to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// `started` when the job enters a model call, then `progress` per denoising step (at most
+    /// one a second, and always the last step).
+    Progress,
+}
+
+/// `webhook` of a job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookTarget {
+    /// `https://host[:port]/path` on the worker's `webhooks.allow_hosts`.
+    pub url: String,
+}
+
+/// Longest accepted webhook URL, in bytes.
+pub const MAX_WEBHOOK_URL_BYTES: usize = 2048;
 
 /// An `s3://bucket/key` (or, in local mode, `file:///path`) location, split.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -91,6 +146,16 @@ fn valid_id(s: &str, max: usize, extra: &str) -> bool {
     (1..=max).contains(&s.len()) && s.chars().all(|c| c.is_ascii_alphanumeric() || extra.contains(c))
 }
 
+/// A job id: 1–128 characters of `[A-Za-z0-9._:-]`.
+pub fn valid_job_id(s: &str) -> bool {
+    valid_id(s, 128, "._:-")
+}
+
+/// A campaign id: 1–64 characters of `[A-Za-z0-9_-]` (it is part of routing keys and queue names).
+pub fn valid_campaign_id(s: &str) -> bool {
+    valid_id(s, 64, "_-")
+}
+
 /// A job that passed validation, with its parameters resolved.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ValidJob {
@@ -125,7 +190,28 @@ fn invalid(message: impl Into<String>) -> JobError {
 /// [`ErrorKind::InvalidJob`] for anything but a JSON object of the protocol's shape; serde's
 /// message names an unknown or missing key.
 pub fn parse_job(body: &[u8]) -> Result<EditJob, JobError> {
+    // serde would also read a struct from a JSON array (its sequence form): only objects are jobs.
+    if !is_json_object(body) {
+        return Err(invalid("not a valid job: not a JSON object"));
+    }
     serde_json::from_slice(body).map_err(|e| invalid(format!("not a valid job: {e}")))
+}
+
+/// Whether `body` starts (after JSON whitespace) like a JSON object.
+pub fn is_json_object(body: &[u8]) -> bool {
+    body.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r')) == Some(&b'{')
+}
+
+impl EditJob {
+    /// Whether the job asked for progress events.
+    pub fn wants_progress(&self) -> bool {
+        self.events.as_ref().is_some_and(|e| e.contains(&EventKind::Progress))
+    }
+
+    /// The job's priority (`normal` when absent).
+    pub fn priority(&self) -> Priority {
+        self.priority.unwrap_or_default()
+    }
 }
 
 impl EditJob {
@@ -135,11 +221,11 @@ impl EditJob {
     /// # Errors
     /// [`ErrorKind::InvalidJob`] naming the offending field.
     pub fn validate(self, output_prefix: &str) -> Result<ValidJob, JobError> {
-        if !valid_id(&self.job_id, 128, "._:-") {
+        if !valid_job_id(&self.job_id) {
             return Err(invalid(format!("job_id {:?}: must be 1–128 characters of [A-Za-z0-9._:-]", self.job_id)));
         }
         if let Some(c) = &self.campaign_id
-            && !valid_id(c, 64, "_-")
+            && !valid_campaign_id(c)
         {
             return Err(invalid(format!("campaign_id {c:?}: must be 1–64 characters of [A-Za-z0-9_-]")));
         }
@@ -155,6 +241,11 @@ impl EditJob {
             .params
             .resolve(|| derived_seed(&job_id))
             .map_err(|e| invalid(format!("params.{}: {}", e.field, e.message)))?;
+        if let Some(hook) = &self.webhook
+            && (hook.url.is_empty() || hook.url.len() > MAX_WEBHOOK_URL_BYTES)
+        {
+            return Err(invalid(format!("webhook.url: must be 1–{MAX_WEBHOOK_URL_BYTES} bytes")));
+        }
         let output = match &self.output {
             Some(url) => ObjectUrl::parse(url).map_err(|e| invalid(format!("output: {e}")))?,
             None => default_output(output_prefix, &self.job_id, params.format)
@@ -207,6 +298,8 @@ pub enum Status {
     Succeeded,
     /// The job will not produce an output (this attempt was final).
     Failed,
+    /// The job was cancelled (`retouch cancel`) before its output was written; it wrote none.
+    Cancelled,
 }
 
 impl Status {
@@ -215,6 +308,7 @@ impl Status {
         match self {
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
         }
     }
 }
@@ -327,6 +421,7 @@ mod tests {
     fn invalid_jobs_name_the_problem() {
         for (body, needle) in [
             (r#"not json"#, "not a valid job"),
+            (r#"["a","s3://inputs/x.png","x"]"#, "not a JSON object"),
             (r#"{"source":"s3://inputs/x.png","instruction":"x"}"#, "job_id"),
             (r#"{"job_id":"a","source":"s3://inputs/x.png","instruction":"x","colour":"red"}"#, "colour"),
             (r#"{"job_id":"a","source":"s3://inputs/x.png","instruction":"x","params":{"scheduler":"pndm"}}"#, "pndm"),
@@ -409,7 +504,8 @@ mod schema_tests {
         let mut job = parse_job(
             br#"{"job_id":"a","source":"s3://bkt/x.png","instruction":"x","output":"s3://bkt/y.png","campaign_id":"c",
                 "params":{"steps":1,"guidance_scale":1,"image_guidance_scale":1,"negative_prompt":"blurry","seed":1,
-                "scheduler":"unipc","karras_sigmas":true,"max_side":64,"format":"png","quality":9},"metadata":{"k":"v"}}"#,
+                "scheduler":"unipc","karras_sigmas":true,"max_side":64,"format":"png","quality":9},"metadata":{"k":"v"},
+                "priority":"high","events":["progress"],"webhook":{"url":"https://hooks.example.com/r"}}"#,
         )
         .expect("valid");
         job.metadata = Some([("k".to_string(), "v".to_string())].into());
@@ -449,6 +545,59 @@ mod schema_tests {
         assert_eq!(keys(&s["properties"]["timings"]["properties"]), keys(&v["timings"]));
         let kinds: Vec<String> = ErrorKind::ALL.iter().map(|k| k.as_str().to_string()).collect();
         assert_eq!(s["properties"]["error"]["oneOf"][1]["properties"]["kind"]["enum"], serde_json::json!(kinds));
+    }
+
+    #[test]
+    fn job_schema_describes_the_additions() {
+        let s = schema("job.v1.schema.json");
+        assert_eq!(s["properties"]["priority"]["enum"], serde_json::json!(["normal", "high"]));
+        assert_eq!(s["properties"]["events"]["items"]["enum"], serde_json::json!(["progress"]));
+        assert_eq!(
+            s["properties"]["webhook"]["properties"]["url"]["maxLength"],
+            serde_json::json!(MAX_WEBHOOK_URL_BYTES)
+        );
+        let job = full_job();
+        assert_eq!((job.priority(), job.wants_progress()), (Priority::High, true));
+        // Old jobs are still valid and mean the same.
+        let old = parse_job(br#"{"job_id":"a","source":"s3://bkt/x.png","instruction":"x"}"#).expect("v1 job");
+        assert_eq!((old.priority(), old.wants_progress(), old.webhook), (Priority::Normal, false, None));
+    }
+
+    #[test]
+    fn result_schema_knows_every_status() {
+        let s = schema("result.v1.schema.json");
+        let statuses: Vec<&str> = [Status::Succeeded, Status::Failed, Status::Cancelled].map(Status::as_str).to_vec();
+        assert_eq!(s["properties"]["status"]["enum"], serde_json::json!(statuses));
+    }
+
+    #[test]
+    fn event_and_cancel_schemas_match_the_types() {
+        use crate::events::{CancelRequest, EventType, JobEvent};
+        let s = schema("event.v1.schema.json");
+        let event = JobEvent {
+            version: 1,
+            event: EventType::Started,
+            job_id: "a".into(),
+            campaign_id: None,
+            step: 0,
+            steps: 1,
+            batch_size: 1,
+            elapsed: 0.0,
+            worker: "w".into(),
+            at: "2026-12-06T00:00:00Z".into(),
+        };
+        let v = serde_json::to_value(&event).expect("json");
+        assert_eq!(keys(&s["properties"]), keys(&v));
+        assert_eq!(s["properties"]["event"]["enum"], serde_json::json!(["started", "progress"]));
+        let s = schema("cancel.v1.schema.json");
+        let request = CancelRequest {
+            job_ids: vec!["a".into()],
+            campaign_id: Some("c".into()),
+            requested_by: Some("me".into()),
+            ..CancelRequest::default()
+        };
+        assert_eq!(keys(&s["properties"]), keys(&serde_json::to_value(&request).expect("json")));
+        assert_eq!(s["properties"]["job_ids"]["maxItems"], serde_json::json!(crate::events::MAX_CANCEL_JOBS));
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //!   Lanczos resize to a multiple of 8) and output encoding.
 //! * [`editor`]: the model seam, a synchronous [`editor::Editor`] owned by one thread.
 //! * [`job`]: the job protocol v1 — [`job::EditJob`], [`job::JobResult`] — and validation.
+//! * [`events`]: progress events ([`events::JobEvent`]) and cancel requests
+//!   ([`events::CancelRequest`]).
 //! * [`error`]: the protocol's error kinds and [`error::JobError`] with its retry class.
 //! * [`store`]: the object-storage seam ([`store::ObjectStore`]).
 //! * [`time`]: RFC 3339 timestamps for records.
@@ -17,6 +19,7 @@
 pub mod backoff;
 pub mod editor;
 pub mod error;
+pub mod events;
 pub mod imaging;
 pub mod job;
 pub mod params;

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::{Duration, SystemTime};
 
 use crate::error::JobError;
-use crate::job::JobResult;
+use crate::events::JobEvent;
+use crate::job::{JobResult, Priority};
 
 /// What the engine needs to know about a delivery besides its body.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -28,6 +29,8 @@ pub struct DeliveryInfo {
     pub attempt: u32,
     /// No retry will follow: a failure now is final (failure result + dead letter).
     pub last_attempt: bool,
+    /// The queue's class: deliveries of the high-priority queue are `High`.
+    pub priority: Priority,
 }
 
 /// Why a broker operation failed.
@@ -82,9 +85,26 @@ pub trait JobSource: Send + 'static {
 
 /// Where results go.
 pub trait ResultSink: Send + Sync + 'static {
-    /// Publishes `result` (to the results exchange, and to `info.reply_to` with its
-    /// correlation id when set); returns once confirmed.
-    fn publish(&self, result: &JobResult, info: &DeliveryInfo) -> impl Future<Output = Result<(), QueueError>> + Send;
+    /// Publishes `result` (to the results exchange, to `info.reply_to` with its correlation id
+    /// when set, and, when the job asked for a `webhook`, to the durable webhook queue the
+    /// relay delivers from); returns once every copy is confirmed.
+    fn publish(
+        &self,
+        result: &JobResult,
+        info: &DeliveryInfo,
+        webhook: Option<&str>,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send;
+
+    /// Publishes a progress event (best effort: not confirmed, may be dropped). The default
+    /// drops it (sinks without a live audience, such as `retouch batch`'s report).
+    fn publish_event(
+        &self,
+        event: &JobEvent,
+        reply_to: Option<&str>,
+    ) -> impl Future<Output = Result<(), QueueError>> + Send {
+        let _ = (event, reply_to);
+        std::future::ready(Ok(()))
+    }
 }
 
 /// Broker health and incident counters, shared between a source and the metrics endpoint.

@@ -22,7 +22,9 @@
 //!    diffusers' `run_safety_checker` + `postprocess(do_denormalize=False)` do.
 //!
 //! Every per-image quantity is computed from that image's own inputs, and the batched
-//! operations are row-independent, so an image's result does not depend on its batch.
+//! operations are row-independent, so an image's result does not depend on its batch — nor on
+//! images leaving it: before each step the observer may drop images (a cancelled job), whose
+//! rows then leave the latents, the solver state and the conditioning.
 
 use std::path::Path;
 use std::time::Instant;
@@ -391,43 +393,70 @@ impl InstructPix2Pix {
         let mut latents = (Tensor::from_vec(initial, (requests.len(), latent_c, lh, lw), &self.device)?
             * f64::from(schedule.init_noise_sigma()))?;
 
-        // 4. Denoising. The conditioning rows never change across steps.
-        let mut contexts = Vec::new();
-        let mut conditions = Vec::new();
+        // 4. Denoising. The conditioning rows of an image never change across steps; the
+        // batch's rows are rebuilt only when the observer drops an image.
+        let mut context_rows = Vec::with_capacity(requests.len());
+        let mut condition_rows = Vec::with_capacity(requests.len());
         for (i, negative) in negative_for.iter().enumerate() {
             let img = image_latents.narrow(0, i, 1)?;
-            contexts.push(prompts[i].clone());
-            conditions.push(img.clone());
+            let mut contexts = vec![prompts[i].clone()];
+            let mut conditions = vec![img.clone()];
             if let Some(negative) = negative {
                 contexts.extend([negative.clone(), negative.clone()]);
                 conditions.extend([img.clone(), img.zeros_like()?]);
             }
+            context_rows.push(contexts);
+            condition_rows.push(conditions);
         }
-        let context = Tensor::cat(&contexts, 0)?;
-        let condition = Tensor::cat(&conditions, 0)?;
+        // The images still running, as indices into `requests`; row k of `latents` is image
+        // `alive[k]`.
+        let mut alive: Vec<usize> = (0..requests.len()).collect();
+        let rows_of = |alive: &[usize]| -> candle_core::Result<(Tensor, Tensor)> {
+            let contexts: Vec<&Tensor> = alive.iter().flat_map(|&i| &context_rows[i]).collect();
+            let conditions: Vec<&Tensor> = alive.iter().flat_map(|&i| &condition_rows[i]).collect();
+            Ok((Tensor::cat(&contexts, 0)?, Tensor::cat(&conditions, 0)?))
+        };
+        let (mut context, mut condition) = rows_of(&alive)?;
 
         let started = Instant::now();
         let total = schedule.timesteps().len();
         // The walk through the schedule: the step index and the multistep solvers' state.
         let mut sampler = schedule.sampler();
-        for step in 0..total {
+        for step in 0..=total {
             if observer.cancelled() {
                 return Err(ModelError::Cancelled);
             }
+            // Dropped images leave the batch: their rows go from the latents, the solver's
+            // state and the conditioning; their generators are simply not drawn from again.
+            let kept: Vec<u32> = (0..alive.len() as u32).filter(|&k| !observer.drop_image(alive[k as usize])).collect();
+            if kept.len() < alive.len() {
+                alive = kept.iter().map(|&k| alive[k as usize]).collect();
+                if alive.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let kept = Tensor::new(kept.as_slice(), &self.device)?;
+                latents = latents.index_select(&kept, 0)?;
+                sampler.retain(&kept)?;
+                (context, condition) = rows_of(&alive)?;
+            }
+            if step == total {
+                break;
+            }
             let t = sampler.timestep()?;
-            let mut rows = Vec::with_capacity(contexts.len());
-            for (i, &g) in guided.iter().enumerate() {
-                let x = latents.narrow(0, i, 1)?;
-                rows.extend(std::iter::repeat_n(x, if g { 3 } else { 1 }));
+            let mut rows = Vec::with_capacity(context.dim(0)?);
+            for (k, &i) in alive.iter().enumerate() {
+                let x = latents.narrow(0, k, 1)?;
+                rows.extend(std::iter::repeat_n(x, if guided[i] { 3 } else { 1 }));
             }
             let x = sampler.scale_model_input(&Tensor::cat(&rows, 0)?)?.to_dtype(self.dtype)?;
             let x = Tensor::cat(&[&x, &condition], 1)?;
             let eps_rows = self.unet.forward(&x, t, &context)?.to_dtype(DType::F32)?;
 
-            let mut eps = Vec::with_capacity(requests.len());
+            let mut eps = Vec::with_capacity(alive.len());
             let mut row = 0;
-            for (r, &g) in requests.iter().zip(&guided) {
-                if g {
+            for &i in &alive {
+                let r = &requests[i];
+                if guided[i] {
                     let text = eps_rows.narrow(0, row, 1)?;
                     let image = eps_rows.narrow(0, row + 1, 1)?;
                     let uncond = eps_rows.narrow(0, row + 2, 1)?;
@@ -442,9 +471,9 @@ impl InstructPix2Pix {
             }
             let eps = Tensor::cat(&eps, 0)?;
             let noise = if schedule.draws_step_noise() {
-                let mut data = Vec::with_capacity(requests.len() * numel);
-                for g in generators.iter_mut() {
-                    data.extend(g.randn(numel));
+                let mut data = Vec::with_capacity(alive.len() * numel);
+                for &i in &alive {
+                    data.extend(generators[i].randn(numel));
                 }
                 Some(Tensor::from_vec(data, latents.shape(), &self.device)?)
             } else {
@@ -458,8 +487,9 @@ impl InstructPix2Pix {
         let images = self.decode(&latents)?;
         images
             .into_iter()
-            .zip(truncated)
-            .map(|(mut image, instruction_truncated)| {
+            .zip(alive)
+            .map(|(mut image, i)| {
+                let instruction_truncated = truncated[i];
                 let nsfw_content_detected = match &self.safety_checker {
                     None => None,
                     Some(checker) => {

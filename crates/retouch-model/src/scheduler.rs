@@ -809,6 +809,21 @@ impl Sampler<'_> {
         self.schedule.scale_model_input(sample, self.index)
     }
 
+    /// Keeps only the batch rows `rows` (u32 indices, in order) of the solver's state, when
+    /// images leave the batch between steps.
+    ///
+    /// # Errors
+    /// Tensor errors only.
+    pub fn retain(&mut self, rows: &Tensor) -> CandleResult<()> {
+        for output in &mut self.model_outputs {
+            *output = output.index_select(rows, 0)?;
+        }
+        if let Some(last) = &self.last_sample {
+            self.last_sample = Some(last.index_select(rows, 0)?);
+        }
+        Ok(())
+    }
+
     fn finished(&self) -> candle_core::Error {
         candle_core::Error::Msg(format!("step {} of a {}-step schedule", self.index, self.schedule.timesteps.len()))
     }

@@ -42,17 +42,51 @@ pub enum ModelState {
 /// A successful model call.
 #[derive(Debug)]
 pub struct BatchOutput {
-    /// One image per request, in order.
-    pub images: Vec<EditedImage>,
+    /// One entry per request, in order: the edited image, or `None` for an image that
+    /// [`BatchHooks::drop_image`] dropped.
+    pub images: Vec<Option<EditedImage>>,
     /// Wall time of the call.
     pub seconds: f64,
 }
 
+/// The progress hook: `(step, total, elapsed since the call started, running)`.
+pub type OnStep = Box<dyn FnMut(usize, usize, Duration, &[bool]) + Send>;
+
+/// What the caller hears from, and says to, a running batch; both are called on the model
+/// thread between denoising steps, so they must be quick and must not block.
+pub struct BatchHooks {
+    /// After each step: `(step, total, elapsed since the call started, running)` where
+    /// `running[i]` says whether request `i` is still being computed.
+    pub on_step: OnStep,
+    /// Before each step, for each request still running: drop it now?
+    pub drop_image: Box<dyn FnMut(usize) -> bool + Send>,
+}
+
+impl Default for BatchHooks {
+    fn default() -> Self {
+        Self { on_step: Box::new(|_, _, _, _| {}), drop_image: Box::new(|_| false) }
+    }
+}
+
+impl std::fmt::Debug for BatchHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchHooks").finish_non_exhaustive()
+    }
+}
+
+/// One batch for the model thread.
 struct Command {
+    /// The images and their parameters.
     batch: EditBatch,
+    /// Deadline of the call.
     timeout: Duration,
+    /// Set to stop the whole call (shutdown).
     cancel: Arc<AtomicBool>,
+    /// Progress out, per-image drops in.
+    hooks: BatchHooks,
+    /// Where the answer goes.
     reply: oneshot::Sender<Result<BatchOutput, EditError>>,
+    /// The caller's span, entered on the model thread.
     span: tracing::Span,
 }
 
@@ -69,23 +103,41 @@ impl std::fmt::Debug for Backend {
     }
 }
 
-/// Reports steps to the metrics and stops at the deadline or on cancellation.
+/// Reports steps to the metrics and the caller's hooks, drops the images the caller drops,
+/// and stops at the deadline or on cancellation.
 struct StepObserver<'a> {
+    /// Step durations go here.
     metrics: &'a Metrics,
+    /// When the previous step ended.
     last: Instant,
+    /// The call's deadline.
     deadline: Instant,
+    /// The whole call's stop flag.
     cancel: &'a AtomicBool,
+    /// The caller's hooks.
+    hooks: &'a mut BatchHooks,
+    /// Which requests are still running.
+    running: Vec<bool>,
 }
 
 impl EditObserver for StepObserver<'_> {
-    fn on_step(&mut self, _step: usize, _total: usize, _elapsed: Duration) {
+    fn on_step(&mut self, step: usize, total: usize, elapsed: Duration) {
         let now = Instant::now();
         self.metrics.step(now.duration_since(self.last).as_secs_f64());
         self.last = now;
+        (self.hooks.on_step)(step, total, elapsed, &self.running);
     }
 
     fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed) || Instant::now() >= self.deadline
+    }
+
+    fn drop_image(&mut self, index: usize) -> bool {
+        let drop = (self.hooks.drop_image)(index);
+        if drop && let Some(r) = self.running.get_mut(index) {
+            *r = false;
+        }
+        drop
     }
 }
 
@@ -121,9 +173,10 @@ impl Backend {
                 let info = editor.info().clone();
                 metrics.model_loaded(started.elapsed().as_secs_f64(), version, &info.name, &info.device);
                 let _ = state_tx.send(ModelState::Ready(info.clone()));
-                while let Some(cmd) = rx.blocking_recv() {
-                    let _enter = cmd.span.enter();
-                    let result = run_batch(editor.as_ref(), &cmd, &metrics);
+                while let Some(mut cmd) = rx.blocking_recv() {
+                    let span = cmd.span.clone();
+                    let _enter = span.enter();
+                    let result = run_batch(editor.as_ref(), &mut cmd, &metrics);
                     // Health changes on evidence about the model only: a success, or a failure
                     // in the model. An invalid batch, a timeout or a cancel says nothing new.
                     let next = match &result {
@@ -189,10 +242,11 @@ impl Backend {
         batch: EditBatch,
         timeout: Duration,
         cancel: Arc<AtomicBool>,
+        hooks: BatchHooks,
     ) -> Result<BatchOutput, EditError> {
         let unavailable = |message: &str| EditError { kind: EditErrorKind::Unavailable, message: message.into() };
         let (reply, answer) = oneshot::channel();
-        let cmd = Command { batch, timeout, cancel, reply, span: tracing::Span::current() };
+        let cmd = Command { batch, timeout, cancel, hooks, reply, span: tracing::Span::current() };
         self.commands.send(cmd).await.map_err(|_| unavailable("model unavailable: the model thread has stopped"))?;
         answer.await.map_err(|_| unavailable("model unavailable: the model thread dropped the batch"))?
     }
@@ -200,12 +254,35 @@ impl Backend {
 
 /// One batch on the model thread: the editor's call under the deadline and the cancel flag,
 /// a panic turned into a model failure.
-fn run_batch(editor: &dyn Editor, cmd: &Command, metrics: &Metrics) -> Result<BatchOutput, EditError> {
+fn run_batch(editor: &dyn Editor, cmd: &mut Command, metrics: &Metrics) -> Result<BatchOutput, EditError> {
     let started = Instant::now();
     let deadline = started + cmd.timeout;
-    let mut observer = StepObserver { metrics, last: started, deadline, cancel: &cmd.cancel };
-    match std::panic::catch_unwind(AssertUnwindSafe(|| editor.edit(&cmd.batch, &mut observer))) {
-        Ok(Ok(images)) => Ok(BatchOutput { images, seconds: started.elapsed().as_secs_f64() }),
+    let n = cmd.batch.requests.len();
+    let mut observer = StepObserver {
+        metrics,
+        last: started,
+        deadline,
+        cancel: &cmd.cancel,
+        hooks: &mut cmd.hooks,
+        running: vec![true; n],
+    };
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| editor.edit(&cmd.batch, &mut observer)));
+    let running = observer.running;
+    match outcome {
+        Ok(Ok(images)) => {
+            // One image per request still running, in order; an editor that answers otherwise
+            // is broken (the batch fails as a model failure rather than misplace images).
+            let expected = running.iter().filter(|r| **r).count();
+            if images.len() != expected {
+                return Err(EditError {
+                    kind: EditErrorKind::Model,
+                    message: format!("the model returned {} images for {expected} requests", images.len()),
+                });
+            }
+            let mut images = images.into_iter();
+            let images = running.iter().map(|&r| if r { images.next() } else { None }).collect();
+            Ok(BatchOutput { images, seconds: started.elapsed().as_secs_f64() })
+        }
         // The observer stops the edit for both reasons; the flag tells which.
         Ok(Err(e)) if e.kind == EditErrorKind::Cancelled && !cmd.cancel.load(Ordering::Relaxed) => Err(EditError {
             kind: EditErrorKind::Timeout,

@@ -2,16 +2,17 @@
 //!
 //! Jobs are compatible when they share the processed size, the step count, the scheduler and
 //! its Karras-sigma setting (one UNet call per step must serve them all, at one timestep).
-//! Everything else — instruction, negative prompt, seed, guidance — is per image. A group is dispatched when it holds
-//! `max_batch` jobs or its oldest job has waited `max_batch_wait`; groups leave in the order
-//! their oldest job arrived. The batcher owns the groups; it hands a batch over only when the
-//! dispatcher can take it (a channel of capacity 1), and keeps collecting meanwhile, so a
-//! busy model gets fuller batches.
+//! Everything else — instruction, negative prompt, seed, guidance — is per image. A group is
+//! ready when it holds `max_batch` jobs, its oldest job has waited `max_batch_wait`, or it
+//! holds an urgent (high-priority) job. The batcher owns the groups and hands one over only
+//! when the dispatcher asks for it, i.e. when the model is free: the batch is chosen at that
+//! moment — urgent groups first, then the oldest — so a high-priority job that arrived while
+//! the model worked is the next to run, and a busy model gets fuller batches.
 
 use std::time::Duration;
 
 use retouch_core::params::SchedulerKind;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -32,11 +33,21 @@ pub struct BatchKey {
 pub trait Batchable: Send + 'static {
     /// Its compatibility key.
     fn key(&self) -> BatchKey;
+    /// Whether it should run as soon as the model is free (a high-priority job).
+    fn urgent(&self) -> bool {
+        false
+    }
 }
 
+/// Jobs that can share a model call, collected since `since`.
 struct Group<T> {
+    /// What they share.
     key: BatchKey,
+    /// When the first arrived.
     since: Instant,
+    /// Whether one of them is urgent.
+    urgent: bool,
+    /// The jobs.
     items: Vec<T>,
 }
 
@@ -49,40 +60,54 @@ pub struct BatchPolicy {
     pub max_wait: Duration,
 }
 
+/// How the dispatcher asks for the next batch: it sends a reply slot, the batcher answers with
+/// a batch as soon as one is ready.
+pub type BatchRequest<T> = oneshot::Sender<Vec<T>>;
+
 /// Runs until `input` closes (then flushes every group) or `stop` fires (then returns the
-/// undispatched items through `leftovers` for release).
+/// undispatched items through `leftovers` for release). Each request on `requests` is answered
+/// with one batch.
 pub async fn run<T: Batchable>(
     policy: BatchPolicy,
     mut input: mpsc::Receiver<T>,
-    output: mpsc::Sender<Vec<T>>,
+    mut requests: mpsc::Receiver<BatchRequest<T>>,
     stop: CancellationToken,
     leftovers: impl Fn(T) + Send,
 ) {
     let mut groups: Vec<Group<T>> = Vec::new();
     let mut input_open = true;
     loop {
-        let now = Instant::now();
-        let ready = groups
-            .iter()
-            .position(|g| g.items.len() >= policy.max_batch || now >= g.since + policy.max_wait || !input_open);
-        let next_deadline = groups.iter().map(|g| g.since + policy.max_wait).min();
         if !input_open && groups.is_empty() {
             return;
         }
+        let now = Instant::now();
+        let is_ready = |g: &Group<T>| {
+            g.urgent || g.items.len() >= policy.max_batch || now >= g.since + policy.max_wait || !input_open
+        };
+        // Groups are kept in arrival order of their first job: the first urgent ready group,
+        // else the oldest ready one.
+        let ready = groups.iter().position(|g| g.urgent && is_ready(g)).or_else(|| groups.iter().position(is_ready));
+        let next_deadline = groups.iter().map(|g| g.since + policy.max_wait).min();
         tokio::select! {
             biased;
             () = stop.cancelled() => break,
-            permit = output.reserve(), if ready.is_some() => {
-                let Ok(permit) = permit else { break };
+            request = requests.recv(), if ready.is_some() => {
+                let Some(reply) = request else { break };
                 let group = groups.remove(ready.expect("guarded by the select condition"));
-                permit.send(group.items);
+                if let Err(items) = reply.send(group.items) {
+                    // The dispatcher is gone: nothing of this batch started.
+                    items.into_iter().for_each(&leftovers);
+                }
             }
             item = input.recv(), if input_open => match item {
                 Some(item) => {
-                    let key = item.key();
+                    let (key, urgent) = (item.key(), item.urgent());
                     match groups.iter_mut().find(|g| g.key == key && g.items.len() < policy.max_batch) {
-                        Some(group) => group.items.push(item),
-                        None => groups.push(Group { key, since: Instant::now(), items: vec![item] }),
+                        Some(group) => {
+                            group.urgent |= urgent;
+                            group.items.push(item);
+                        }
+                        None => groups.push(Group { key, since: Instant::now(), urgent, items: vec![item] }),
                     }
                 }
                 None => input_open = false,
@@ -122,8 +147,11 @@ mod tests {
                 size: (self.0, self.0),
                 steps: 10,
                 scheduler: SchedulerKind::EulerAncestral,
-                karras_sigmas: (self.1 >= 100).then_some(true),
+                karras_sigmas: (100..1000).contains(&self.1).then_some(true),
             }
+        }
+        fn urgent(&self) -> bool {
+            self.1 >= 1000
         }
     }
 
@@ -131,33 +159,63 @@ mod tests {
         BatchPolicy { max_batch, max_wait: Duration::from_millis(ms) }
     }
 
+    /// The dispatcher's side: asks for one batch.
+    async fn next(requests: &mpsc::Sender<BatchRequest<Item>>) -> Option<Vec<Item>> {
+        let (tx, rx) = oneshot::channel();
+        requests.send(tx).await.ok()?;
+        rx.await.ok()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn full_groups_leave_at_once_and_partial_ones_after_the_wait() {
         let (tx, rx) = mpsc::channel(16);
-        let (out_tx, mut out_rx) = mpsc::channel(1);
+        let (req_tx, req_rx) = mpsc::channel(1);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(run(policy(2, 100), rx, out_tx, stop.clone(), |_| {}));
+        let task = tokio::spawn(run(policy(2, 100), rx, req_rx, stop.clone(), |_| {}));
         tx.send(Item(64, 1)).await.expect("send");
         tx.send(Item(64, 2)).await.expect("send");
         tx.send(Item(32, 3)).await.expect("send");
-        assert_eq!(out_rx.recv().await.expect("batch"), vec![Item(64, 1), Item(64, 2)]);
+        assert_eq!(next(&req_tx).await.expect("batch"), vec![Item(64, 1), Item(64, 2)]);
         let before = Instant::now();
-        assert_eq!(out_rx.recv().await.expect("batch"), vec![Item(32, 3)]);
+        assert_eq!(next(&req_tx).await.expect("batch"), vec![Item(32, 3)]);
         assert!(Instant::now() - before >= Duration::from_millis(99), "the partial group waited");
         drop(tx);
         task.await.expect("batcher ends when the input closes");
+        assert_eq!(next(&req_tx).await, None, "no batch after the end");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_urgent_job_goes_first_without_waiting() {
+        let (tx, rx) = mpsc::channel(16);
+        let (req_tx, req_rx) = mpsc::channel(1);
+        let task = tokio::spawn(run(policy(4, 10_000), rx, req_rx, CancellationToken::new(), |_| {}));
+        for item in [Item(64, 1), Item(64, 2), Item(32, 3), Item(16, 1000)] {
+            tx.send(item).await.expect("send");
+        }
+        tokio::task::yield_now().await;
+        let started = Instant::now();
+        // The oldest group is not ready (not full, not aged): the urgent one leaves at once.
+        assert_eq!(next(&req_tx).await.expect("batch"), vec![Item(16, 1000)]);
+        assert!(Instant::now() - started < Duration::from_millis(1));
+        // An urgent job joining a compatible group makes that group leave first.
+        tx.send(Item(32, 1001)).await.expect("send");
+        tokio::task::yield_now().await;
+        assert_eq!(next(&req_tx).await.expect("batch"), vec![Item(32, 3), Item(32, 1001)]);
+        drop(tx);
+        assert_eq!(next(&req_tx).await.expect("flush"), vec![Item(64, 1), Item(64, 2)]);
+        task.await.expect("ends");
     }
 
     #[tokio::test(start_paused = true)]
     async fn karras_sigmas_split_otherwise_equal_jobs() {
         let (tx, rx) = mpsc::channel(16);
-        let (out_tx, mut out_rx) = mpsc::channel(1);
-        let task = tokio::spawn(run(policy(4, 100), rx, out_tx, CancellationToken::new(), |_| {}));
+        let (req_tx, req_rx) = mpsc::channel(1);
+        let task = tokio::spawn(run(policy(4, 100), rx, req_rx, CancellationToken::new(), |_| {}));
         for item in [Item(64, 1), Item(64, 100), Item(64, 2), Item(64, 101)] {
             tx.send(item).await.expect("send");
         }
         drop(tx);
-        let mut batches = vec![out_rx.recv().await.expect("batch"), out_rx.recv().await.expect("batch")];
+        let mut batches = vec![next(&req_tx).await.expect("batch"), next(&req_tx).await.expect("batch")];
         batches.sort_by_key(|b| b[0].1);
         assert_eq!(batches, vec![vec![Item(64, 1), Item(64, 2)], vec![Item(64, 100), Item(64, 101)]]);
         task.await.expect("ends");
@@ -166,12 +224,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn closing_the_input_flushes_without_waiting() {
         let (tx, rx) = mpsc::channel(16);
-        let (out_tx, mut out_rx) = mpsc::channel(1);
-        let task = tokio::spawn(run(policy(4, 10_000), rx, out_tx, CancellationToken::new(), |_| {}));
+        let (req_tx, req_rx) = mpsc::channel(1);
+        let task = tokio::spawn(run(policy(4, 10_000), rx, req_rx, CancellationToken::new(), |_| {}));
         tx.send(Item(8, 1)).await.expect("send");
         drop(tx);
         let started = Instant::now();
-        assert_eq!(out_rx.recv().await.expect("batch"), vec![Item(8, 1)]);
+        assert_eq!(next(&req_tx).await.expect("batch"), vec![Item(8, 1)]);
         assert!(Instant::now() - started < Duration::from_millis(1));
         task.await.expect("ends");
     }
@@ -179,11 +237,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn stop_returns_undispatched_items() {
         let (tx, rx) = mpsc::channel(16);
-        let (out_tx, _out_rx) = mpsc::channel(1);
+        let (_req_tx, req_rx) = mpsc::channel::<BatchRequest<Item>>(1);
         let stop = CancellationToken::new();
         let released = Arc::new(Mutex::new(Vec::new()));
         let sink = released.clone();
-        let task = tokio::spawn(run(policy(4, 10_000), rx, out_tx, stop.clone(), move |i: Item| {
+        let task = tokio::spawn(run(policy(4, 10_000), rx, req_rx, stop.clone(), move |i: Item| {
             sink.lock().expect("lock").push(i.1)
         }));
         tx.send(Item(8, 1)).await.expect("send");

@@ -1,25 +1,34 @@
 //! The job engine: a job's life, stage by stage, in the order this file reads.
 //!
 //! ```text
-//! run: receive ─▶ prepare: validate ─▶ output exists? ─▶ fetch ─▶ decode ─▶ batcher ─▶ dispatch ─▶ infer ─▶ finish: encode ─▶ upload ─▶ settle: publish ─▶ ack
-//!                          │            └─ yes: settle as a duplicate                                                              (failures: retry, or
-//!                          └─ invalid: failure result + dead letter                                                                 failure result + dead letter)
+//! run: receive ─▶ prepare: validate ─▶ cancelled? ─▶ output exists? ─▶ fetch ─▶ decode ─▶ batcher ─▶ dispatch ─▶ infer ─▶ finish: encode ─▶ upload ─▶ settle: publish ─▶ ack
+//!                          │            │             └─ yes: settle as a duplicate                          (cancelled?)  (cancelled?)  (cancelled?)  (failures: retry, or
+//!                          │            └─ yes: settle as cancelled (no S3 access)                                                                     failure result + dead letter)
+//!                          └─ invalid: failure result + dead letter
 //! ```
 //!
 //! Reading order: [`run`] receives deliveries and spawns [`prepare`] for each; prepared jobs
 //! go through the batcher ([`crate::batcher`]) to [`dispatch`], which runs one batch at a time
 //! through [`infer`] on the model thread ([`crate::backend`]); each edited image gets its own
-//! [`finish`] task; every path ends in one of the three settlements at the bottom
-//! ([`Ctx::succeed`], [`Ctx::fail`], [`Ctx::release`]). What a failure means (its kind, whether
-//! to retry) is decided in one place, [`crate::failure`].
+//! [`finish`] task; every path ends in one of the four settlements at the bottom
+//! ([`Ctx::succeed`], [`Ctx::cancel`], [`Ctx::fail`], [`Ctx::release`]). What a failure means
+//! (its kind, whether to retry) is decided in one place, [`crate::failure`].
+//!
+//! Cancellation ([`crate::cancel::CancelRegistry`]) is asked on arrival (before any S3
+//! access), when a batch is handed to the model, between denoising steps (the image leaves
+//! the running batch; its batch-mates finish bit-identical to their solo runs) and before the
+//! upload; a cancelled job gets a `cancelled` result and is acked, never dead-lettered. Jobs
+//! that asked for progress get a `started` event when their model call starts and throttled
+//! `progress` events from the model thread, through a bounded buffer that drops rather than
+//! waits, so events never slow inference or hold up a settlement.
 //!
 //! Concurrency, and why every queue is bounded:
 //! * a semaphore of `concurrency` permits (= the broker prefetch) bounds deliveries in flight;
 //!   each delivery holds one permit until it is settled;
 //! * one task per delivery fetches and decodes, so the next batch is prepared while the model
 //!   works; prepared jobs reach the batcher through a channel of `concurrency` slots;
-//! * the batcher hands batches to the dispatcher through a channel of capacity 1, and the
-//!   dispatcher to the model thread one batch at a time;
+//! * the dispatcher asks the batcher for a batch only when the model is free, so the batch
+//!   (high-priority jobs first) is chosen at the last moment, and runs one batch at a time;
 //! * each finished image gets its own task for encode → upload → publish → ack, overlapping the
 //!   next inference.
 //!
@@ -40,18 +49,20 @@ use image::RgbImage;
 use retouch_core::backoff::Backoff;
 use retouch_core::editor::{EditBatch, EditError, EditErrorKind, EditRequest, EditedImage, ModelInfo};
 use retouch_core::error::JobError;
+use retouch_core::events::{EventType, JobEvent};
 use retouch_core::imaging::{self, DecodeLimits};
-use retouch_core::job::{JobResult, PROTOCOL_VERSION, ResultError, Status, Timings, ValidJob, parse_job};
+use retouch_core::job::{JobResult, PROTOCOL_VERSION, Priority, ResultError, Status, Timings, ValidJob, parse_job};
 use retouch_core::queue::{Delivery, DeliveryInfo, JobSource, ResultSink};
 use retouch_core::store::ObjectStore;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::backend::Backend;
-use crate::batcher::{self, BatchKey, BatchPolicy, Batchable};
+use crate::backend::{Backend, BatchHooks};
+use crate::batcher::{self, BatchKey, BatchPolicy, BatchRequest, Batchable};
+use crate::cancel::CancelRegistry;
 use crate::failure::{self, Object};
 pub use crate::metrics::Summary;
 use crate::metrics::{Metrics, Outcome, Stage};
@@ -179,6 +190,30 @@ impl EngineSettings {
     }
 }
 
+/// What reaches the engine from outside a job's own message: the cancel requests, and the
+/// webhook policy.
+#[derive(Debug, Default)]
+pub struct Control {
+    /// Cancel requests in force (filled by the cancel feed).
+    pub cancels: Arc<CancelRegistry>,
+    /// Whether, and to where, jobs may ask for webhooks.
+    pub webhooks: WebhookPolicy,
+}
+
+/// Which webhook URLs jobs may name (the delivery itself is the relay's).
+#[derive(Clone, Debug, Default)]
+pub struct WebhookPolicy {
+    /// A signing secret is configured: without one, a job asking for a webhook is invalid.
+    pub enabled: bool,
+    /// The hosts that may be called.
+    pub allow: retouch_webhooks::AllowList,
+    /// `http://` URLs are accepted (else only `https://`).
+    pub allow_http: bool,
+}
+
+/// Progress events waiting for the publisher; beyond this many, new ones are dropped.
+const EVENT_BUFFER: usize = 1024;
+
 /// Errors that end the engine (not a job).
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -196,6 +231,7 @@ pub enum EngineError {
 ///
 /// # Errors
 /// [`EngineError::Model`] when the model never becomes ready.
+#[allow(clippy::too_many_arguments)] // the engine's seams, each a different kind of thing
 pub async fn run<S, O, R>(
     settings: EngineSettings,
     mut source: S,
@@ -203,6 +239,7 @@ pub async fn run<S, O, R>(
     sink: Arc<R>,
     backend: Arc<Backend>,
     metrics: Arc<Metrics>,
+    control: Control,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<Summary, EngineError>
 where
@@ -216,21 +253,47 @@ where
     let policy = settings.batch_policy();
     let tasks = TaskTracker::new();
     let retry = Backoff::new(settings.retry_backoff, settings.retry_backoff_max).with_jitter(0.8, 1.2);
-    let ctx = Arc::new(Ctx { settings, retry, store, sink, metrics: metrics.clone(), model, tasks: tasks.clone() });
+    // Progress events: the model thread drops into a bounded buffer, a task publishes.
+    let (events, mut event_rx) = mpsc::channel::<(JobEvent, Option<String>)>(EVENT_BUFFER);
+    let event_task = {
+        let (sink, metrics) = (sink.clone(), metrics.clone());
+        tokio::spawn(async move {
+            while let Some((event, reply_to)) = event_rx.recv().await {
+                match sink.publish_event(&event, reply_to.as_deref()).await {
+                    Ok(()) => metrics.event(true),
+                    Err(e) => {
+                        metrics.event(false);
+                        tracing::debug!(error = %e, "progress event not published");
+                    }
+                }
+            }
+        })
+    };
+    let ctx = Arc::new(Ctx {
+        settings,
+        retry,
+        store,
+        sink,
+        metrics: metrics.clone(),
+        model,
+        control,
+        events,
+        tasks: tasks.clone(),
+    });
     let stop = CancellationToken::new();
     let permits = Arc::new(Semaphore::new(concurrency));
 
     // Prepared jobs wait here for the batcher: at most one per delivery in flight.
     let (to_batcher, batcher_rx) = mpsc::channel::<Prepared<S::Delivery>>(concurrency);
-    // One ready batch waits while the model runs another.
-    let (batch_tx, batch_rx) = mpsc::channel::<Vec<Prepared<S::Delivery>>>(1);
+    // The dispatcher asks for the next batch when the model is free.
+    let (batch_requests, batch_request_rx) = mpsc::channel::<BatchRequest<Prepared<S::Delivery>>>(1);
     let batcher_task = {
         let (ctx, stop) = (ctx.clone(), stop.clone());
-        tokio::spawn(batcher::run(policy, batcher_rx, batch_tx, stop, move |p: Prepared<S::Delivery>| {
+        tokio::spawn(batcher::run(policy, batcher_rx, batch_request_rx, stop, move |p: Prepared<S::Delivery>| {
             ctx.release(p.flight)
         }))
     };
-    let dispatcher_task = tokio::spawn(dispatch(ctx.clone(), backend, batch_rx, stop.clone()));
+    let dispatcher_task = tokio::spawn(dispatch(ctx.clone(), backend, batch_requests, stop.clone()));
 
     tokio::pin!(shutdown);
     let stopped = loop {
@@ -289,6 +352,9 @@ where
     } else {
         drain.await;
     }
+    // The last events go out (or are dropped) once nothing can make more.
+    drop(ctx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), event_task).await;
     Ok(metrics.summary().since(&settled_before))
 }
 
@@ -310,6 +376,12 @@ async fn prepare<D: Delivery, O: ObjectStore, R: ResultSink>(
         Ok(job) => job,
         Err(e) => return ctx.fail(flight, None, e).await,
     };
+    if ctx.cancelled(&job) {
+        return ctx.cancel(flight, &job, "on arrival").await;
+    }
+    if let Err(e) = ctx.check_webhook(&job) {
+        return ctx.fail(flight, Some(&job), e).await;
+    }
     match ctx.store.head(&job.output).await {
         Ok(Some(existing)) if existing.metadata.get(meta::JOB_ID) == Some(&job.job.job_id) => {
             let dim = |k: &str| existing.metadata.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -366,20 +438,38 @@ async fn prepare<D: Delivery, O: ObjectStore, R: ResultSink>(
 
 // --- dispatch and infer ----------------------------------------------------------------------
 
-/// Takes the batcher's batches one at a time to the model; after a stop, gives back every
-/// batch whose model call has not started.
+/// Asks the batcher for a batch whenever the model is free and runs it; settles the jobs
+/// cancelled while they waited; after a stop, gives back every batch whose model call has not
+/// started.
 async fn dispatch<D: Delivery, O: ObjectStore, R: ResultSink>(
     ctx: Arc<Ctx<O, R>>,
     backend: Arc<Backend>,
-    mut batches: mpsc::Receiver<Vec<Prepared<D>>>,
+    requests: mpsc::Sender<BatchRequest<Prepared<D>>>,
     stop: CancellationToken,
 ) {
-    while let Some(batch) = batches.recv().await {
+    loop {
+        let (reply, batch) = oneshot::channel();
+        if requests.send(reply).await.is_err() {
+            return;
+        }
+        // The batcher ends (dropping the request) once its input is closed and empty.
+        let Ok(batch) = batch.await else { return };
         if stop.is_cancelled() {
             batch.into_iter().for_each(|p| ctx.release(p.flight));
             continue;
         }
-        infer(&ctx, &backend, batch, &stop).await;
+        let mut jobs = Vec::with_capacity(batch.len());
+        for p in batch {
+            if ctx.cancelled(&p.job) {
+                let ctx = ctx.clone();
+                ctx.tasks.clone().spawn(async move { ctx.cancel(p.flight, &p.job, "waiting for the model").await });
+            } else {
+                jobs.push(p);
+            }
+        }
+        if !jobs.is_empty() {
+            infer(&ctx, &backend, jobs, &stop).await;
+        }
     }
 }
 
@@ -405,7 +495,7 @@ async fn infer<D: Delivery, O: ObjectStore, R: ResultSink>(
             image_guidance_scale: p.job.params.image_guidance_scale,
             init_latents: None,
         });
-        flights.push((p.flight, p.job));
+        flights.push(Some((p.flight, p.job)));
     }
     let batch =
         EditBatch { steps: key.steps, scheduler: Some(key.scheduler), karras_sigmas: key.karras_sigmas, requests };
@@ -422,7 +512,23 @@ async fn infer<D: Delivery, O: ObjectStore, R: ResultSink>(
         })
     };
     let requests_backup = if n > 1 { Some(batch.requests.clone()) } else { None };
-    let result = backend.edit(batch, ctx.settings.job_timeout, cancel).await;
+    // Images dropped between steps (cancelled) are reported at once and settled while their
+    // batch-mates run on.
+    let (dropped_tx, mut dropped) = mpsc::channel::<usize>(n);
+    let listeners: Vec<(ValidJob, Option<String>)> =
+        flights.iter().flatten().map(|(flight, job)| (job.clone(), flight.delivery.info().reply_to.clone())).collect();
+    let hooks = ctx.hooks(listeners, batch.steps, dropped_tx);
+    let edit = backend.edit(batch, ctx.settings.job_timeout, cancel, hooks);
+    tokio::pin!(edit);
+    let result = loop {
+        tokio::select! {
+            result = &mut edit => break result,
+            Some(i) = dropped.recv() => ctx.cancel_dropped(&mut flights, i),
+        }
+    };
+    while let Ok(i) = dropped.try_recv() {
+        ctx.cancel_dropped(&mut flights, i);
+    }
     watchdog.abort();
 
     // An editor that answers with another number of images than it was asked for is broken:
@@ -439,27 +545,35 @@ async fn infer<D: Delivery, O: ObjectStore, R: ResultSink>(
     });
     match result {
         Ok(output) => {
-            for ((mut flight, job), edited) in flights.into_iter().zip(output.images) {
-                flight.record(&ctx.metrics, Stage::Inference, output.seconds);
-                ctx.tasks.spawn(finish(ctx.clone(), flight, job, edited));
+            for (i, edited) in output.images.into_iter().enumerate() {
+                match edited {
+                    Some(edited) => {
+                        let Some((mut flight, job)) = flights[i].take() else { continue };
+                        flight.record(&ctx.metrics, Stage::Inference, output.seconds);
+                        ctx.tasks.spawn(finish(ctx.clone(), flight, job, edited));
+                    }
+                    // Dropped between denoising steps (settled above, unless the report was lost).
+                    None => ctx.cancel_dropped(&mut flights, i),
+                }
             }
         }
         Err(e) if e.kind == EditErrorKind::Cancelled => {
-            for (flight, _) in flights {
+            for (flight, _) in flights.into_iter().flatten() {
                 ctx.release(flight);
             }
         }
         Err(e) if e.kind == EditErrorKind::Model && n > 1 => {
             tracing::warn!(error = %e, jobs = n, "batch failed; retrying its jobs one at a time");
             let requests = requests_backup.expect("kept for batches of several");
-            for ((flight, job), request) in flights.into_iter().zip(requests) {
+            for (slot, request) in flights.into_iter().zip(requests) {
+                let Some((flight, job)) = slot else { continue };
                 let single = Prepared { flight, job, image: request.image, key };
                 Box::pin(infer(ctx, backend, vec![single], stop)).await;
             }
         }
         Err(e) => {
             let error = failure::edit(&e);
-            for (flight, job) in flights {
+            for (flight, job) in flights.into_iter().flatten() {
                 let (ctx, error) = (ctx.clone(), error.clone());
                 ctx.tasks.clone().spawn(async move { ctx.fail(flight, Some(&job), error).await });
             }
@@ -489,6 +603,9 @@ async fn finish<D: Delivery, O: ObjectStore, R: ResultSink>(
         tracing::warn!(job_id = %job.job.job_id, "the safety checker flagged the edited image; the output is black");
     }
 
+    if ctx.cancelled(&job) {
+        return ctx.cancel(flight, &job, "before its upload").await;
+    }
     let started = Instant::now();
     let (format, quality) = (job.params.format, job.params.quality);
     let bytes = match tokio::task::spawn_blocking(move || imaging::encode(&edited.image, format, quality)).await {
@@ -534,11 +651,149 @@ struct Ctx<O, R> {
     metrics: Arc<Metrics>,
     /// The loaded model's facts.
     model: ModelInfo,
+    /// Cancel requests and the webhook policy.
+    control: Control,
+    /// Progress events for the publishing task (bounded; full = dropped).
+    events: mpsc::Sender<(JobEvent, Option<String>)>,
     /// The finish and settlement tasks, awaited on drain.
     tasks: TaskTracker,
 }
 
 impl<O: ObjectStore, R: ResultSink> Ctx<O, R> {
+    /// Whether `job` (or its campaign) is cancelled.
+    fn cancelled(&self, job: &ValidJob) -> bool {
+        self.control.cancels.is_cancelled(&job.job.job_id, job.job.campaign_id.as_deref())
+    }
+
+    /// The job's webhook is usable here: webhooks are enabled and its host is allowed.
+    fn check_webhook(&self, job: &ValidJob) -> Result<(), JobError> {
+        let Some(hook) = &job.job.webhook else { return Ok(()) };
+        let policy = &self.control.webhooks;
+        if !policy.enabled {
+            return Err(failure::webhook("this worker has no webhook secret configured (webhooks.secret)".into()));
+        }
+        policy.allow.check(&hook.url, policy.allow_http).map(drop).map_err(|e| failure::webhook(e.to_string()))
+    }
+
+    /// The webhook URL results of `job` go to, if any.
+    fn webhook<'j>(&self, job: Option<&'j ValidJob>) -> Option<&'j str> {
+        job?.job.webhook.as_ref().filter(|_| self.control.webhooks.enabled).map(|w| w.url.as_str())
+    }
+
+    /// Sends an event if the buffer has room (else counts it dropped).
+    fn emit(&self, event: JobEvent, reply_to: Option<String>) {
+        if self.events.try_send((event, reply_to)).is_err() {
+            self.metrics.event_dropped();
+        }
+    }
+
+    /// A job's event at this moment.
+    fn event(
+        &self,
+        job: &ValidJob,
+        event: EventType,
+        step: usize,
+        steps: usize,
+        batch_size: usize,
+        elapsed: f64,
+    ) -> JobEvent {
+        JobEvent {
+            version: PROTOCOL_VERSION,
+            event,
+            job_id: job.job.job_id.clone(),
+            campaign_id: job.job.campaign_id.clone(),
+            step: u32::try_from(step).unwrap_or(u32::MAX),
+            steps: u32::try_from(steps).unwrap_or(u32::MAX),
+            batch_size: u32::try_from(batch_size).unwrap_or(u32::MAX),
+            elapsed,
+            worker: self.settings.worker_name.clone(),
+            at: retouch_core::time::now_rfc3339(),
+        }
+    }
+
+    /// The batch's hooks: `started` now, throttled `progress` from the model thread for the
+    /// jobs that asked for it, and the per-step cancel check.
+    /// `jobs` are the batch's jobs with their `reply_to`, in request order; each image the
+    /// hooks drop is reported on `dropped`.
+    fn hooks(
+        self: &Arc<Self>,
+        jobs: Vec<(ValidJob, Option<String>)>,
+        steps: u32,
+        dropped: mpsc::Sender<usize>,
+    ) -> BatchHooks {
+        let n = jobs.len();
+        let ids: Vec<(String, Option<String>)> =
+            jobs.iter().map(|(j, _)| (j.job.job_id.clone(), j.job.campaign_id.clone())).collect();
+        // (index, job, reply_to) of the jobs that want progress.
+        let listeners: Vec<(usize, ValidJob, Option<String>)> = jobs
+            .into_iter()
+            .enumerate()
+            .filter(|(_, (job, _))| job.job.wants_progress())
+            .map(|(i, (job, reply_to))| (i, job, reply_to))
+            .collect();
+        for (_, job, reply_to) in &listeners {
+            self.emit(self.event(job, EventType::Started, 0, steps as usize, n, 0.0), reply_to.clone());
+        }
+        let drop_image = {
+            let ctx = self.clone();
+            Box::new(move |i: usize| {
+                let cancelled = ids.get(i).is_some_and(|(id, c)| ctx.control.cancels.is_cancelled(id, c.as_deref()));
+                if cancelled {
+                    // Capacity n: one report per image at most, never full.
+                    let _ = dropped.try_send(i);
+                }
+                cancelled
+            })
+        };
+        if listeners.is_empty() {
+            return BatchHooks { drop_image, ..BatchHooks::default() };
+        }
+        let ctx = self.clone();
+        let mut last_sent: Option<Instant> = None;
+        let on_step = Box::new(move |step: usize, total: usize, elapsed: Duration, running: &[bool]| {
+            let now = Instant::now();
+            let due = step == total || last_sent.is_none_or(|t| now.duration_since(t) >= PROGRESS_INTERVAL);
+            if !due {
+                return;
+            }
+            last_sent = Some(now);
+            for (i, job, reply_to) in &listeners {
+                if running.get(*i).copied().unwrap_or(false) {
+                    let event = ctx.event(job, EventType::Progress, step, total, n, elapsed.as_secs_f64());
+                    ctx.emit(event, reply_to.clone());
+                }
+            }
+        });
+        BatchHooks { on_step, drop_image }
+    }
+
+    /// Settles image `i` of a running batch, dropped because it was cancelled (once: its slot
+    /// is emptied).
+    fn cancel_dropped<D: Delivery>(self: &Arc<Self>, flights: &mut [Option<(InFlight<D>, ValidJob)>], i: usize) {
+        if let Some((flight, job)) = flights.get_mut(i).and_then(Option::take) {
+            let ctx = self.clone();
+            self.tasks.spawn(async move { ctx.cancel(flight, &job, "during its model call").await });
+        }
+    }
+
+    /// Settles a cancelled job: a `cancelled` result (no output was or will be written), then
+    /// the ack.
+    async fn cancel<D: Delivery>(&self, mut flight: InFlight<D>, job: &ValidJob, when: &str) {
+        flight.timings.total = seconds(flight.received);
+        let info = flight.delivery.info().clone();
+        let mut result = self.result(&flight, &info, Some(job));
+        result.status = Status::Cancelled;
+        if let Err(e) = self.sink.publish(&result, &info, self.webhook(Some(job))).await {
+            return self.fail(flight, Some(job), failure::unpublished(&e)).await;
+        }
+        self.metrics.settled(Outcome::Cancelled, None, flight.timings.total);
+        tracing::info!(job_id = %job.job.job_id, when, "job cancelled");
+        let InFlight { delivery, _slot, .. } = flight;
+        if let Err(e) = delivery.ack().await {
+            tracing::warn!(job_id = %job.job.job_id, error = %e, "ack lost; the job will come back and be cancelled again");
+        }
+    }
+
     /// Publishes a success (or duplicate) result, then acks.
     async fn succeed<D: Delivery>(&self, mut flight: InFlight<D>, job: &ValidJob, size: (u32, u32), duplicate: bool) {
         flight.timings.total = seconds(flight.received);
@@ -548,7 +803,7 @@ impl<O: ObjectStore, R: ResultSink> Ctx<O, R> {
         (result.width, result.height) = (Some(size.0), Some(size.1));
         result.duplicate = duplicate;
         let published = Instant::now();
-        if let Err(e) = self.sink.publish(&result, &info).await {
+        if let Err(e) = self.sink.publish(&result, &info, self.webhook(Some(job))).await {
             return self.fail(flight, Some(job), failure::unpublished(&e)).await;
         }
         self.metrics.stage(Stage::Publish, seconds(published));
@@ -585,7 +840,7 @@ impl<O: ObjectStore, R: ResultSink> Ctx<O, R> {
         result.status = Status::Failed;
         result.error =
             Some(ResultError { kind: error.kind, message: error.message.clone(), retryable: error.retryable });
-        if let Err(e) = self.sink.publish(&result, &info).await {
+        if let Err(e) = self.sink.publish(&result, &info, self.webhook(job)).await {
             tracing::error!(job_id, error = %e, "could not publish the failure result");
         }
         self.metrics.settled(Outcome::Failed, Some(error.kind), flight.timings.total);
@@ -714,7 +969,14 @@ impl<D: Delivery> Batchable for Prepared<D> {
     fn key(&self) -> BatchKey {
         self.key
     }
+
+    fn urgent(&self) -> bool {
+        self.flight.delivery.info().priority == Priority::High || self.job.job.priority() == Priority::High
+    }
 }
+
+/// Least time between two `progress` events of a job (the last step is always sent).
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
 fn seconds(since: Instant) -> f64 {
     since.elapsed().as_secs_f64()

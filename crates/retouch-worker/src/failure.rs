@@ -95,6 +95,12 @@ pub(crate) fn blocked_nsfw() -> JobError {
 
 /// The output exists but its result could not be published: another delivery will find the
 /// output and publish a duplicate result, so this is worth a retry.
+/// A job whose webhook this worker may not call (none configured, or the host not allowed):
+/// permanent, the job is invalid here.
+pub(crate) fn webhook(why: String) -> JobError {
+    JobError::new(ErrorKind::InvalidJob, format!("webhook: {why}"))
+}
+
 pub(crate) fn unpublished(error: &QueueError) -> JobError {
     JobError::transient(ErrorKind::Internal, format!("result not published: {error}"))
 }

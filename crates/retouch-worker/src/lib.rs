@@ -6,6 +6,7 @@
 //!   publish, ack — with bounded queues, retries, dead letters and graceful shutdown.
 //! * `failure` (private): the one error classifier — every failure a job meets becomes a
 //!   protocol error kind with its retry class there.
+//! * [`cancel`]: the cancel requests in force, asked at every stage.
 //! * [`batcher`]: grouping compatible jobs into model calls.
 //! * [`backend`]: the model thread that owns the editor.
 //! * [`metrics`]: every Prometheus metric; [`http`]: `/metrics`, `/healthz`, `/readyz`.
@@ -13,6 +14,7 @@
 
 pub mod backend;
 pub mod batcher;
+pub mod cancel;
 pub mod engine;
 mod failure;
 pub mod http;

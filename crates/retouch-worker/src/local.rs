@@ -286,7 +286,12 @@ impl JsonlReport {
 }
 
 impl ResultSink for JsonlReport {
-    async fn publish(&self, result: &JobResult, _info: &DeliveryInfo) -> Result<(), QueueError> {
+    async fn publish(
+        &self,
+        result: &JobResult,
+        _info: &DeliveryInfo,
+        _webhook: Option<&str>,
+    ) -> Result<(), QueueError> {
         let line = serde_json::to_string(result).map_err(|e| QueueError::Broker(e.to_string()))?;
         {
             let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());

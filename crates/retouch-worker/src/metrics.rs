@@ -32,10 +32,13 @@ pub enum Outcome {
     Failed,
     /// Never started (shutdown); returned to the queue.
     Released,
+    /// Cancelled (`retouch cancel`): `cancelled` result, acked, no output.
+    Cancelled,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 5] = [Self::Succeeded, Self::Duplicate, Self::Retried, Self::Failed, Self::Released];
+    const ALL: [Outcome; 6] =
+        [Self::Succeeded, Self::Duplicate, Self::Retried, Self::Failed, Self::Released, Self::Cancelled];
 
     fn as_str(self) -> &'static str {
         match self {
@@ -44,6 +47,7 @@ impl Outcome {
             Self::Retried => "retried",
             Self::Failed => "failed",
             Self::Released => "released",
+            Self::Cancelled => "cancelled",
         }
     }
 
@@ -66,6 +70,8 @@ pub struct Summary {
     pub failed: u64,
     /// Given back unstarted at shutdown.
     pub released: u64,
+    /// Cancelled.
+    pub cancelled: u64,
 }
 
 impl Summary {
@@ -78,6 +84,7 @@ impl Summary {
             retried: self.retried.saturating_sub(earlier.retried),
             failed: self.failed.saturating_sub(earlier.failed),
             released: self.released.saturating_sub(earlier.released),
+            cancelled: self.cancelled.saturating_sub(earlier.cancelled),
         }
     }
 }
@@ -139,6 +146,10 @@ pub struct Metrics {
     reconnects: IntCounter,
     lost_acks: IntCounter,
     unroutable_results: IntCounter,
+    events: IntCounterVec,
+    cancel_requests: IntCounter,
+    webhook_deliveries: IntCounterVec,
+    webhook_duration: Histogram,
     build_info: IntGaugeVec,
     queue: Arc<QueueCounters>,
 }
@@ -227,6 +238,32 @@ impl Metrics {
             "Results the broker returned because no queue is bound to the results exchange.",
         )
         .expect("valid");
+        let events = IntCounterVec::new(
+            Opts::new(
+                "retouch_progress_events_total",
+                "Progress events (started, progress), by outcome: published, failed (the broker refused), dropped (buffer full).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid");
+        let cancel_requests = IntCounter::new(
+            "retouch_cancel_requests_total",
+            "Cancel requests read from the cancel stream (those in force at start-up included).",
+        )
+        .expect("valid");
+        let webhook_deliveries = IntCounterVec::new(
+            Opts::new(
+                "retouch_webhook_deliveries_total",
+                "Webhook deliveries finished by this worker's relay, by outcome: delivered, gave_up (dead-lettered after retry_for), refused (host not allowed).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid");
+        let webhook_duration = histogram(
+            "retouch_webhook_delivery_duration_seconds",
+            "From a result's publication to its webhook delivery's end (retries included).",
+            DURATION_BUCKETS,
+        );
         let build_info = IntGaugeVec::new(
             Opts::new("retouch_build_info", "Build and runtime facts; always 1."),
             &["version", "model", "device"],
@@ -252,6 +289,10 @@ impl Metrics {
             Box::new(reconnects.clone()),
             Box::new(lost_acks.clone()),
             Box::new(unroutable_results.clone()),
+            Box::new(events.clone()),
+            Box::new(cancel_requests.clone()),
+            Box::new(webhook_deliveries.clone()),
+            Box::new(webhook_duration.clone()),
             Box::new(build_info.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -270,6 +311,12 @@ impl Metrics {
         }
         for stage in Stage::ALL {
             stage_duration.with_label_values(&[stage.as_str()]);
+        }
+        for outcome in ["published", "failed", "dropped"] {
+            events.with_label_values(&[outcome]);
+        }
+        for outcome in ["delivered", "gave_up", "refused"] {
+            webhook_deliveries.with_label_values(&[outcome]);
         }
         Self {
             registry,
@@ -291,9 +338,35 @@ impl Metrics {
             reconnects,
             lost_acks,
             unroutable_results,
+            events,
+            cancel_requests,
+            webhook_deliveries,
+            webhook_duration,
             build_info,
             queue,
         }
+    }
+
+    /// Records a progress event handed to the broker (`true`) or refused by it.
+    pub fn event(&self, published: bool) {
+        self.events.with_label_values(&[if published { "published" } else { "failed" }]).inc();
+    }
+
+    /// Records a progress event dropped because the buffer was full.
+    pub fn event_dropped(&self) {
+        self.events.with_label_values(&["dropped"]).inc();
+    }
+
+    /// Records a cancel request read from the stream.
+    pub fn cancel_request(&self) {
+        self.cancel_requests.inc();
+    }
+
+    /// Records a finished webhook delivery: `outcome` is `delivered`, `gave_up` or `refused`,
+    /// `seconds` from the result's publication.
+    pub fn webhook(&self, outcome: &str, seconds: f64) {
+        self.webhook_deliveries.with_label_values(&[outcome]).inc();
+        self.webhook_duration.observe(seconds);
     }
 
     /// Records a settled delivery.
@@ -374,6 +447,7 @@ impl Metrics {
             retried: count(Outcome::Retried),
             failed: count(Outcome::Failed),
             released: count(Outcome::Released),
+            cancelled: count(Outcome::Cancelled),
         }
     }
 

@@ -125,7 +125,12 @@ impl ObjectStore for FlakyStore {
 struct Results(Mutex<Vec<JobResult>>);
 
 impl ResultSink for Results {
-    async fn publish(&self, result: &JobResult, _info: &DeliveryInfo) -> Result<(), QueueError> {
+    async fn publish(
+        &self,
+        result: &JobResult,
+        _info: &DeliveryInfo,
+        _webhook: Option<&str>,
+    ) -> Result<(), QueueError> {
         self.0.lock().expect("lock").push(result.clone());
         Ok(())
     }
@@ -220,6 +225,7 @@ async fn run_with(
         sink.clone(),
         w.backend.clone(),
         w.metrics.clone(),
+        engine::Control::default(),
         std::future::pending(),
     )
     .await
@@ -460,6 +466,7 @@ async fn shutdown_gives_back_unstarted_jobs_and_finishes_the_running_batch() {
         sink.clone(),
         w.backend.clone(),
         w.metrics.clone(),
+        engine::Control::default(),
         stop,
     )
     .await

@@ -107,7 +107,10 @@ async fn readiness_follows_the_models_health() {
     assert!(ready_gauge());
 
     let no_cancel = || Arc::new(AtomicBool::new(false));
-    let failed = backend.edit(batch(), Duration::from_secs(5), no_cancel()).await.expect_err("scripted failure");
+    let failed = backend
+        .edit(batch(), Duration::from_secs(5), no_cancel(), Default::default())
+        .await
+        .expect_err("scripted failure");
     assert_eq!(failed.kind, EditErrorKind::Model);
     assert!(matches!(backend.state(), ModelState::Unhealthy { .. }), "{:?}", backend.state());
     let (status, body) = get(addr, "/readyz").await;
@@ -117,18 +120,21 @@ async fn readiness_follows_the_models_health() {
 
     // A batch the model refuses as invalid is not a sign of a sick model, but it is no success
     // either: the worker stays as it was until a batch succeeds.
-    let invalid = backend.edit(batch(), Duration::from_secs(5), no_cancel()).await.expect_err("scripted invalid");
+    let invalid = backend
+        .edit(batch(), Duration::from_secs(5), no_cancel(), Default::default())
+        .await
+        .expect_err("scripted invalid");
     assert_eq!(invalid.kind, EditErrorKind::InvalidInput);
     assert_eq!(get(addr, "/readyz").await.0, 503, "an invalid batch is the job's fault, not evidence of health");
 
-    backend.edit(batch(), Duration::from_secs(5), no_cancel()).await.expect("scripted success");
+    backend.edit(batch(), Duration::from_secs(5), no_cancel(), Default::default()).await.expect("scripted success");
     assert_eq!(get(addr, "/readyz").await, (200, "ready\n".into()));
     assert!(ready_gauge());
 
     // Left idle after a failure, the worker is ready again once the hold has passed.
     // Taken before the call: the hold starts when the model fails, inside it.
     let failed_at = std::time::Instant::now();
-    backend.edit(batch(), Duration::from_secs(5), no_cancel()).await.expect_err("scripted failure");
+    backend.edit(batch(), Duration::from_secs(5), no_cancel(), Default::default()).await.expect_err("scripted failure");
     assert_eq!(get(addr, "/readyz").await.0, 503);
     let deadline = failed_at + Duration::from_secs(30);
     loop {

@@ -90,33 +90,43 @@ covers every accepted value.
 
 {{/*
 retouch.workerToml: the `config` map as TOML, one section per worker component in the order of
-config/worker.toml ([amqp], [s3], [engine], [model]), keys sorted within each, nulls omitted,
-then [metrics] with the address derived from service.port. Numbers arrive as json.Number (chart
-values.yaml), float64 (-f files) or int64 (--set); every numeric worker key is an integer (the
-schema says so), so all are printed as integers (the worker rejects 4.0).
+config/worker.toml ([amqp], [s3], [engine], [model], [metrics], [webhooks]), keys sorted within
+each, nulls omitted; [metrics] holds the address derived from service.port. Numbers arrive as
+json.Number (chart values.yaml), float64 (-f files) or int64 (--set); every numeric worker key
+is an integer (the schema says so), so all are printed as integers (the worker rejects 4.0).
+Lists (webhooks.allow_hosts) are lists of strings, printed as JSON arrays, which TOML reads.
 */}}
 {{- define "retouch.workerToml" -}}
 # Rendered by the retouch Helm chart from .Values.config; see config/worker.toml for each key.
-# amqp.url comes from the environment (RETOUCH_AMQP_URL, from the Secret).
+# amqp.url and webhooks.secret come from the environment (RETOUCH_AMQP_URL,
+# RETOUCH_WEBHOOKS_SECRET, from the Secret).
 {{- range $section := list "amqp" "s3" "engine" "model" }}
-{{- $values := get $.Values.config $section | default dict }}
 
-[{{ $section }}]
-{{- range $key := keys $values | sortAlpha }}
-{{- $v := get $values $key }}
+{{ include "retouch.tomlSection" (dict "name" $section "values" (get $.Values.config $section | default dict)) }}
+{{- end }}
+
+[metrics]
+addr = {{ printf "0.0.0.0:%d" (int .Values.service.port) | quote }}
+
+{{ include "retouch.tomlSection" (dict "name" "webhooks" "values" (get .Values.config "webhooks" | default dict)) }}
+{{- end }}
+
+{{/* retouch.tomlSection: one `[name]` section of worker.toml from the map `values`. */}}
+{{- define "retouch.tomlSection" -}}
+[{{ .name }}]
+{{- range $key := keys .values | sortAlpha }}
+{{- $v := get $.values $key }}
 {{- if kindIs "invalid" $v }}
 {{- else if kindIs "bool" $v }}
 {{ $key }} = {{ $v }}
 {{- else if or (kindIs "float64" $v) (kindIs "int" $v) (kindIs "int64" $v) (eq (typeOf $v) "json.Number") }}
 {{ $key }} = {{ int64 $v }}
+{{- else if kindIs "slice" $v }}
+{{ $key }} = [{{ range $i, $e := $v }}{{ if $i }}, {{ end }}{{ toString $e | toJson }}{{ end }}]
 {{- else }}
 {{ $key }} = {{ toString $v | toJson }}
 {{- end }}
 {{- end }}
-{{- end }}
-
-[metrics]
-addr = {{ printf "0.0.0.0:%d" (int .Values.service.port) | quote }}
 {{- end }}
 
 {{/* True ("true") when the model is downloaded by the init container. */}}
@@ -132,6 +142,20 @@ addr = {{ printf "0.0.0.0:%d" (int .Values.service.port) | quote }}
 
 {{- define "retouch.monitoringApi" -}}
 {{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" }}true{{ end }}
+{{- end }}
+
+{{/*
+retouch.webhookSecretKey: the key of the webhook signing secret in the Secret, or "" when no
+secret source is configured (webhooks off, no RETOUCH_WEBHOOKS_SECRET). The chart-created
+Secret holds one when secrets.webhookSecret is set; an existing Secret when
+secrets.keys.webhookSecret names its key.
+*/}}
+{{- define "retouch.webhookSecretKey" -}}
+{{- if .Values.secrets.create }}
+{{- if .Values.secrets.webhookSecret }}{{ default "webhook-secret" .Values.secrets.keys.webhookSecret }}{{ end }}
+{{- else if .Values.secrets.existingSecret }}
+{{- .Values.secrets.keys.webhookSecret }}
+{{- end }}
 {{- end }}
 
 {{/* Environment shared by the worker and the init container. */}}

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use image::RgbImage;
-use retouch_core::editor::{EditBatch, EditRequest, NoProgress};
+use retouch_core::editor::{EditBatch, EditObserver, EditRequest, NoProgress};
 use retouch_core::imaging::{self, DecodeLimits};
 use retouch_core::params::SchedulerKind;
 use retouch_model::{InstructPix2Pix, LoadOptions};
@@ -225,4 +225,60 @@ fn fp16_variant_and_missing_variant() {
     let options = LoadOptions { variant: Some("int4".into()), ..Default::default() };
     let err = InstructPix2Pix::load(Path::new(&dir), "tiny", &options).expect_err("no int4 files");
     assert!(err.to_string().contains("int4"), "{err}");
+}
+
+/// Drops the images named, before the step given (`total` = before decoding), and records
+/// the steps it saw.
+struct DropAt {
+    /// (request index, drop before this step — counted from 0).
+    drops: Vec<(usize, usize)>,
+    /// Steps completed so far.
+    step: usize,
+}
+
+impl EditObserver for DropAt {
+    fn on_step(&mut self, step: usize, _total: usize, _elapsed: std::time::Duration) {
+        self.step = step;
+    }
+
+    fn drop_image(&mut self, index: usize) -> bool {
+        self.drops.iter().any(|&(i, at)| i == index && self.step >= at)
+    }
+}
+
+#[test]
+fn images_dropped_mid_batch_leave_their_batch_mates_bit_identical() {
+    let model = load("models/tiny-sd15", None);
+    let images = [synthetic(64, 0), synthetic(64, 17), synthetic(64, 34), synthetic(64, 51)];
+    let request = |i: usize, gs: f32| EditRequest {
+        image: images[i].clone(),
+        instruction: format!("edit number {i}"),
+        negative_prompt: None,
+        seed: 10 + i as u64,
+        guidance_scale: gs,
+        image_guidance_scale: 1.5,
+        init_latents: None,
+    };
+    // A multistep solver (its state must shrink with the batch) and an ancestral one (its
+    // per-image noise generators must stay in step).
+    for scheduler in [SchedulerKind::Unipc, SchedulerKind::DpmppTwoMSde, SchedulerKind::EulerAncestral] {
+        let batch = EditBatch {
+            steps: 6,
+            scheduler: Some(scheduler),
+            karras_sigmas: None,
+            requests: vec![request(0, 7.5), request(1, 1.0), request(2, 4.0), request(3, 7.5)],
+        };
+        // Image 1 (unguided, one UNet row) leaves before step 3, image 3 before decoding.
+        let mut observer = DropAt { drops: vec![(1, 3), (3, 6)], step: 0 };
+        let kept = model.run(&batch, &mut observer).expect("batch with drops");
+        assert_eq!(kept.len(), 2, "{scheduler}: one result per image not dropped");
+        for (result, i) in kept.iter().zip([0, 2]) {
+            let alone = run_alone(&model, &batch, &batch.requests[i]);
+            let (max, _) = max_and_mean_diff(&result.image, &alone);
+            assert!(result.image == alone, "{scheduler}: image {i} differs from its solo run (max |Δ| {max})");
+        }
+        let mut all = DropAt { drops: vec![(0, 2), (1, 2), (2, 2), (3, 2)], step: 0 };
+        assert!(model.run(&batch, &mut all).expect("all dropped").is_empty(), "{scheduler}");
+        assert_eq!(all.step, 2, "{scheduler}: no step runs once every image is dropped");
+    }
 }
