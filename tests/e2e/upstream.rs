@@ -64,7 +64,9 @@ fn progress_events_arrive_in_order_throttled_and_end_at_the_last_step() {
     worker.wait_ready();
     let mut watched = job("watched", "big.png", 60);
     watched["events"] = json!(["progress"]);
-    broker.publish_json(&watched);
+    let replies = broker.declare_queue("replies");
+    let options = JobPublishOptions { reply_to: Some(replies), ..JobPublishOptions::default() };
+    broker.publish_many(&[watched], &options);
     broker.publish_json(&job("quiet", "img0.png", 3));
     let results = broker.results_until(Duration::from_secs(300), |r| r.len() >= 2);
     assert!(results.values().all(|r| r.status == Status::Succeeded), "{results:?}");
@@ -88,6 +90,16 @@ fn progress_events_arrive_in_order_throttled_and_end_at_the_last_step() {
     assert!(progress.len() as f64 <= wall + 2.0, "{} progress events in a {wall:.1} s call", progress.len());
     let published = metric(&worker, r#"retouch_progress_events_total{outcome="published"}"#).expect("metric");
     assert_eq!(published as usize, events.len());
+    // The job's reply_to got the same events and its result.
+    let replied = broker.drain("replies");
+    let (results, events_replied): (Vec<_>, Vec<_>) =
+        replied.iter().partition(|(body, _)| serde_json::from_slice::<JobResult>(body).is_ok());
+    assert_eq!(results.len(), 1, "one result on reply_to");
+    let replied_steps: Vec<u32> = events_replied
+        .iter()
+        .map(|(body, _)| serde_json::from_slice::<retouch_e2e::JobEvent>(body).expect("an event").step)
+        .collect();
+    assert_eq!(replied_steps, events.iter().map(|e| e.step).collect::<Vec<_>>(), "the same events, in order");
     assert_eq!(worker.terminate(Duration::from_secs(60)).code(), Some(0));
 }
 

@@ -6,7 +6,8 @@
 //! ```
 //!
 //! One worker (`max_batch` 1), the tiny checkpoint on a `size`² source; jobs with and without
-//! `"events": ["progress"]` alternate (so drift hits both alike) and the results' own
+//! `"events": ["progress"]` alternate, each kind first in every other pair (so drift and
+//! position hit both alike) and the results' own
 //! `timings.inference` (the model call's wall time) are compared: median and mean per kind, and
 //! the events that arrived.
 
@@ -47,8 +48,11 @@ fn main() {
         j
     };
     for i in 0..=pairs {
-        broker.publish_json(&job(format!("with-{i}"), true));
-        broker.publish_json(&job(format!("without-{i}"), false));
+        // Alternate which kind goes first, so neither always follows the other.
+        let (first, second) = (job(format!("with-{i}"), true), job(format!("without-{i}"), false));
+        let (first, second) = if i % 2 == 0 { (first, second) } else { (second, first) };
+        broker.publish_json(&first);
+        broker.publish_json(&second);
     }
     let results = broker.results_until(Duration::from_secs(3600), |r| r.len() >= 2 * (pairs + 1));
     broker.drain_results();

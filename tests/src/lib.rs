@@ -30,6 +30,9 @@ pub use retouch_core::events::{CancelRequest, EventType, JobEvent};
 use retouch_core::job::JobResult;
 use retouch_core::queue::QueueCounters;
 
+pub mod faults;
+pub use faults::{Exchange, Fault, FaultProxy, Rule};
+
 /// Access key every test S3 server accepts.
 pub const ACCESS_KEY: &str = "e2e-access";
 /// Secret key every test S3 server accepts.
@@ -429,6 +432,25 @@ impl Broker {
         }
     }
 
+    /// Declares a durable queue `<prefix>.<suffix>` of this test (a `reply_to` target) and
+    /// returns its name; it is deleted with the broker objects.
+    pub fn declare_queue(&self, suffix: &str) -> String {
+        assert_eq!(suffix, "replies", "only the replies queue is cleaned up");
+        let name = format!("{}.{suffix}", self.prefix);
+        let channel = self.channel();
+        self.runtime.block_on(async {
+            channel
+                .queue_declare(
+                    name.as_str().into(),
+                    QueueDeclareOptions { durable: true, ..Default::default() },
+                    FieldTable::default(),
+                )
+                .await
+                .expect("declare the queue");
+        });
+        name
+    }
+
     /// Drains a queue of this test (`webhooks.dead`, …): `(body, headers)` per message.
     pub fn drain(&self, suffix: &str) -> Vec<(Vec<u8>, BTreeMap<String, String>)> {
         self.drain_queue(&format!("{}.{suffix}", self.prefix))
@@ -552,6 +574,7 @@ impl Drop for Broker {
                 format!("{prefix}.cancel"),
                 format!("{prefix}.webhooks"),
                 format!("{prefix}.webhooks.dead"),
+                format!("{prefix}.replies"),
                 results,
             ] {
                 let _ = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;

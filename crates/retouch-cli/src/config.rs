@@ -476,3 +476,48 @@ mod tests {
         assert!(e.contains("model.") && e.contains("tpu"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! Configuration files and environment overrides from arbitrary input: a configuration or a
+    //! [`ConfigError`], never a panic.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A `RETOUCH_*` variable: a real key (or a deprecated one) with an arbitrary value.
+    fn variable() -> impl Strategy<Value = (String, String)> {
+        let keys: Vec<String> = WorkerConfig::keys()
+            .into_iter()
+            .map(|(s, k)| format!("{ENV_PREFIX}{}_{}", s.to_ascii_uppercase(), k.to_ascii_uppercase()))
+            .chain(DEPRECATED_KEYS.iter().map(|(old, _, _)| format!("{ENV_PREFIX}{}", old.to_ascii_uppercase())))
+            .collect();
+        let value = prop_oneof![".{0,30}", "[0-9]{1,6}", "[0-9]{1,3}(ms|s|m|h)", Just("true".to_string())];
+        (prop::sample::select(keys), value)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_environment_overrides_load_or_fail_typed(vars in prop::collection::vec(variable(), 0..8)) {
+            if let Ok(loaded) = WorkerConfig::load(None, vars) {
+                // What loads is valid, and shows no secret.
+                prop_assert!(loaded.config.validate().is_ok());
+                let _ = loaded.config.redacted();
+            }
+        }
+
+        #[test]
+        fn arbitrary_config_files_load_or_fail_typed(text in prop_oneof![
+            ".{0,200}",
+            "\\[(amqp|s3|engine|model|metrics|webhooks)\\]\n[a-z_]{1,20} = (\"[a-z0-9:/.]{0,20}\"|[0-9]{1,4}|true|\\[\\])\n",
+        ]) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("worker.toml");
+            std::fs::write(&path, &text).expect("write");
+            let _ = WorkerConfig::load(Some(&path), std::iter::empty());
+        }
+    }
+}

@@ -227,3 +227,36 @@ mod tests {
         assert!(read(&path).expect_err("unknown column").to_string().contains("colour"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! Manifests from arbitrary text: rows or a clear error, never a panic.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_manifests_read_or_fail_typed(
+            lines in prop::collection::vec(prop_oneof![
+                ".{0,60}",
+                Just(r#"{"source":"s3://in/a.png","instruction":"x"}"#.to_string()),
+                Just("source,instruction,steps".to_string()),
+                Just("s3://in/b.png,make it snowy,4".to_string()),
+            ], 0..6),
+            csv in any::<bool>(),
+        ) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join(if csv { "jobs.csv" } else { "jobs.jsonl" });
+            std::fs::write(&path, lines.join("\n")).expect("write");
+            if let Ok(rows) = read(&path) {
+                for row in rows {
+                    let _ = to_job(row, Some("c"), Some("x"), &EditParams::default());
+                }
+            }
+        }
+    }
+}

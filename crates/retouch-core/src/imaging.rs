@@ -341,6 +341,43 @@ fn resize_with(image: &RgbImage, width: u32, height: u32, filter: Filter) -> Rgb
 mod tests {
     use super::*;
 
+    const LIMITS: DecodeLimits = DecodeLimits { max_pixels: 1 << 20, max_bytes: 1 << 20 };
+
+    fn frame(seed: u8) -> image::RgbaImage {
+        // 4 colours, all opaque: a GIF palette holds them exactly.
+        image::RgbaImage::from_fn(24, 16, |x, y| {
+            let colours = [[200, 30, 30, 255], [30, 200, 30, 255], [30, 30, 200, seed | 255], [seed, seed, seed, 255]];
+            image::Rgba(colours[((x / 6 + y / 4) % 4) as usize])
+        })
+    }
+
+    #[test]
+    fn gif_bmp_and_tiff_sources_decode_and_an_animation_gives_its_first_frame() {
+        use image::codecs::gif::{GifEncoder, Repeat};
+        let (first, second) = (frame(90), frame(250));
+        let mut gif = Vec::new();
+        {
+            let mut encoder = GifEncoder::new(&mut gif);
+            encoder.set_repeat(Repeat::Infinite).expect("repeat");
+            for f in [&first, &second] {
+                encoder.encode_frame(image::Frame::new(f.clone())).expect("frame");
+            }
+        }
+        let decoded = decode(&gif, LIMITS).expect("an animated GIF decodes");
+        assert_eq!(decoded.image, DynamicImage::ImageRgba8(first.clone()).to_rgb8(), "the first frame, as Pillow");
+        assert!(decoded.had_alpha, "GIF frames decode as RGBA; opaque pixels stay as they are");
+        for format in [image::ImageFormat::Bmp, image::ImageFormat::Tiff] {
+            let rgb = DynamicImage::ImageRgba8(second.clone()).to_rgb8();
+            let mut bytes = Cursor::new(Vec::new());
+            rgb.write_to(&mut bytes, format).expect("encode");
+            let decoded = decode(bytes.get_ref(), LIMITS).unwrap_or_else(|e| panic!("{format:?}: {e}"));
+            assert_eq!(decoded.image, rgb, "{format:?} decodes losslessly");
+        }
+        // The pixel limit is checked from the GIF's header, before any frame is decoded.
+        let tight = DecodeLimits { max_pixels: 100, ..LIMITS };
+        assert!(matches!(decode(&gif, tight), Err(ImageError::TooLarge(_))));
+    }
+
     #[test]
     fn target_size_floors_and_bounds() {
         assert_eq!(target_size(64, 64, 512, 8).expect("fits"), (64, 64));

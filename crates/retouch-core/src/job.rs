@@ -197,6 +197,29 @@ pub fn parse_job(body: &[u8]) -> Result<EditJob, JobError> {
     serde_json::from_slice(body).map_err(|e| invalid(format!("not a valid job: {e}")))
 }
 
+/// What can be read from a job that is not valid, for routing its failure result: its id and
+/// campaign when the body is a JSON object carrying well-formed ones.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Envelope {
+    /// `job_id`, when it is a valid job id.
+    pub job_id: Option<String>,
+    /// `campaign_id`, when it is a valid campaign id.
+    pub campaign_id: Option<String>,
+}
+
+impl Envelope {
+    /// Best-effort read of `body`'s `job_id` and `campaign_id`; never fails.
+    pub fn read(body: &[u8]) -> Self {
+        let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body) else {
+            return Self::default();
+        };
+        let field = |name: &str, valid: fn(&str) -> bool| {
+            map.get(name).and_then(serde_json::Value::as_str).filter(|v| valid(v)).map(str::to_string)
+        };
+        Self { job_id: field("job_id", valid_job_id), campaign_id: field("campaign_id", valid_campaign_id) }
+    }
+}
+
 /// Whether `body` starts (after JSON whitespace) like a JSON object.
 pub fn is_json_object(body: &[u8]) -> bool {
     body.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r')) == Some(&b'{')
@@ -443,6 +466,16 @@ mod tests {
             assert_eq!(e.kind, ErrorKind::InvalidJob, "{body}");
             assert!(e.message.contains(needle), "{body}: {}", e.message);
         }
+    }
+
+    #[test]
+    fn an_invalid_job_still_names_its_id_and_campaign_when_it_can() {
+        let e = Envelope::read(br#"{"job_id":"j-1","campaign_id":"spring","instruction":"x"}"#);
+        assert_eq!((e.job_id.as_deref(), e.campaign_id.as_deref()), (Some("j-1"), Some("spring")));
+        let e = Envelope::read(br#"{"job_id":"has space","campaign_id":7}"#);
+        assert_eq!(e, Envelope::default());
+        assert_eq!(Envelope::read(b"[1,2]"), Envelope::default());
+        assert_eq!(Envelope::read(b"\xff\xfe"), Envelope::default());
     }
 
     #[test]

@@ -51,7 +51,9 @@ use retouch_core::editor::{EditBatch, EditError, EditErrorKind, EditRequest, Edi
 use retouch_core::error::JobError;
 use retouch_core::events::{EventType, JobEvent};
 use retouch_core::imaging::{self, DecodeLimits};
-use retouch_core::job::{JobResult, PROTOCOL_VERSION, Priority, ResultError, Status, Timings, ValidJob, parse_job};
+use retouch_core::job::{
+    Envelope, JobResult, PROTOCOL_VERSION, Priority, ResultError, Status, Timings, ValidJob, parse_job,
+};
 use retouch_core::queue::{Delivery, DeliveryInfo, JobSource, ResultSink};
 use retouch_core::store::ObjectStore;
 use serde::{Deserialize, Serialize};
@@ -374,7 +376,11 @@ async fn prepare<D: Delivery, O: ObjectStore, R: ResultSink>(
     }
     let job = match parse_job(flight.delivery.body()).and_then(|j| j.validate(&ctx.settings.output_prefix)) {
         Ok(job) => job,
-        Err(e) => return ctx.fail(flight, None, e).await,
+        Err(e) => {
+            // Its failure result still goes to its campaign's routing key when it names one.
+            flight.envelope = Envelope::read(flight.delivery.body());
+            return ctx.fail(flight, None, e).await;
+        }
     };
     if ctx.cancelled(&job) {
         return ctx.cancel(flight, &job, "on arrival").await;
@@ -822,7 +828,10 @@ impl<O: ObjectStore, R: ResultSink> Ctx<O, R> {
     async fn fail<D: Delivery>(&self, mut flight: InFlight<D>, job: Option<&ValidJob>, error: JobError) {
         flight.timings.total = seconds(flight.received);
         let info = flight.delivery.info().clone();
-        let job_id = job.map_or_else(|| info.message_id.clone().unwrap_or_default(), |j| j.job.job_id.clone());
+        let job_id = job.map_or_else(
+            || flight.envelope.job_id.clone().or_else(|| info.message_id.clone()).unwrap_or_default(),
+            |j| j.job.job_id.clone(),
+        );
         if error.retryable && !info.last_attempt {
             let delay = self.retry.delay(info.attempt.saturating_sub(1));
             tracing::warn!(job_id, attempt = info.attempt, kind = %error.kind, error = %error.message,
@@ -866,8 +875,12 @@ impl<O: ObjectStore, R: ResultSink> Ctx<O, R> {
     fn result<D: Delivery>(&self, flight: &InFlight<D>, info: &DeliveryInfo, job: Option<&ValidJob>) -> JobResult {
         JobResult {
             version: PROTOCOL_VERSION,
-            job_id: job.map(|j| j.job.job_id.clone()).or_else(|| info.message_id.clone()).unwrap_or_default(),
-            campaign_id: job.and_then(|j| j.job.campaign_id.clone()),
+            job_id: job
+                .map(|j| j.job.job_id.clone())
+                .or_else(|| flight.envelope.job_id.clone())
+                .or_else(|| info.message_id.clone())
+                .unwrap_or_default(),
+            campaign_id: job.map_or_else(|| flight.envelope.campaign_id.clone(), |j| j.job.campaign_id.clone()),
             status: Status::Succeeded,
             source: job.map(|j| j.source.to_string()),
             output: None,
@@ -899,6 +912,8 @@ struct InFlight<D> {
     timings: Timings,
     /// The safety checker's verdict once the model (or an earlier delivery's output) gave one.
     nsfw_content_detected: Option<bool>,
+    /// What could be read of an invalid job (its id and campaign), for its failure result.
+    envelope: Envelope,
     /// Returned on drop, i.e. when the delivery is settled.
     _slot: Slot,
 }
@@ -910,6 +925,7 @@ impl<D> InFlight<D> {
             received: Instant::now(),
             timings: Timings::default(),
             nsfw_content_detected: None,
+            envelope: Envelope::default(),
             _slot: slot,
         }
     }

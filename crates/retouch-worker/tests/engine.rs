@@ -278,10 +278,12 @@ async fn bad_jobs_fail_with_the_right_kind_and_are_dead_lettered() {
         job("not-image", &not_image, ""),
         job("too-small", &tiny, ""),
         job("ok", &good, ""),
+        // Invalid, but its id and campaign are readable: the failure result is routed by them.
+        ("msg-7".to_string(), br#"{"job_id":"j-7","campaign_id":"spring","instruction":"x","colour":1}"#.to_vec()),
     ];
     let queue = LocalQueue::new(jobs, 3);
     let (summary, results) = run(&w, queue.clone(), FsStore, 2).await;
-    assert_eq!(summary.failed, 6);
+    assert_eq!(summary.failed, 7);
     assert_eq!(summary.succeeded, 1);
     let kinds: BTreeMap<String, ErrorKind> =
         results.all().into_iter().filter_map(|r| r.error.map(|e| (r.job_id, e.kind))).collect();
@@ -291,8 +293,10 @@ async fn bad_jobs_fail_with_the_right_kind_and_are_dead_lettered() {
     assert_eq!(kinds["missing"], ErrorKind::SourceNotFound);
     assert_eq!(kinds["not-image"], ErrorKind::InvalidImage);
     assert_eq!(kinds["too-small"], ErrorKind::InvalidImage);
+    let routed = results.all().into_iter().find(|r| r.job_id == "j-7").expect("the result names the job id");
+    assert_eq!((routed.campaign_id.as_deref(), routed.routing_key().as_str()), (Some("spring"), "failed.spring"));
     let dead = queue.dead_letters();
-    assert_eq!(dead.len(), 6);
+    assert_eq!(dead.len(), 7);
     assert!(dead.iter().all(|d| d.attempt == 1), "permanent failures are not retried");
     let unknown = dead.iter().find(|d| d.message_id == "unknown-key").expect("dead letter");
     assert!(unknown.error.message.contains("colour"), "{}", unknown.error.message);
