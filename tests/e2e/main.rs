@@ -3,6 +3,7 @@
 
 mod campaign;
 mod cli;
+mod cluster;
 mod s3_faults;
 mod safety;
 mod samplers;

@@ -7,11 +7,14 @@
 //! restart), so it stays off: each owner rebuilds its session itself after the backoff of
 //! [`AmqpSettings::reconnect_backoff`].
 
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection, ConnectionProperties};
 use retouch_core::queue::QueueError;
+use retouch_core::redact::redact_url;
 
 use crate::settings::AmqpSettings;
 use crate::topology::{TopologyError, declare_topology};
@@ -95,17 +98,16 @@ pub(crate) struct Session {
 
 impl Session {
     /// Connects as `<connection_name>/<role>`, handles the topology, opens the confirm channel.
+    /// With a URL list ([`AmqpSettings::urls`]) it connects to the first entry that answers,
+    /// starting after the one this role last connected to (each entry bounded by
+    /// [`CONNECT_TIMEOUT`]); a failure after the connection (topology, channels) is not
+    /// retried on the next entry.
     ///
     /// # Errors
     /// [`OpenError`]; [`OpenError::is_permanent`] says whether to retry.
     pub(crate) async fn open(settings: &AmqpSettings, role: &str, topology: Topology) -> Result<Self, OpenError> {
         let name = format!("{}/{role}", settings.connection_name);
-        let props = ConnectionProperties::default().with_connection_name(name.into());
-        let connection = match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&settings.url, props)).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(source)) => return Err(OpenError::Connect { url: settings.redacted_url(), source }),
-            Err(_) => return Err(OpenError::ConnectTimeout { url: settings.redacted_url(), after: CONNECT_TIMEOUT }),
-        };
+        let connection = connect(settings, role, &name).await?;
         if topology == Topology::Declare {
             // A channel of its own: a failed declaration closes its channel.
             let setup = connection.create_channel().await.map_err(OpenError::channel("opening a channel"))?;
@@ -144,6 +146,53 @@ impl Session {
     pub(crate) async fn close(self, reason: &str) {
         let _ = self.confirm.wait_for_confirms().await;
         let _ = self.connection.close(200, reason.into()).await;
+    }
+}
+
+/// Where the next connection of a (URL list, role) starts in the list: the entry after the one
+/// it last connected to, so a reconnect after losing a node tries the next node first. A single
+/// URL never needs it.
+static NEXT_URL: LazyLock<Mutex<HashMap<(String, String), usize>>> = LazyLock::new(Mutex::default);
+
+/// Connects to the first entry of [`AmqpSettings::urls`] that answers, starting at the rotating
+/// index of (`settings.url`, `role`); the error is the last entry's.
+async fn connect(settings: &AmqpSettings, role: &str, name: &str) -> Result<Connection, OpenError> {
+    let urls = settings.urls();
+    if urls.len() <= 1 {
+        // One URL (or none, which lapin rejects): exactly the single-broker behaviour.
+        let url = urls.first().copied().unwrap_or(settings.url.as_str());
+        return connect_one(url, name).await;
+    }
+    let key = (settings.url.clone(), role.to_owned());
+    let start = NEXT_URL.lock().map_or(0, |m| m.get(&key).copied().unwrap_or(0)) % urls.len();
+    let mut last = None;
+    for k in 0..urls.len() {
+        let i = (start + k) % urls.len();
+        match connect_one(urls[i], name).await {
+            Ok(connection) => {
+                if let Ok(mut m) = NEXT_URL.lock() {
+                    m.insert(key, (i + 1) % urls.len());
+                }
+                if k > 0 {
+                    tracing::info!(url = %redact_url(urls[i]), skipped = k, "connected to a later broker of the list");
+                }
+                return Ok(connection);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "broker unavailable; trying the next of the list");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.expect("at least two URLs were tried"))
+}
+
+async fn connect_one(url: &str, name: &str) -> Result<Connection, OpenError> {
+    let props = ConnectionProperties::default().with_connection_name(name.to_owned().into());
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(source)) => Err(OpenError::Connect { url: redact_url(url), source }),
+        Err(_) => Err(OpenError::ConnectTimeout { url: redact_url(url), after: CONNECT_TIMEOUT }),
     }
 }
 

@@ -22,6 +22,14 @@ pub struct AmqpSettings {
     /// Broker URI, `amqp[s]://user:password@host:port/vhost` (the default vhost `/` is written
     /// `%2f`). Query parameters such as `?heartbeat=30` or `?frame_max=131072` are honoured
     /// by lapin. Contains a secret: `Debug` prints it as `amqp://user:***@host…`.
+    ///
+    /// For a cluster, several URIs separated by commas and/or whitespace
+    /// (`amqp://u:p@mq1:5672/%2f, amqp://u:p@mq2:5672/%2f`): a connection tries them in order
+    /// and keeps the first that answers; a reconnect starts with the URI after the one last
+    /// connected, so losing a node moves the connection to the next. Each entry must start
+    /// with `amqp://` or `amqps://` (a separator is only recognised before one of those, so a
+    /// comma inside a password stays part of it). Give each worker the list starting at a
+    /// different node to spread the fleet.
     pub url: String,
     /// Durable **direct** exchange that jobs are published to (`retouch.jobs`).
     pub jobs_exchange: String,
@@ -150,8 +158,22 @@ impl AmqpSettings {
     /// # Errors
     /// A message naming the offending field.
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.url.starts_with("amqp://") || self.url.starts_with("amqps://")) {
+        let urls = self.urls();
+        if urls.is_empty() {
             return Err(format!("url {:?}: expected amqp:// or amqps://", redact_url(&self.url)));
+        }
+        for url in &urls {
+            let rest = url.strip_prefix("amqps://").or_else(|| url.strip_prefix("amqp://"));
+            let host = rest.map(|r| {
+                let authority = &r[..r.find(['/', '?', '#']).unwrap_or(r.len())];
+                &authority[authority.rfind('@').map_or(0, |at| at + 1)..]
+            });
+            if host.is_none_or(str::is_empty) || url.contains(char::is_whitespace) {
+                return Err(format!(
+                    "url {:?}: expected amqp:// or amqps:// and a host (several: separated by commas or whitespace)",
+                    redact_url(url)
+                ));
+            }
         }
         for (field, name) in [
             ("jobs_exchange", &self.jobs_exchange),
@@ -219,9 +241,21 @@ impl AmqpSettings {
         if self.prefetch == 0 { auto.clamp(1, 2000) } else { self.prefetch }
     }
 
-    /// The URL with its password replaced by `***`, for logs.
+    /// The URL with its password replaced by `***`, for logs (every entry of a list, joined
+    /// with `, `).
     pub fn redacted_url(&self) -> String {
-        redact_url(&self.url)
+        let urls = self.urls();
+        if urls.len() <= 1 {
+            return redact_url(&self.url);
+        }
+        urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The broker URIs of [`url`](Self::url), in order: one for a plain URI, several for a
+    /// list separated by commas and/or whitespace. A separator only counts before `amqp://` or
+    /// `amqps://`, so a single URI comes back unchanged (trimmed); empty when there is none.
+    pub fn urls(&self) -> Vec<&str> {
+        split_urls(&self.url)
     }
 
     /// The reconnect delays: from [`reconnect_backoff_min`](Self::reconnect_backoff_min),
@@ -233,10 +267,39 @@ impl AmqpSettings {
     }
 }
 
+/// See [`AmqpSettings::urls`].
+fn split_urls(list: &str) -> Vec<&str> {
+    let is_sep = |c: char| c == ',' || c.is_whitespace();
+    let list = list.trim_matches(is_sep);
+    if list.is_empty() {
+        return Vec::new();
+    }
+    // Starts of entries: 0 and every `amqp://` / `amqps://` preceded by a separator.
+    let mut starts = vec![0];
+    for (i, c) in list.char_indices() {
+        if is_sep(c) {
+            let next = i + c.len_utf8();
+            let tail = &list[next..];
+            if (tail.starts_with("amqp://") || tail.starts_with("amqps://")) && starts.last() != Some(&next) {
+                starts.push(next);
+            }
+        }
+    }
+    let mut urls = Vec::with_capacity(starts.len());
+    for (k, &start) in starts.iter().enumerate() {
+        let end = starts.get(k + 1).copied().unwrap_or(list.len());
+        let url = list[start..end].trim_matches(is_sep);
+        if !url.is_empty() {
+            urls.push(url);
+        }
+    }
+    urls
+}
+
 impl fmt::Debug for AmqpSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpSettings")
-            .field("url", &redact_url(&self.url))
+            .field("url", &self.redacted_url())
             .field("jobs_exchange", &self.jobs_exchange)
             .field("jobs_routing_key", &self.jobs_routing_key)
             .field("jobs_queue", &self.jobs_queue)
@@ -289,5 +352,42 @@ mod tests {
             let e = s.validate().expect_err(needle);
             assert!(e.contains(needle), "{e}");
         }
+    }
+
+    #[test]
+    fn a_single_url_is_unchanged() {
+        let s = AmqpSettings::default();
+        assert_eq!(s.urls(), vec!["amqp://guest:guest@127.0.0.1:5672/%2f"]);
+        assert_eq!(s.redacted_url(), "amqp://guest:***@127.0.0.1:5672/%2f");
+        // A comma inside a password is not a separator.
+        let s = AmqpSettings { url: " amqp://u:a,b@h:5672/%2f?heartbeat=5 ".into(), ..Default::default() };
+        assert_eq!(s.urls(), vec!["amqp://u:a,b@h:5672/%2f?heartbeat=5"]);
+        assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn a_url_list_is_split_validated_and_redacted() {
+        let s = AmqpSettings {
+            url: "amqp://u:p1@a:5672/%2f, amqps://u:p2@b:5671/v\n  amqp://c:5673/%2f,".into(),
+            ..Default::default()
+        };
+        assert_eq!(s.urls(), vec!["amqp://u:p1@a:5672/%2f", "amqps://u:p2@b:5671/v", "amqp://c:5673/%2f"]);
+        assert!(s.validate().is_ok());
+        let r = s.redacted_url();
+        assert_eq!(r, "amqp://u:***@a:5672/%2f, amqps://u:***@b:5671/v, amqp://c:5673/%2f");
+        let d = format!("{s:?}");
+        assert!(!d.contains("p1") && !d.contains("p2"), "{d}");
+
+        for bad in
+            ["", " , ", "amqp://a:5672/%2f, http://b:5672/%2f", "amqp://a/%2f,amqp://", "amqp://a/%2f amqps:///x"]
+        {
+            let s = AmqpSettings { url: bad.into(), ..Default::default() };
+            let e = s.validate().expect_err(bad);
+            assert!(e.starts_with("url"), "{bad:?}: {e}");
+        }
+        // A bad entry's password is not shown.
+        let s = AmqpSettings { url: "amqp://a/%2f, amqp://u:hunter2@/x".into(), ..Default::default() };
+        let e = s.validate().expect_err("no host");
+        assert!(!e.contains("hunter2"), "{e}");
     }
 }
