@@ -2,7 +2,7 @@
 # deploy/test-services/lib.sh: helpers that find, install and start the real services the
 # Retouch test suite needs (RabbitMQ, s3s-fs, promtool, helm, kubernetes-validate).
 #
-# Sourced by tests/run and deploy/test-services/rabbitmq-node.sh; see README.md next to it.
+# Sourced by tests/run, deploy/test-services/rabbitmq-node.sh and rabbitmq-cluster.sh; see README.md next to it.
 # Every function is prefixed `rt_`. Diagnostics go to stderr, so stdout stays clean for
 # `eval "$(tests/run --services-only)"`. Facts behind the choices: shared/reference/infra.md.
 #
@@ -41,6 +41,20 @@ rt_log() { printf '[test-services] %s\n' "$*" >&2; }
 rt_die() { rt_log "ERROR: $*"; exit 1; }
 
 # rt_now: wall-clock seconds with microseconds (bash 5 EPOCHREALTIME, no fork).
+# rt_wait_gone SECONDS PID...: true once none of the PIDs is alive (empty ones are skipped),
+# false when some still is after SECONDS.
+rt_wait_gone() {
+  local deadline=$((SECONDS + $1)) p alive
+  shift
+  while :; do
+    alive=0
+    for p in "$@"; do [ -n "$p" ] && kill -0 "$p" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && return 0
+    [ "$SECONDS" -ge "$deadline" ] && return 1
+    sleep 0.2
+  done
+}
+
 rt_now() { printf '%s\n' "${EPOCHREALTIME/,/.}"; }
 
 # rt_since T0: seconds elapsed since T0 (from rt_now), formatted "12.3".

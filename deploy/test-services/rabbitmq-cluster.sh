@@ -185,18 +185,6 @@ wait_vm() {
   done
 }
 
-wait_gone() {
-  local deadline=$((SECONDS + $1)) p alive
-  shift
-  while :; do
-    alive=0
-    for p in "$@"; do [ -n "$p" ] && kill -0 "$p" 2>/dev/null && alive=1; done
-    [ "$alive" = 0 ] && return 0
-    [ "$SECONDS" -ge "$deadline" ] && return 1
-    sleep 0.2
-  done
-}
-
 stop_node() {
   local n=$1 beam wrapper
   running "$n" || return 0
@@ -204,9 +192,9 @@ stop_node() {
   wrapper=$(read_pid "$n" wrapper.pid)
   is_ours "$wrapper" "$n" || wrapper=""
   kill -TERM "${beam:-$wrapper}" 2>/dev/null || true
-  if ! wait_gone 60 "$beam" "$wrapper"; then
+  if ! rt_wait_gone 60 "$beam" "$wrapper"; then
     kill -9 "$beam" "$wrapper" 2>/dev/null || true
-    wait_gone 10 "$beam" "$wrapper" || true
+    rt_wait_gone 10 "$beam" "$wrapper" || true
   fi
   rm -f "$(nd "$n")/run/rabbitmq.pid" "$(nd "$n")/run/wrapper.pid"
 }
@@ -218,9 +206,9 @@ kill_node() {
   wrapper=$(read_pid "$n" wrapper.pid)
   is_ours "$wrapper" "$n" || wrapper=""
   kill -9 "$beam"
-  wait_gone 10 "$beam" || true
+  rt_wait_gone 10 "$beam" || true
   # The wrapper exits with its VM; make sure nothing of this node is left.
-  [ -n "$wrapper" ] && { wait_gone 5 "$wrapper" || kill -9 "$wrapper" 2>/dev/null || true; }
+  [ -n "$wrapper" ] && { rt_wait_gone 5 "$wrapper" || kill -9 "$wrapper" 2>/dev/null || true; }
   rm -f "$(nd "$n")/run/rabbitmq.pid" "$(nd "$n")/run/wrapper.pid"
   log "killed -9 $(node_name "$n") (beam pid $beam)"
 }

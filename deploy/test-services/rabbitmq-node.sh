@@ -137,22 +137,10 @@ running() {
   [ -n "$pid" ] || is_ours "$(read_pid wrapper.pid)"
 }
 
-wait_gone() {  # wait_gone SECONDS PID...: true once none of the PIDs is alive
-  local deadline=$((SECONDS + $1)) p alive
-  shift
-  while :; do
-    alive=0
-    for p in "$@"; do [ -n "$p" ] && kill -0 "$p" 2>/dev/null && alive=1; done
-    [ "$alive" = 0 ] && return 0
-    [ "$SECONDS" -ge "$deadline" ] && return 1
-    sleep 0.2
-  done
-}
-
 stop_epmd() {
   local pid
   pid=$(read_pid epmd.pid)
-  if is_ours "$pid" epmd; then kill "$pid" 2>/dev/null || true; wait_gone 10 "$pid" || kill -9 "$pid" 2>/dev/null || true; fi
+  if is_ours "$pid" epmd; then kill "$pid" 2>/dev/null || true; rt_wait_gone 10 "$pid" || kill -9 "$pid" 2>/dev/null || true; fi
   rm -f "$dir/run/epmd.pid"
 }
 
@@ -169,10 +157,10 @@ do_stop() {
   is_ours "$wrapper" || wrapper=""
   log "stopping $node (beam pid ${beam:-?})"
   kill -TERM "${beam:-$wrapper}" 2>/dev/null || true
-  if ! wait_gone 60 "$beam" "$wrapper"; then
+  if ! rt_wait_gone 60 "$beam" "$wrapper"; then
     log "still running after 60 s; killing it"
     kill -9 "$beam" "$wrapper" 2>/dev/null || true
-    wait_gone 10 "$beam" "$wrapper" || true
+    rt_wait_gone 10 "$beam" "$wrapper" || true
   fi
   stop_epmd
   rm -f "$dir/run/rabbitmq.pid" "$dir/run/wrapper.pid"
