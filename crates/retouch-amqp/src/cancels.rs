@@ -15,7 +15,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_lite::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Consumer};
 use retouch_core::backoff::Backoff;
@@ -24,7 +24,7 @@ use retouch_core::queue::QueueError;
 use tracing::{info, warn};
 
 use crate::confirm::{self, Message};
-use crate::session::{OpenError, Session, Topology};
+use crate::session::{OpenError, Session, Topology, reopen};
 use crate::settings::AmqpSettings;
 use crate::topology::short;
 
@@ -189,20 +189,12 @@ impl CancelFeed {
 
     /// Subscribes again after the backoff, from the offset after the last message read.
     async fn reconnect(&mut self) -> Result<(), QueueError> {
-        loop {
-            tokio::time::sleep(self.backoff.next_delay()).await;
-            let offset = self.resume_at.map_or(AMQPValue::LongString("first".into()), AMQPValue::LongLongInt);
-            match Reading::open(&self.settings, offset).await {
-                Ok(r) => {
-                    self.reading = Some(r);
-                    self.backoff.reset();
-                    info!(stream = %self.settings.cancel_stream, resume_at = ?self.resume_at, "cancel stream reconnected");
-                    return Ok(());
-                }
-                Err(e) if e.is_permanent() => return Err(e.into()),
-                Err(e) => warn!(error = %e, "cancel stream reconnect failed"),
-            }
-        }
+        let offset = self.resume_at.map_or(AMQPValue::LongString("first".into()), AMQPValue::LongLongInt);
+        let settings = &self.settings;
+        let reading = reopen(&mut self.backoff, "cancel stream", || Reading::open(settings, offset.clone())).await?;
+        self.reading = Some(reading);
+        info!(stream = %self.settings.cancel_stream, resume_at = ?self.resume_at, "cancel stream reconnected");
+        Ok(())
     }
 }
 
@@ -210,19 +202,10 @@ impl Reading {
     /// A session with a stream consumer starting at `offset`.
     async fn open(settings: &AmqpSettings, offset: AMQPValue) -> Result<Self, OpenError> {
         let session = Session::open(settings, "cancels", Topology::Declare).await?;
-        let channel = session.channel("opening the cancel-stream channel").await?;
-        channel
-            .basic_qos(STREAM_PREFETCH, BasicQosOptions { global: false })
-            .await
-            .map_err(OpenError::channel("basic.qos on the cancel stream"))?;
         let mut args = FieldTable::default();
         args.insert("x-stream-offset".into(), offset);
-        let tag =
-            ShortString::from(format!("{}/cancels-{:08x}", short(&settings.connection_name), rand::random::<u32>()));
-        let consumer = channel
-            .basic_consume(short(&settings.cancel_stream), tag, BasicConsumeOptions::default(), args)
-            .await
-            .map_err(OpenError::channel("basic.consume of the cancel stream"))?;
+        let (channel, consumer) =
+            session.subscribe(settings, &settings.cancel_stream, STREAM_PREFETCH, "cancels", args).await?;
         Ok(Self { session, _channel: channel, consumer })
     }
 }

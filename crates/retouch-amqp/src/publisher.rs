@@ -298,7 +298,7 @@ impl AmqpPublisher {
         result: &ResultMessage<'_>,
         info: &DeliveryInfo,
     ) -> Result<(), (QueueError, bool)> {
-        let ResultMessage { body, routing_key, message_id, webhook } = *result;
+        let ResultMessage { body, routing_key, message_id, status, webhook } = *result;
         let channel = self.channel().await.map_err(|e| (e, false))?;
         let mut properties = base_properties();
         if !message_id.is_empty() {
@@ -315,7 +315,7 @@ impl AmqpPublisher {
         if let Some(url) = webhook {
             // The delivery's id (Standard Webhooks' `webhook-id`) is the same for every copy of
             // this result, so a receiver can drop the duplicates of a redelivered job.
-            let id = format!("{message_id}.{}", routing_key.split('.').next().unwrap_or("result"));
+            let id = format!("{message_id}.{status}");
             let mut headers = FieldTable::default();
             headers.insert(HEADER_WEBHOOK_URL.into(), AMQPValue::LongString(url.into()));
             let hook = properties
@@ -382,6 +382,8 @@ struct ResultMessage<'a> {
     routing_key: &'a str,
     /// The job id (or the delivery's message id).
     message_id: &'a str,
+    /// The result's status word (`succeeded`, `failed`, `cancelled`).
+    status: &'a str,
     /// The job's webhook URL, when it asked for one.
     webhook: Option<&'a str>,
 }
@@ -430,7 +432,13 @@ impl ResultSink for AmqpPublisher {
         } else {
             result.job_id.as_str()
         };
-        let message = ResultMessage { body: &body, routing_key: &routing_key, message_id, webhook };
+        let message = ResultMessage {
+            body: &body,
+            routing_key: &routing_key,
+            message_id,
+            status: result.status.as_str(),
+            webhook,
+        };
         self.timed("publishing a result", async {
             // One retry after a transport failure (connection lost mid-publish): results are
             // idempotent by job id, a duplicate is harmless, a loss costs a job retry.

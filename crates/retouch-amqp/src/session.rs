@@ -11,13 +11,15 @@ use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
-use lapin::options::ConfirmSelectOptions;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Connection, ConnectionProperties, Consumer};
+use retouch_core::backoff::Backoff;
 use retouch_core::queue::QueueError;
 use retouch_core::redact::redact_url;
 
 use crate::settings::AmqpSettings;
-use crate::topology::{TopologyError, declare_topology};
+use crate::topology::{TopologyError, declare_topology, short};
 
 /// How long one TCP + AMQP handshake may take before the attempt counts as failed (a
 /// black-holed host would otherwise hang for the OS's TCP timeout).
@@ -126,6 +128,33 @@ impl Session {
         self.connection.create_channel().await.map_err(OpenError::channel(what))
     }
 
+    /// Subscribes to `queue` on a channel of its own: `basic.qos(prefetch)` (per consumer),
+    /// then `basic.consume` with manual acks, `args` and a tag naming the connection and `role`.
+    ///
+    /// # Errors
+    /// [`OpenError::Channel`] for the step that failed.
+    pub(crate) async fn subscribe(
+        &self,
+        settings: &AmqpSettings,
+        queue: &str,
+        prefetch: u16,
+        role: &str,
+        args: FieldTable,
+    ) -> Result<(Channel, Consumer), OpenError> {
+        let channel = self.channel("opening a consuming channel").await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions { global: false })
+            .await
+            .map_err(OpenError::channel("basic.qos"))?;
+        let tag =
+            ShortString::from(format!("{}/{role}-{:08x}", short(&settings.connection_name), rand::random::<u32>()));
+        let consumer = channel
+            .basic_consume(short(queue), tag, BasicConsumeOptions::default(), args)
+            .await
+            .map_err(OpenError::channel("basic.consume"))?;
+        Ok((channel, consumer))
+    }
+
     /// Whether the connection and the confirm channel are usable.
     pub(crate) fn healthy(&self) -> bool {
         self.connection.status().connected() && self.confirm.status().connected()
@@ -146,6 +175,29 @@ impl Session {
     pub(crate) async fn close(self, reason: &str) {
         let _ = self.confirm.wait_for_confirms().await;
         let _ = self.connection.close(200, reason.into()).await;
+    }
+}
+
+/// Calls `open` after each delay of `backoff` until it succeeds (then resets the backoff) or
+/// fails for good; transient failures are logged as `what` failing.
+///
+/// # Errors
+/// [`QueueError::Broker`] for a permanent failure ([`OpenError::is_permanent`]).
+pub(crate) async fn reopen<T, F, Fut>(backoff: &mut Backoff, what: &str, mut open: F) -> Result<T, QueueError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, OpenError>>,
+{
+    loop {
+        tokio::time::sleep(backoff.next_delay()).await;
+        match open().await {
+            Ok(opened) => {
+                backoff.reset();
+                return Ok(opened);
+            }
+            Err(e) if e.is_permanent() => return Err(e.into()),
+            Err(e) => tracing::warn!(error = %e, "{what} reconnect failed"),
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_lite::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Consumer};
 use retouch_core::backoff::Backoff;
@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::confirm::{self, Message};
 use crate::publisher::HEADER_WEBHOOK_URL;
-use crate::session::{OpenError, Session, Topology};
+use crate::session::{OpenError, Session, Topology, reopen};
 use crate::settings::AmqpSettings;
 use crate::topology::short;
 
@@ -126,36 +126,19 @@ impl WebhookQueue {
     }
 
     async fn reconnect(&mut self) -> Result<(), QueueError> {
-        loop {
-            tokio::time::sleep(self.backoff.next_delay()).await;
-            match Reading::open(&self.settings, self.prefetch).await {
-                Ok(r) => {
-                    self.reading = Some(r);
-                    self.backoff.reset();
-                    info!(queue = %self.settings.webhook_queue, "webhook queue consumer reconnected");
-                    return Ok(());
-                }
-                Err(e) if e.is_permanent() => return Err(e.into()),
-                Err(e) => warn!(error = %e, "webhook queue reconnect failed"),
-            }
-        }
+        let (settings, prefetch) = (&self.settings, self.prefetch);
+        let reading = reopen(&mut self.backoff, "webhook queue", || Reading::open(settings, prefetch)).await?;
+        self.reading = Some(reading);
+        info!(queue = %self.settings.webhook_queue, "webhook queue consumer reconnected");
+        Ok(())
     }
 }
 
 impl Reading {
     async fn open(settings: &AmqpSettings, prefetch: u16) -> Result<Self, OpenError> {
         let session = Session::open(settings, "webhooks", Topology::Declare).await?;
-        let channel = session.channel("opening the webhook channel").await?;
-        channel
-            .basic_qos(prefetch, BasicQosOptions { global: false })
-            .await
-            .map_err(OpenError::channel("basic.qos on the webhook queue"))?;
-        let tag =
-            ShortString::from(format!("{}/webhooks-{:08x}", short(&settings.connection_name), rand::random::<u32>()));
-        let consumer = channel
-            .basic_consume(short(&settings.webhook_queue), tag, BasicConsumeOptions::default(), FieldTable::default())
-            .await
-            .map_err(OpenError::channel("basic.consume of the webhook queue"))?;
+        let (channel, consumer) =
+            session.subscribe(settings, &settings.webhook_queue, prefetch, "webhooks", FieldTable::default()).await?;
         Ok(Self { session, channel, consumer })
     }
 }

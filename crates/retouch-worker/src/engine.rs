@@ -521,9 +521,7 @@ async fn infer<D: Delivery, O: ObjectStore, R: ResultSink>(
     // Images dropped between steps (cancelled) are reported at once and settled while their
     // batch-mates run on.
     let (dropped_tx, mut dropped) = mpsc::channel::<usize>(n);
-    let listeners: Vec<(ValidJob, Option<String>)> =
-        flights.iter().flatten().map(|(flight, job)| (job.clone(), flight.delivery.info().reply_to.clone())).collect();
-    let hooks = ctx.hooks(listeners, batch.steps, dropped_tx);
+    let hooks = ctx.hooks(&flights, batch.steps, dropped_tx);
     let edit = backend.edit(batch, ctx.settings.job_timeout, cancel, hooks);
     tokio::pin!(edit);
     let result = loop {
@@ -719,23 +717,26 @@ impl<O: ObjectStore, R: ResultSink> Ctx<O, R> {
 
     /// The batch's hooks: `started` now, throttled `progress` from the model thread for the
     /// jobs that asked for it, and the per-step cancel check.
-    /// `jobs` are the batch's jobs with their `reply_to`, in request order; each image the
-    /// hooks drop is reported on `dropped`.
-    fn hooks(
+    /// `flights` are the batch's jobs in request order; each image the hooks drop is reported on
+    /// `dropped`.
+    fn hooks<D: Delivery>(
         self: &Arc<Self>,
-        jobs: Vec<(ValidJob, Option<String>)>,
+        flights: &[Option<(InFlight<D>, ValidJob)>],
         steps: u32,
         dropped: mpsc::Sender<usize>,
     ) -> BatchHooks {
-        let n = jobs.len();
-        let ids: Vec<(String, Option<String>)> =
-            jobs.iter().map(|(j, _)| (j.job.job_id.clone(), j.job.campaign_id.clone())).collect();
+        let n = flights.len();
+        let ids: Vec<Option<(String, Option<String>)>> = flights
+            .iter()
+            .map(|f| f.as_ref().map(|(_, j)| (j.job.job_id.clone(), j.job.campaign_id.clone())))
+            .collect();
         // (index, job, reply_to) of the jobs that want progress.
-        let listeners: Vec<(usize, ValidJob, Option<String>)> = jobs
-            .into_iter()
+        let listeners: Vec<(usize, ValidJob, Option<String>)> = flights
+            .iter()
             .enumerate()
-            .filter(|(_, (job, _))| job.job.wants_progress())
-            .map(|(i, (job, reply_to))| (i, job, reply_to))
+            .filter_map(|(i, f)| f.as_ref().map(|(flight, job)| (i, flight, job)))
+            .filter(|(_, _, job)| job.job.wants_progress())
+            .map(|(i, flight, job)| (i, job.clone(), flight.delivery.info().reply_to.clone()))
             .collect();
         for (_, job, reply_to) in &listeners {
             self.emit(self.event(job, EventType::Started, 0, steps as usize, n, 0.0), reply_to.clone());
@@ -743,7 +744,10 @@ impl<O: ObjectStore, R: ResultSink> Ctx<O, R> {
         let drop_image = {
             let ctx = self.clone();
             Box::new(move |i: usize| {
-                let cancelled = ids.get(i).is_some_and(|(id, c)| ctx.control.cancels.is_cancelled(id, c.as_deref()));
+                let cancelled = ids
+                    .get(i)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|(id, c)| ctx.control.cancels.is_cancelled(id, c.as_deref()));
                 if cancelled {
                     // Capacity n: one report per image at most, never full.
                     let _ = dropped.try_send(i);
@@ -789,15 +793,34 @@ impl<O: ObjectStore, R: ResultSink> Ctx<O, R> {
         let info = flight.delivery.info().clone();
         let mut result = self.result(&flight, &info, Some(job));
         result.status = Status::Cancelled;
-        if let Err(e) = self.sink.publish(&result, &info, self.webhook(Some(job))).await {
-            return self.fail(flight, Some(job), failure::unpublished(&e)).await;
+        if self.publish_and_ack(flight, job, &result, Outcome::Cancelled).await {
+            tracing::info!(job_id = %job.job.job_id, when, "job cancelled");
         }
-        self.metrics.settled(Outcome::Cancelled, None, flight.timings.total);
-        tracing::info!(job_id = %job.job.job_id, when, "job cancelled");
+    }
+
+    /// The end of every settlement that leaves the job done: the result (and its copies)
+    /// confirmed, the outcome counted, the ack. A result that cannot be published turns into
+    /// a failure (retried while attempts remain); then this answers `false`.
+    async fn publish_and_ack<D: Delivery>(
+        &self,
+        flight: InFlight<D>,
+        job: &ValidJob,
+        result: &JobResult,
+        outcome: Outcome,
+    ) -> bool {
+        let info = flight.delivery.info();
+        let published = Instant::now();
+        if let Err(e) = self.sink.publish(result, info, self.webhook(Some(job))).await {
+            self.fail(flight, Some(job), failure::unpublished(&e)).await;
+            return false;
+        }
+        self.metrics.stage(Stage::Publish, seconds(published));
+        self.metrics.settled(outcome, None, flight.timings.total);
         let InFlight { delivery, _slot, .. } = flight;
         if let Err(e) = delivery.ack().await {
-            tracing::warn!(job_id = %job.job.job_id, error = %e, "ack lost; the job will come back and be cancelled again");
+            tracing::warn!(job_id = %job.job.job_id, error = %e, "ack lost; the job will come back (a duplicate, or cancelled again)");
         }
+        true
     }
 
     /// Publishes a success (or duplicate) result, then acks.
@@ -808,17 +831,10 @@ impl<O: ObjectStore, R: ResultSink> Ctx<O, R> {
         result.output = Some(job.output.to_string());
         (result.width, result.height) = (Some(size.0), Some(size.1));
         result.duplicate = duplicate;
-        let published = Instant::now();
-        if let Err(e) = self.sink.publish(&result, &info, self.webhook(Some(job))).await {
-            return self.fail(flight, Some(job), failure::unpublished(&e)).await;
-        }
-        self.metrics.stage(Stage::Publish, seconds(published));
         let outcome = if duplicate { Outcome::Duplicate } else { Outcome::Succeeded };
-        self.metrics.settled(outcome, None, flight.timings.total);
-        tracing::info!(job_id = %job.job.job_id, output = %job.output, duplicate, seconds = flight.timings.total, "job done");
-        let InFlight { delivery, _slot, .. } = flight;
-        if let Err(e) = delivery.ack().await {
-            tracing::warn!(job_id = %job.job.job_id, error = %e, "ack lost; the job will come back as a duplicate");
+        let seconds = flight.timings.total;
+        if self.publish_and_ack(flight, job, &result, outcome).await {
+            tracing::info!(job_id = %job.job.job_id, output = %job.output, duplicate, seconds, "job done");
         }
     }
 
