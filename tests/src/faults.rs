@@ -384,9 +384,10 @@ async fn serve(connection: usize, client: TcpStream, upstream: SocketAddr, state
         let cut = match fault {
             Some(Fault::Status(status, code)) => {
                 let (answer, length) = error_answer(status, code, &target, index, method == "HEAD");
+                // Recorded before the client can see the answer, so the log never lags it.
+                answered(status, Some(length as u64));
                 client.write_all(&answer).await?;
                 client.flush().await?;
-                answered(status, Some(length as u64));
                 if request.close {
                     return Ok(());
                 }
@@ -430,18 +431,18 @@ async fn serve(connection: usize, client: TcpStream, upstream: SocketAddr, state
             break (response, status);
         };
         let response_body = read_body(&mut server, response_framing(&response, &method, status)).await?;
+        // Recorded before the client can see the answer, so the log never lags it.
+        answered(status, response.content_length);
         client.write_all(&response.raw).await?;
         if let Some(reset) = cut {
             // The response body is cut: correct headers, half the bytes.
             client.write_all(&response_body[..response_body.len() / 2]).await?;
             client.flush().await?;
-            answered(status, response.content_length);
             close(client.get_mut(), reset).await;
             return Ok(());
         }
         client.write_all(&response_body).await?;
         client.flush().await?;
-        answered(status, response.content_length);
         if request.close
             || response.close
             || matches!(response_framing(&response, &method, status), Framing::UntilClose)
