@@ -405,6 +405,34 @@ rt_ensure_kube_validate() {
   export RETOUCH_TEST_KUBE_VALIDATE="$venv/bin/kubernetes-validate"
 }
 
+# rt_docker_engine: succeeds when a Docker engine answers (`docker info`).
+rt_docker_engine() { command -v docker >/dev/null && docker info >/dev/null 2>&1; }
+
+# rt_ensure_docker_engine: a Docker engine for the image step of tests/run (CI calls this; a
+# developer's tests/run only uses an engine that already runs). Installs Debian's docker.io when
+# no dockerd exists, starts dockerd in the background when none answers (log:
+# $RETOUCH_CACHE/run/dockerd.log; it keeps running after the tests, as a system service would)
+# and waits up to 60 s for it. Fails when it cannot.
+rt_ensure_docker_engine() {
+  local i
+  rt_docker_engine && { rt_log "Docker engine $(docker info -f '{{.ServerVersion}}' 2>/dev/null): running"; return 0; }
+  if ! command -v dockerd >/dev/null; then
+    rt_lock
+    command -v dockerd >/dev/null || rt_apt_install docker.io
+    rt_unlock
+  fi
+  [ "$(id -u)" = 0 ] || rt_die "dockerd is installed but not running, and starting it needs root"
+  mkdir -p "$RETOUCH_CACHE/run"
+  rt_log "starting dockerd (log: $RETOUCH_CACHE/run/dockerd.log)"
+  (setsid dockerd >>"$RETOUCH_CACHE/run/dockerd.log" 2>&1 &)
+  for i in $(seq 1 120); do
+    rt_docker_engine && { rt_log "Docker engine $(docker info -f '{{.ServerVersion}}' 2>/dev/null): started"; return 0; }
+    sleep 0.5
+  done
+  tail -20 "$RETOUCH_CACHE/run/dockerd.log" >&2
+  rt_die "dockerd did not answer within 60 s"
+}
+
 # rt_ensure_all [--no-s3s]: everything above, in order, under the install lock; --no-s3s leaves
 # the S3 server to the caller's workspace build (tests/run).
 rt_ensure_all() {

@@ -4,6 +4,7 @@
 mod campaign;
 mod cli;
 mod cluster;
+mod container;
 mod s3_faults;
 mod safety;
 mod samplers;

@@ -8,7 +8,8 @@
 //!   [`AmqpPublisher`] (so an unroutable job fails the test) and inspects with plain lapin:
 //!   results from a queue bound to the results exchange, queue depths, dead letters.
 //! * [`Worker`]: `retouch worker` configured through `RETOUCH_*` variables; SIGKILL, SIGTERM,
-//!   exit status, logs, `/metrics`.
+//!   exit status, logs, `/metrics` — as a process of the host binary, or as a container of a
+//!   worker image ([`Worker::start_container`], as the Helm chart runs it).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -588,9 +589,13 @@ impl Drop for Broker {
     }
 }
 
-/// A `retouch worker` process.
+/// A `retouch worker` process, or a container running one.
 pub struct Worker {
+    /// The worker process, or the `docker run` client attached to its container.
     child: Option<Child>,
+    /// The container's name, when the worker runs in one (signals go to the container's PID 1
+    /// through the engine, as a kubelet sends them).
+    container: Option<String>,
     /// Its log file (stdout + stderr).
     pub log: PathBuf,
     /// Its `/metrics` port.
@@ -598,6 +603,23 @@ pub struct Worker {
     /// Holds the log; removed after the process is gone.
     _dir: tempfile::TempDir,
 }
+
+/// Where the committed tiny checkpoint is mounted in a worker container: inside the image's
+/// model cache volume, read-only.
+pub const CONTAINER_MODEL_DIR: &str = "/var/cache/retouch/models/tiny-sd15";
+
+/// `docker run` options that match the Helm chart's pod: non-root (the image's uid 10001), a
+/// read-only root filesystem with `/tmp` as the only scratch space (the chart's emptyDir), every
+/// capability dropped, no privilege escalation, the default seccomp profile; the host's network
+/// (the test services listen on 127.0.0.1).
+pub const CHART_LIKE_DOCKER_RUN: &[&str] = &[
+    "--network=host",
+    "--read-only",
+    "--user=10001:10001",
+    "--cap-drop=ALL",
+    "--security-opt=no-new-privileges",
+    "--tmpfs=/tmp:rw,nosuid,nodev,size=256m",
+];
 
 impl Worker {
     /// Starts a worker with the tiny model, S3 at `s3`, outputs under `s3://outputs/<name>`,
@@ -611,7 +633,53 @@ impl Worker {
         let mut cmd = command(name, broker_env, s3, &[&[("RETOUCH_METRICS_ADDR", port.as_str())], extra].concat());
         cmd.arg("worker").stdout(Stdio::from(file.try_clone().expect("log"))).stderr(Stdio::from(file));
         let child = cmd.spawn().expect("start retouch worker");
-        Self { child: Some(child), log, metrics_port, _dir: dir }
+        Self { child: Some(child), container: None, log, metrics_port, _dir: dir }
+    }
+
+    /// Starts `image` as a container named `<name>` with the worker's environment of
+    /// [`Worker::start`] (the image's entrypoint and default command: `retouch worker --config
+    /// /etc/retouch/worker.toml`), [`CHART_LIKE_DOCKER_RUN`] and the tiny checkpoint mounted at
+    /// [`CONTAINER_MODEL_DIR`]. `docker_args` come before the image (mounts, more variables).
+    pub fn start_container(
+        image: &str,
+        name: &str,
+        broker_env: &[(String, String)],
+        s3: &S3Server,
+        extra: &[(&str, &str)],
+        docker_args: &[&str],
+    ) -> Self {
+        let metrics_port = free_port();
+        let dir = temp_dir(&format!("{name}-container"));
+        let log = dir.path().join("worker.log");
+        let file = std::fs::File::create(&log).expect("log file");
+        let port = format!("127.0.0.1:{metrics_port}");
+        let env = worker_env(
+            name,
+            broker_env,
+            s3,
+            &[&[("RETOUCH_METRICS_ADDR", port.as_str()), ("RETOUCH_MODEL_SOURCE", CONTAINER_MODEL_DIR)], extra].concat(),
+        );
+        let mut cmd = Command::new("docker");
+        cmd.args(["run", "--rm", "--name", name]).args(CHART_LIKE_DOCKER_RUN);
+        cmd.arg(format!("--volume={}:{CONTAINER_MODEL_DIR}:ro", tiny_model().display()));
+        for (key, value) in env.iter().filter(|(key, _)| key != "PATH" && key != "HOME") {
+            cmd.arg("--env").arg(format!("{key}={value}"));
+        }
+        cmd.args(["--env", "HOME=/tmp"]).args(docker_args).arg(image);
+        cmd.stdin(Stdio::null()).stdout(Stdio::from(file.try_clone().expect("log"))).stderr(Stdio::from(file));
+        let child = cmd.spawn().expect("start docker run (is a Docker engine running?)");
+        Self { child: Some(child), container: Some(name.to_string()), log, metrics_port, _dir: dir }
+    }
+
+    /// `docker exec` in the worker's container: `(exit code, stdout + stderr)`.
+    ///
+    /// # Panics
+    /// When the worker does not run in a container.
+    pub fn exec(&self, args: &[&str]) -> (i32, String) {
+        let name = self.container.as_deref().expect("a container worker");
+        let out = Command::new("docker").args(["exec", name]).args(args).output().expect("docker exec");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code().unwrap_or(-1), text)
     }
 
     /// Waits until `/readyz` answers 200.
@@ -639,19 +707,30 @@ impl Worker {
         self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
-    /// SIGKILL.
+    /// SIGKILL (of the container, when it runs in one).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            if let Some(name) = &self.container {
+                let _ = Command::new("docker").args(["rm", "--force", name]).stdout(Stdio::null()).status();
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
-    /// SIGTERM, then waits for the exit (up to `timeout`).
+    /// SIGTERM (to the container's PID 1, when it runs in one), then waits for the exit (up to
+    /// `timeout`).
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         let child = self.child.as_mut().expect("running");
         let pid = child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        match &self.container {
+            Some(name) => {
+                let _ = Command::new("docker").args(["kill", "--signal=TERM", name]).stdout(Stdio::null()).status();
+            }
+            None => {
+                let _ = Command::new("kill").args(["-TERM", &pid]).status();
+            }
+        }
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
@@ -692,29 +771,46 @@ impl Drop for Worker {
 /// keys, outputs under `s3://outputs/<name>`, this test's broker objects, then `extra`.
 pub fn command(name: &str, broker_env: &[(String, String)], s3: &S3Server, extra: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(retouch_bin());
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", std::env::temp_dir())
-        .env("RUST_LOG", "info")
-        .env("RETOUCH_MODEL_SOURCE", tiny_model())
-        .env("RETOUCH_S3_ENDPOINT", s3.endpoint())
-        .env("RETOUCH_S3_REGION", "us-east-1")
-        .env("RETOUCH_S3_CONNECT_TIMEOUT", "1s")
-        .env("RETOUCH_S3_OPERATION_TIMEOUT", "5s")
-        .env("RETOUCH_S3_ATTEMPT_TIMEOUT", "5s")
-        .env("RETOUCH_S3_MAX_ATTEMPTS", "2")
-        .env("RETOUCH_ENGINE_OUTPUT_PREFIX", format!("s3://outputs/{name}"))
-        .env("RETOUCH_ENGINE_MAX_BATCH_WAIT", "300ms")
-        .env("RETOUCH_ENGINE_RETRY_BACKOFF", "500ms")
-        .env("RETOUCH_ENGINE_RETRY_BACKOFF_MAX", "2s")
-        .env("RETOUCH_ENGINE_SHUTDOWN_TIMEOUT", "30s")
-        .env("RETOUCH_ENGINE_WORKER_NAME", name)
-        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .envs(broker_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .envs(extra.iter().copied());
+    cmd.env_clear().envs(worker_env(name, broker_env, s3, extra));
     cmd
+}
+
+/// The whole environment of a test's `retouch` command (see [`command`]); a later entry wins.
+pub fn worker_env(
+    name: &str,
+    broker_env: &[(String, String)],
+    s3: &S3Server,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let own = [
+        ("PATH", std::env::var("PATH").unwrap_or_default()),
+        ("HOME", std::env::temp_dir().display().to_string()),
+        ("RUST_LOG", "info".into()),
+        ("RETOUCH_MODEL_SOURCE", tiny_model().display().to_string()),
+        ("RETOUCH_S3_ENDPOINT", s3.endpoint()),
+        ("RETOUCH_S3_REGION", "us-east-1".into()),
+        ("RETOUCH_S3_CONNECT_TIMEOUT", "1s".into()),
+        ("RETOUCH_S3_OPERATION_TIMEOUT", "5s".into()),
+        ("RETOUCH_S3_ATTEMPT_TIMEOUT", "5s".into()),
+        ("RETOUCH_S3_MAX_ATTEMPTS", "2".into()),
+        ("RETOUCH_ENGINE_OUTPUT_PREFIX", format!("s3://outputs/{name}")),
+        ("RETOUCH_ENGINE_MAX_BATCH_WAIT", "300ms".into()),
+        ("RETOUCH_ENGINE_RETRY_BACKOFF", "500ms".into()),
+        ("RETOUCH_ENGINE_RETRY_BACKOFF_MAX", "2s".into()),
+        ("RETOUCH_ENGINE_SHUTDOWN_TIMEOUT", "30s".into()),
+        ("RETOUCH_ENGINE_WORKER_NAME", name.into()),
+        ("AWS_ACCESS_KEY_ID", ACCESS_KEY.into()),
+        ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.into()),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+    ];
+    let mut env: Vec<(String, String)> = own.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    env.extend(broker_env.iter().cloned());
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    // Later entries win, as with repeated `Command::env`: keep each key's last value only.
+    let mut seen = std::collections::HashSet::new();
+    let mut last_first: Vec<_> = env.into_iter().rev().filter(|(k, _)| seen.insert(k.clone())).collect();
+    last_first.reverse();
+    last_first
 }
 
 /// Longest a `retouch` command of a test may run before it counts as hung.
