@@ -23,6 +23,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
 use super::blocks::{Conv2d, conv2d};
+use super::elementwise;
 use super::linear::Linear;
 use super::norm::GroupNorm;
 use crate::kernels::{AttentionBackend, Kernels, flash_kernel_for};
@@ -125,7 +126,7 @@ fn sliced_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, budget: us
             .map(|r0| {
                 let scores = q.narrow(1, r0, rows.min(n - r0))?.matmul(&k_t)?;
                 let scores = match score_scale {
-                    Some(s) => (scores * s)?,
+                    Some(s) => elementwise::scale(&scores, s)?,
                     None => scores,
                 };
                 candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)
@@ -187,11 +188,7 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?;
-        let half = h.dim(2)? / 2;
-        let value = h.narrow(2, 0, half)?;
-        let gate = h.narrow(2, half, half)?;
-        self.out.forward(&(value * gate.gelu_erf()?)?)
+        self.out.forward(&elementwise::geglu(&self.proj.forward(x)?)?)
     }
 }
 
@@ -220,9 +217,9 @@ impl BasicTransformerBlock {
     }
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
-        self.ff.forward(&self.norm3.forward(&x)?)? + &x
+        let x = elementwise::add(&self.attn1.forward(&self.norm1.forward(x)?, None)?, x)?;
+        let x = elementwise::add(&self.attn2.forward(&self.norm2.forward(&x)?, Some(context))?, &x)?;
+        elementwise::add(&self.ff.forward(&self.norm3.forward(&x)?)?, &x)
     }
 }
 
@@ -312,7 +309,7 @@ impl SpatialTransformer {
             Projection::Conv(conv) => conv.forward(&to_image(&tokens)?)?,
             Projection::Linear(lin) => to_image(&lin.forward(&tokens)?)?,
         };
-        out + x
+        elementwise::add(&out, x)
     }
 }
 
@@ -369,7 +366,7 @@ impl VaeAttention {
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
         let out = self.to_out.forward(&scaled_dot_product(&q, &k, &v, 1, self.spec)?)?;
-        out.transpose(1, 2)?.reshape((b, c, h, w))? + x
+        elementwise::add(&out.transpose(1, 2)?.reshape((b, c, h, w))?, x)
     }
 }
 

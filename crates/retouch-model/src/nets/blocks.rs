@@ -5,6 +5,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 pub use super::conv::Conv2d;
+use super::elementwise;
 use super::norm::GroupNorm;
 use crate::kernels::ConvBackend;
 
@@ -73,15 +74,14 @@ impl ResnetBlock2D {
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
-            h = h.broadcast_add(&t)?;
+            h = elementwise::add_per_channel(&h, &proj.forward(&temb.silu()?)?)?;
         }
         let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
         };
-        let out = (shortcut + h)?;
+        let out = elementwise::add(&shortcut, &h)?;
         if self.output_scale_factor == 1.0 { Ok(out) } else { out / self.output_scale_factor }
     }
 }
@@ -128,6 +128,6 @@ impl Upsample2D {
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+        self.conv.forward(&elementwise::upsample_nearest2d(x, th, tw)?)
     }
 }

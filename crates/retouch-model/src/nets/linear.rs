@@ -16,7 +16,11 @@ use candle_nn::VarBuilder;
 /// `y = x Wᵀ + b` over `[B, T, in]`, batch-invariant.
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// The product `x Wᵀ` (candle-nn's layer without its bias).
     inner: candle_nn::Linear,
+    /// `b`, added on every core ([`super::elementwise::add_last_dim`]; candle-nn adds it on one).
+    bias: Option<Tensor>,
+    /// Rows of `W`.
     out_features: usize,
 }
 
@@ -29,7 +33,8 @@ impl Linear {
     /// Wraps a loaded layer.
     pub fn new(inner: candle_nn::Linear) -> Self {
         let out_features = inner.weight().dim(0).unwrap_or(0);
-        Self { inner, out_features }
+        let bias = inner.bias().cloned();
+        Self { inner: candle_nn::Linear::new(inner.weight().clone(), None), bias, out_features }
     }
 
     /// `weight` `[out, in]` and `bias` `[out]` from `vb`.
@@ -44,12 +49,16 @@ impl Linear {
 
     /// Applies the layer to `[B, T, in]` (or any shape the inner layer accepts).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match *x.dims() {
+        let product = match *x.dims() {
             [b, t, _] if b > 1 && small_matrix(t, self.out_features) => {
                 let parts = (0..b).map(|i| self.inner.forward(&x.narrow(0, i, 1)?)).collect::<Result<Vec<_>>>()?;
-                Tensor::cat(&parts, 0)
+                Tensor::cat(&parts, 0)?
             }
-            _ => self.inner.forward(x),
+            _ => self.inner.forward(x)?,
+        };
+        match &self.bias {
+            Some(bias) => super::elementwise::add_last_dim(&product, bias),
+            None => Ok(product),
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod clip_vision;
 pub mod conv;
 #[cfg(feature = "cudnn")]
 pub mod cudnn;
+pub mod elementwise;
 pub mod linear;
 pub mod norm;
 pub mod unet;
