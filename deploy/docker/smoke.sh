@@ -177,17 +177,28 @@ if [ "$want_cuda" = 1 ]; then
   cuda_bin=${RETOUCH_CUDA_TARGET_DIR:-$RETOUCH_CACHE/target-cuda}/release/retouch
   log "deploy/cuda/build.sh --features cuda: $((SECONDS - t0)) s"
 
-  # The CUDA run-time base: the libraries the binary NEEDs that the toolkit tree has (libcuda.so.1
-  # is the driver's, mounted by the NVIDIA runtime), plus NVRTC's builtins, which NVRTC dlopens.
+  # The CUDA run-time base: the libraries the binary NEEDs that the toolkit tree has, and the
+  # ones those NEED in turn (libcublas.so.13 needs libcublasLt.so.13); libcuda.so.1 is the
+  # driver's, mounted by the NVIDIA runtime. NVRTC's builtins come along when NVRTC does (it
+  # dlopens them).
   ctx=$(mktemp -d)
   trap 'rm -rf "$ctx"' EXIT
   mkdir -p "$ctx/lib"
-  for lib in $(readelf -d "$cuda_bin" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
-    if [ -e "$CUDA_ROOT_DIR/lib/$lib" ] && [ "$lib" != libcuda.so.1 ]; then
-      cp -L "$CUDA_ROOT_DIR/lib/$lib" "$ctx/lib/"
-    fi
+  needed() { readelf -d "$1" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'; }
+  pending=$(needed "$cuda_bin")
+  while [ -n "$pending" ]; do
+    next=""
+    for lib in $pending; do
+      if [ "$lib" != libcuda.so.1 ] && [ -e "$CUDA_ROOT_DIR/lib/$lib" ] && [ ! -e "$ctx/lib/$lib" ]; then
+        cp -L "$CUDA_ROOT_DIR/lib/$lib" "$ctx/lib/"
+        next="$next $(needed "$ctx/lib/$lib")"
+      fi
+    done
+    pending=$next
   done
-  cp -L "$CUDA_ROOT_DIR"/lib/libnvrtc-builtins.so.* "$ctx/lib/" 2>/dev/null || true
+  if ls "$ctx"/lib/libnvrtc.so.* >/dev/null 2>&1; then
+    cp -L "$CUDA_ROOT_DIR"/lib/libnvrtc-builtins.so.* "$ctx/lib/"
+  fi
   recipe=$( (cd "$ctx/lib" && sha256sum -- * | sha256sum) | cut -c1-12)
   cuda_base=retouch-smoke/cuda-runtime:13.0-$DEBIAN_RELEASE-$recipe
   if ! docker image inspect "$cuda_base" >/dev/null 2>&1; then
