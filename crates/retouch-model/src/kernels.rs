@@ -116,6 +116,15 @@ impl KernelChoice {
     /// [`ModelError::Device`] when an explicit choice cannot run here, saying why.
     pub fn resolve(self, device: &Device, dtype: DType) -> Result<Kernels, ModelError> {
         let cuda = device.is_cuda();
+        if device.is_cpu() && dtype == DType::BF16 {
+            // candle's CPU convolutions have no bf16 matrix product: such a model would load and
+            // then fail its first edit. Refuse before loading, with what works instead.
+            return Err(ModelError::Device(
+                "bf16 does not run on the CPU in this version (no CPU bf16 convolution kernels); use \
+                 --dtype f32, the CPU default, or bf16 on a GPU (--device cuda)"
+                    .into(),
+            ));
+        }
         let conv = match self.conv {
             ConvChoice::Im2col => ConvBackend::Im2col,
             ConvChoice::Auto if HAS_CUDNN && cuda => ConvBackend::Cudnn,
@@ -222,7 +231,9 @@ mod tests {
         let err = flash.resolve(&cpu, DType::F16).expect_err("flash on the CPU").to_string();
         assert!(err.contains(if HAS_FLASH_ATTN { "needs a CUDA device" } else { "--features flash-attn" }), "{err}");
         let explicit = KernelChoice { conv: ConvChoice::Im2col, attention: AttentionChoice::Math };
-        assert_eq!(explicit.resolve(&cpu, DType::BF16).ok(), Some(Kernels::CPU));
+        assert_eq!(explicit.resolve(&cpu, DType::F16).ok(), Some(Kernels::CPU));
+        let err = explicit.resolve(&cpu, DType::BF16).expect_err("bf16 on the CPU").to_string();
+        assert!(err.contains("--dtype f32"), "{err}");
     }
 
     #[test]
