@@ -159,7 +159,7 @@ fn cancel_of_a_running_job_leaves_its_batch_mate_bit_identical_and_of_a_batched_
     let rest = broker.results_until(Duration::from_secs(300), |r| r.contains_key("mate"));
     assert_eq!(rest["mate"].status, Status::Succeeded);
     assert!(s3.get("outputs", &format!("{name}/running.png")).is_none());
-    assert!(worker.logs().contains("during its model call"), "dropped between steps:\n{}", worker.logs());
+    worker.wait_for_log("during its model call", Duration::from_secs(10));
 
     // The batch-mate's bytes equal its solo run (same seed and parameters, another id).
     let mut solo = mate.clone();
@@ -176,8 +176,10 @@ fn cancel_of_a_running_job_leaves_its_batch_mate_bit_identical_and_of_a_batched_
     broker.cancel(&CancelRequest { job_ids: vec!["waiting".into()], ..CancelRequest::default() });
     let waited = broker.results_until(Duration::from_secs(60), |r| r.contains_key("waiting"));
     assert_eq!(waited["waiting"].status, Status::Cancelled);
-    assert!(worker.logs().contains("waiting for the model"), "{}", worker.logs());
-    assert_eq!(metric(&worker, r#"retouch_jobs_total{error_kind="none",outcome="cancelled"}"#), Some(2.0));
+    worker.wait_for_log("waiting for the model", Duration::from_secs(10));
+    wait_for("both cancels to be counted", Duration::from_secs(10), || {
+        metric(&worker, r#"retouch_jobs_total{error_kind="none",outcome="cancelled"}"#).filter(|n| *n == 2.0)
+    });
 
     // Cancelling a finished job answers so and changes nothing.
     let (code, out, err) = run_cli(command(&name, &broker.worker_env(5), &s3, &[]), &["cancel", "--job", "mate"]);

@@ -759,6 +759,19 @@ impl Worker {
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Waits until the log contains `text` (a worker logs a job's end after its result is
+    /// confirmed, so a test that has the result may still be ahead of the line).
+    ///
+    /// # Panics
+    /// After `timeout`, with the log.
+    pub fn wait_for_log(&self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.logs().contains(text) {
+            assert!(Instant::now() < deadline, "the worker did not log {text:?} within {timeout:?}:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for Worker {
