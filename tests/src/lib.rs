@@ -657,7 +657,8 @@ impl Worker {
             name,
             broker_env,
             s3,
-            &[&[("RETOUCH_METRICS_ADDR", port.as_str()), ("RETOUCH_MODEL_SOURCE", CONTAINER_MODEL_DIR)], extra].concat(),
+            &[&[("RETOUCH_METRICS_ADDR", port.as_str()), ("RETOUCH_MODEL_SOURCE", CONTAINER_MODEL_DIR)], extra]
+                .concat(),
         );
         let mut cmd = Command::new("docker");
         cmd.args(["run", "--rm", "--name", name]).args(CHART_LIKE_DOCKER_RUN);

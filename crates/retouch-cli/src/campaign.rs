@@ -441,14 +441,7 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     let mut running: BTreeMap<String, (u32, u32)> = BTreeMap::new();
     let show = |done: usize, failed: usize, running: &BTreeMap<String, (u32, u32)>| {
         progress.set_position(done as u64);
-        let mut message = format!("{} succeeded, {failed} failed", done - failed);
-        if !running.is_empty() {
-            let shown: Vec<String> =
-                running.iter().take(3).map(|(id, (step, steps))| format!("{id} {step}/{steps}")).collect();
-            let more = if running.len() > 3 { format!(" +{}", running.len() - 3) } else { String::new() };
-            message.push_str(&format!("; running: {}{more}", shown.join(", ")));
-        }
-        progress.set_message(message);
+        progress.set_message(watch_status(done, failed, running));
     };
     show(results.len(), failed, &running);
 
@@ -555,6 +548,19 @@ async fn next_event(events: &mut Option<retouch_amqp::ResultsConsumer>) -> Optio
     }
 }
 
+/// The watch's status line: results so far and the jobs running now (their step of their
+/// steps, from progress events; the first three by id, then how many more).
+fn watch_status(done: usize, failed: usize, running: &BTreeMap<String, (u32, u32)>) -> String {
+    let mut message = format!("{} succeeded, {failed} failed", done - failed);
+    if !running.is_empty() {
+        let shown: Vec<String> =
+            running.iter().take(3).map(|(id, (step, steps))| format!("{id} {step}/{steps}")).collect();
+        let more = if running.len() > 3 { format!(" +{}", running.len() - 3) } else { String::new() };
+        message.push_str(&format!("; running: {}{more}", shown.join(", ")));
+    }
+    message
+}
+
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -568,6 +574,19 @@ mod tests {
 
     fn result(id: &str, status: Status) -> JobResult {
         JobResult::new(id, status)
+    }
+
+    #[test]
+    fn the_watch_status_names_the_first_running_jobs_and_counts_the_rest() {
+        let mut running = BTreeMap::new();
+        assert_eq!(watch_status(7, 2, &running), "5 succeeded, 2 failed");
+        running.insert("b".to_string(), (3, 20));
+        running.insert("a".to_string(), (19, 20));
+        assert_eq!(watch_status(0, 0, &running), "0 succeeded, 0 failed; running: a 19/20, b 3/20");
+        running.insert("c".to_string(), (1, 4));
+        running.insert("d".to_string(), (2, 4));
+        running.insert("e".to_string(), (0, 4));
+        assert_eq!(watch_status(10, 1, &running), "9 succeeded, 1 failed; running: a 19/20, b 3/20, c 1/4 +2");
     }
 
     #[test]

@@ -135,15 +135,16 @@ pub fn add_per_channel(x: &Tensor, t: &Tensor) -> Result<Tensor> {
             let terms = t.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
             let mut out = vec![0f32; data.len()];
             let planes_per_task = (TASK_ELEMENTS / plane.max(1)).max(1);
-            out.par_chunks_mut(plane * planes_per_task).zip(data.par_chunks(plane * planes_per_task)).enumerate().for_each(
-                |(task, (dst, src))| {
+            out.par_chunks_mut(plane * planes_per_task)
+                .zip(data.par_chunks(plane * planes_per_task))
+                .enumerate()
+                .for_each(|(task, (dst, src))| {
                     for (i, (dst_plane, src_plane)) in dst.chunks_mut(plane).zip(src.chunks(plane)).enumerate() {
                         let bc = task * planes_per_task + i;
                         let term = terms[if tb == 1 { bc % c } else { bc }];
                         dst_plane.iter_mut().zip(src_plane).for_each(|(d, v)| *d = v + term);
                     }
-                },
-            );
+                });
             Tensor::from_vec(out, dims, x.device())
         })
     {
@@ -233,7 +234,11 @@ mod tests {
             let want = a.broadcast_add(&bias).expect("candle bias");
             assert!(identical(&add_last_dim(&a, &bias).expect("bias"), &want), "bias, {rows} rows");
         }
-        for (shape, target) in [([2usize, 3usize, 40usize, 48usize], (80usize, 96usize)), ([1, 2, 5, 7], (10, 14)), ([2, 8, 45, 45], (80, 100))] {
+        for (shape, target) in [
+            ([2usize, 3usize, 40usize, 48usize], (80usize, 96usize)),
+            ([1, 2, 5, 7], (10, 14)),
+            ([2, 8, 45, 45], (80, 100)),
+        ] {
             let x = randn(&shape);
             let want = x.upsample_nearest2d(target.0, target.1).expect("candle");
             let got = upsample_nearest2d(&x, target.0, target.1).expect("ours");
