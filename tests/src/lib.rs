@@ -738,7 +738,10 @@ impl Worker {
                 self.child = None;
                 return status;
             }
-            assert!(Instant::now() < deadline, "the worker did not exit within {timeout:?} of SIGTERM");
+            if Instant::now() >= deadline {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                panic!("the worker did not exit within {timeout:?} of SIGTERM; its log:\n{log}");
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
