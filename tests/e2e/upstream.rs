@@ -360,6 +360,11 @@ fn webhooks_are_signed_retried_durable_across_kill_9_and_never_sent_to_other_hos
     wait_for("a failed delivery attempt", Duration::from_secs(30), || {
         receiver.requests().iter().any(|r| r.body.windows(7).any(|w| w == b"durable") && r.status == 503).then_some(())
     });
+    // The relay can try the webhook before the job's own ack is out (the result and the
+    // webhook message are confirmed first, then the job is acked): kill only once it is settled.
+    wait_for("the job to be acked", Duration::from_secs(30), || {
+        metric(&worker, "retouch_jobs_in_flight").filter(|n| *n == 0.0)
+    });
     worker.kill();
     assert_eq!(broker.ready("jobs"), 0, "the job itself was acked");
     receiver.refusing.store(false, Ordering::SeqCst);
