@@ -405,6 +405,30 @@ rt_ensure_kube_validate() {
   export RETOUCH_TEST_KUBE_VALIDATE="$venv/bin/kubernetes-validate"
 }
 
+# rt_rabbitmq_node_env DIR HOME NODENAME AMQP_PORT DIST_PORT EPMD_PORT: an environment that
+# points every RabbitMQ/Erlang setting of a private node at DIR (etc/, mnesia/, log/, run/),
+# replacing whatever RABBITMQ_*/ERL_* variables the caller had (e.g. the shared broker's); HOME
+# holds the Erlang cookie; everything listens on 127.0.0.1 with its own epmd.
+rt_rabbitmq_node_env() {
+  local d=$1 v
+  for v in $(compgen -e); do
+    case $v in RABBITMQ_*|ERL_*) unset "$v" ;; esac
+  done
+  export HOME="$2"
+  export RABBITMQ_CONF_ENV_FILE="$d/etc/rabbitmq-env.conf"   # not /etc/rabbitmq's
+  export RABBITMQ_CONFIG_FILE="$d/etc/rabbitmq.conf"
+  export RABBITMQ_ADVANCED_CONFIG_FILE="$d/etc/advanced.config"
+  export RABBITMQ_ENABLED_PLUGINS_FILE="$d/etc/enabled_plugins"
+  export RABBITMQ_NODENAME="$3" RABBITMQ_USE_LONGNAME=false
+  export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT="$4"
+  export RABBITMQ_DIST_PORT="$5"
+  export RABBITMQ_MNESIA_BASE="$d/mnesia" RABBITMQ_LOG_BASE="$d/log"
+  export RABBITMQ_PID_FILE="$d/run/rabbitmq.pid"
+  export ERL_EPMD_PORT="$6" ERL_EPMD_ADDRESS=127.0.0.1
+  export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+  export RABBITMQ_CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+}
+
 # rt_docker_engine: succeeds when a Docker engine answers (`docker info`).
 rt_docker_engine() { command -v docker >/dev/null && docker info >/dev/null 2>&1; }
 

@@ -68,27 +68,9 @@ choose_ports() {
 nd() { echo "$dir/n$1"; }
 node_name() { echo "rt$1@localhost"; }
 
-# node_env N: an environment pointing every RabbitMQ/Erlang setting of node N at DIR.
-node_env() {
-  local n=$1 v d
-  d=$(nd "$n")
-  for v in $(compgen -e); do
-    case $v in RABBITMQ_*|ERL_*) unset "$v" ;; esac
-  done
-  export HOME="$dir/home"
-  export RABBITMQ_CONF_ENV_FILE="$d/etc/rabbitmq-env.conf"
-  export RABBITMQ_CONFIG_FILE="$d/etc/rabbitmq.conf"
-  export RABBITMQ_ADVANCED_CONFIG_FILE="$d/etc/advanced.config"
-  export RABBITMQ_ENABLED_PLUGINS_FILE="$d/etc/enabled_plugins"
-  export RABBITMQ_NODENAME="$(node_name "$n")" RABBITMQ_USE_LONGNAME=false
-  export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT="${amqp[$n]}"
-  export RABBITMQ_DIST_PORT="${dist[$n]}"
-  export RABBITMQ_MNESIA_BASE="$d/mnesia" RABBITMQ_LOG_BASE="$d/log"
-  export RABBITMQ_PID_FILE="$d/run/rabbitmq.pid"
-  export ERL_EPMD_PORT="$epmd_port" ERL_EPMD_ADDRESS=127.0.0.1
-  export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
-  export RABBITMQ_CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
-}
+# node_env N: an environment pointing every RabbitMQ/Erlang setting of node N at its directory,
+# with the cluster's shared HOME (one Erlang cookie) (lib.sh).
+node_env() { rt_rabbitmq_node_env "$(nd "$1")" "$dir/home" "$(node_name "$1")" "${amqp[$1]}" "${dist[$1]}" "$epmd_port"; }
 
 prepare() {
   local n d

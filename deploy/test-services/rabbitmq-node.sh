@@ -46,27 +46,8 @@ dist_port="" epmd_port=""
 if [ -s "$dir/run/ports" ]; then read -r dist_port epmd_port < "$dir/run/ports"; fi
 log() { printf '[rabbitmq-node %s] %s\n' "$port" "$*" >&2; }
 
-# node_env: an environment that points every RabbitMQ/Erlang setting at DIR, replacing
-# whatever RABBITMQ_*/ERL_* variables the caller had (e.g. the shared broker's).
-node_env() {
-  local v
-  for v in $(compgen -e); do
-    case $v in RABBITMQ_*|ERL_*) unset "$v" ;; esac
-  done
-  export HOME="$dir/home"                              # own ~/.erlang.cookie
-  export RABBITMQ_CONF_ENV_FILE="$dir/etc/rabbitmq-env.conf"  # not /etc/rabbitmq's
-  export RABBITMQ_CONFIG_FILE="$dir/etc/rabbitmq.conf"
-  export RABBITMQ_ADVANCED_CONFIG_FILE="$dir/etc/advanced.config"
-  export RABBITMQ_ENABLED_PLUGINS_FILE="$dir/etc/enabled_plugins"
-  export RABBITMQ_NODENAME="$node" RABBITMQ_USE_LONGNAME=false
-  export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT="$port"
-  export RABBITMQ_DIST_PORT="$dist_port"
-  export RABBITMQ_MNESIA_BASE="$dir/mnesia" RABBITMQ_LOG_BASE="$dir/log"
-  export RABBITMQ_PID_FILE="$dir/run/rabbitmq.pid"
-  export ERL_EPMD_PORT="$epmd_port" ERL_EPMD_ADDRESS=127.0.0.1
-  export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
-  export RABBITMQ_CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
-}
+# node_env: an environment that points every RabbitMQ/Erlang setting at DIR (lib.sh).
+node_env() { rt_rabbitmq_node_env "$dir" "$dir/home" "$node" "$port" "$dist_port" "$epmd_port"; }
 
 # free_port PREFERRED: PREFERRED if it is a valid port nobody listens on, else any free port.
 free_port() {

@@ -61,10 +61,7 @@ impl Drop for Cluster {
 }
 
 fn metric(worker: &Worker, name: &str) -> f64 {
-    worker
-        .get("/metrics")
-        .and_then(|(_, m)| m.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()))
-        .unwrap_or(0.0)
+    worker.metric(name).unwrap_or(0.0)
 }
 
 const JOBS: usize = 300;

@@ -37,12 +37,6 @@ fn job(id: &str, source: usize, steps: u32) -> serde_json::Value {
            "params": {"steps": steps}})
 }
 
-/// The value of an unlabelled sample on the worker's `/metrics`.
-fn metric(worker: &Worker, name: &str) -> Option<f64> {
-    let (_, metrics) = worker.get("/metrics")?;
-    metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
 #[test]
 #[ignore = "needs a Docker engine and the image deploy/docker/smoke.sh builds (the script runs it)"]
 fn cpu_image_edits_jobs_as_the_chart_runs_it_and_drains_on_sigterm() {
@@ -76,10 +70,10 @@ fn cpu_image_edits_jobs_as_the_chart_runs_it_and_drains_on_sigterm() {
     }
 
     // SIGTERM to PID 1 while a job runs: the job finishes, its result is published, exit 0.
-    let batches = metric(&worker, "retouch_batch_size_count").unwrap_or(0.0);
+    let batches = worker.metric("retouch_batch_size_count").unwrap_or(0.0);
     broker.publish_json(&job("ctr-drain", 3, 40));
     wait_for("the last job to reach the model", Duration::from_secs(60), || {
-        metric(&worker, "retouch_batch_size_count").filter(|n| *n > batches)
+        worker.metric("retouch_batch_size_count").filter(|n| *n > batches)
     });
     let signalled = Instant::now();
     let status = worker.terminate(CHART_GRACE);

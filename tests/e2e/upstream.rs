@@ -46,11 +46,6 @@ fn job(id: &str, source: &str, steps: u32) -> serde_json::Value {
            "params": {"steps": steps, "seed": 7}})
 }
 
-fn metric(worker: &Worker, name: &str) -> Option<f64> {
-    let (_, metrics) = worker.get("/metrics")?;
-    metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
 fn output_bytes(s3: &S3Server, result: &JobResult) -> Vec<u8> {
     let url = result.output.as_deref().expect("output");
     let (bucket, key) = url.trim_start_matches("s3://").split_once('/').expect("s3 url");
@@ -88,7 +83,7 @@ fn progress_events_arrive_in_order_throttled_and_end_at_the_last_step() {
     }
     let wall = results["watched"].timings.inference;
     assert!(progress.len() as f64 <= wall + 2.0, "{} progress events in a {wall:.1} s call", progress.len());
-    let published = metric(&worker, r#"retouch_progress_events_total{outcome="published"}"#).expect("metric");
+    let published = worker.metric(r#"retouch_progress_events_total{outcome="published"}"#).expect("metric");
     assert_eq!(published as usize, events.len());
     // The job's reply_to got the same events and its result.
     let replied = broker.drain("replies");
@@ -127,8 +122,8 @@ fn a_cancel_sent_before_any_worker_applies_to_queued_jobs_without_touching_s3() 
     assert!(s3.get("outputs", &format!("{name}/c-1.png")).is_none(), "a cancelled job writes no output");
     assert_eq!(broker.ready("jobs"), 0);
     assert!(broker.dead_letters().is_empty(), "cancelled jobs are acked, not dead-lettered");
-    assert_eq!(metric(&worker, r#"retouch_jobs_total{error_kind="none",outcome="cancelled"}"#), Some(2.0));
-    assert_eq!(metric(&worker, "retouch_cancel_requests_total"), Some(2.0));
+    assert_eq!(worker.metric(r#"retouch_jobs_total{error_kind="none",outcome="cancelled"}"#), Some(2.0));
+    assert_eq!(worker.metric("retouch_cancel_requests_total"), Some(2.0));
     assert_eq!(worker.terminate(Duration::from_secs(60)).code(), Some(0));
 }
 
@@ -171,14 +166,14 @@ fn cancel_of_a_running_job_leaves_its_batch_mate_bit_identical_and_of_a_batched_
     // A job waiting in the batcher (max_batch_wait 3 s, no companion) is cancelled there.
     broker.publish_json(&job("waiting", "img3.png", 2));
     wait_for("the job to be decoded and waiting", Duration::from_secs(30), || {
-        metric(&worker, r#"retouch_stage_duration_seconds_count{stage="decode"}"#).filter(|n| *n >= 4.0)
+        worker.metric(r#"retouch_stage_duration_seconds_count{stage="decode"}"#).filter(|n| *n >= 4.0)
     });
     broker.cancel(&CancelRequest { job_ids: vec!["waiting".into()], ..CancelRequest::default() });
     let waited = broker.results_until(Duration::from_secs(60), |r| r.contains_key("waiting"));
     assert_eq!(waited["waiting"].status, Status::Cancelled);
     worker.wait_for_log("waiting for the model", Duration::from_secs(10));
     wait_for("both cancels to be counted", Duration::from_secs(10), || {
-        metric(&worker, r#"retouch_jobs_total{error_kind="none",outcome="cancelled"}"#).filter(|n| *n == 2.0)
+        worker.metric(r#"retouch_jobs_total{error_kind="none",outcome="cancelled"}"#).filter(|n| *n == 2.0)
     });
 
     // Cancelling a finished job answers so and changes nothing.
@@ -338,7 +333,7 @@ fn webhooks_are_signed_retried_durable_across_kill_9_and_never_sent_to_other_hos
         assert_eq!(delivered, result, "the webhook carries the published result");
     }
     wait_for("the delivery metric", Duration::from_secs(10), || {
-        metric(&worker, r#"retouch_webhook_deliveries_total{outcome="delivered"}"#).filter(|n| *n == 1.0)
+        worker.metric(r#"retouch_webhook_deliveries_total{outcome="delivered"}"#).filter(|n| *n == 1.0)
     });
 
     // A host that is not on the allow-list is never contacted: the job is refused at once.
@@ -363,7 +358,7 @@ fn webhooks_are_signed_retried_durable_across_kill_9_and_never_sent_to_other_hos
     // The relay can try the webhook before the job's own ack is out (the result and the
     // webhook message are confirmed first, then the job is acked): kill only once it is settled.
     wait_for("the job to be acked", Duration::from_secs(30), || {
-        metric(&worker, "retouch_jobs_in_flight").filter(|n| *n == 0.0)
+        worker.metric("retouch_jobs_in_flight").filter(|n| *n == 0.0)
     });
     worker.kill();
     assert_eq!(broker.ready("jobs"), 0, "the job itself was acked");
@@ -399,6 +394,6 @@ fn a_webhook_that_never_succeeds_is_dead_lettered_with_its_last_status() {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].1.get("x-retouch-webhook-last-status").map(String::as_str), Some("503"), "{:?}", dead[0].1);
     assert!(receiver.requests().len() >= 2, "retried before giving up");
-    assert_eq!(metric(&worker, r#"retouch_webhook_deliveries_total{outcome="gave_up"}"#), Some(1.0));
+    assert_eq!(worker.metric(r#"retouch_webhook_deliveries_total{outcome="gave_up"}"#), Some(1.0));
     assert_eq!(worker.terminate(Duration::from_secs(60)).code(), Some(0));
 }

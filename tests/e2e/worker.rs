@@ -38,16 +38,10 @@ fn output_image(s3: &S3Server, result: &JobResult) -> image::RgbImage {
     image::load_from_memory(&bytes).expect("the output decodes").to_rgb8()
 }
 
-/// The value of the sample `name` (with its labels, as rendered) on the worker's `/metrics`.
-fn metric(worker: &Worker, name: &str) -> Option<f64> {
-    let (_, metrics) = worker.get("/metrics")?;
-    metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// Waits until the worker has handed a batch to the model.
 fn wait_for_inference(worker: &Worker) {
     wait_for("a batch to reach the model", Duration::from_secs(30), || {
-        metric(worker, "retouch_batch_size_count").filter(|n| *n > 0.0)
+        worker.metric("retouch_batch_size_count").filter(|n| *n > 0.0)
     });
 }
 
@@ -122,7 +116,7 @@ fn kill_9_in_the_middle_of_a_batch_then_restart_loses_nothing() {
     }
     // Killed once the model is denoising (a step has completed), not before.
     wait_for("a denoising step", Duration::from_secs(30), || {
-        metric(&first, "retouch_denoise_step_duration_seconds_count").filter(|n| *n > 0.0)
+        first.metric("retouch_denoise_step_duration_seconds_count").filter(|n| *n > 0.0)
     });
     first.kill();
     let mut second = Worker::start(&name, &broker.worker_env(5), &s3, &extra);
@@ -212,7 +206,7 @@ fn a_storage_outage_is_retried_then_the_job_succeeds() {
     broker.publish_json(&job("outage-1", 0, 4));
     // S3 comes back once the outage has cost the job an attempt.
     wait_for("a storage failure to be retried", Duration::from_secs(60), || {
-        metric(&worker, r#"retouch_jobs_total{error_kind="storage",outcome="retried"}"#).filter(|n| *n >= 1.0)
+        worker.metric(r#"retouch_jobs_total{error_kind="storage",outcome="retried"}"#).filter(|n| *n >= 1.0)
     });
     s3.resume();
     let results = broker.results_until(Duration::from_secs(90), count(1));

@@ -759,6 +759,13 @@ impl Worker {
         }
     }
 
+    /// The value of the sample `name` (labels included, as rendered) on the worker's `/metrics`,
+    /// if it is there.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let (_, metrics) = self.get("/metrics")?;
+        metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
     /// The log so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
