@@ -90,6 +90,15 @@ fn main() -> ExitCode {
             std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string());
         }
     }
+    if std::env::var_os("OMP_WAIT_POLICY").is_none() {
+        // oneDNN (bf16 on the CPU) runs on OpenMP threads, which otherwise spin for a while
+        // after each call and starve the rayon threads of the f32 work between calls.
+        // SAFETY: still single-threaded, as above.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::set_var("OMP_WAIT_POLICY", "passive");
+        }
+    }
     let quiet = matches!(
         cli.command,
         Command::Batch(_) | Command::Submit(_) | Command::Watch(_) | Command::Cancel(_) | Command::DeadLetters(_)

@@ -60,6 +60,17 @@ pub enum ConvBackend {
     Im2col,
     /// cuDNN.
     Cudnn,
+    /// oneDNN in bf16 (`--dtype bf16` on the CPU, [`crate::onednn`]).
+    OneDnnBf16,
+}
+
+/// A linear-layer implementation in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinearBackend {
+    /// candle's matrix product in the model dtype (gemm on the CPU, cuBLAS on a GPU).
+    Native,
+    /// oneDNN in bf16 (`--dtype bf16` on the CPU, [`crate::onednn`]).
+    OneDnnBf16,
 }
 
 /// An attention implementation in use.
@@ -78,11 +89,22 @@ pub struct Kernels {
     pub conv: ConvBackend,
     /// Attention.
     pub attention: AttentionBackend,
+    /// Linear layers of the attention blocks.
+    pub linear: LinearBackend,
 }
 
 impl Kernels {
-    /// The CPU's (and tests') levers.
-    pub const CPU: Self = Self { conv: ConvBackend::Im2col, attention: AttentionBackend::Math };
+    /// The CPU's (and tests') levers in f32.
+    pub const CPU: Self =
+        Self { conv: ConvBackend::Im2col, attention: AttentionBackend::Math, linear: LinearBackend::Native };
+    /// The CPU's levers in bf16: oneDNN for convolutions and linear layers.
+    pub const CPU_BF16: Self =
+        Self { conv: ConvBackend::OneDnnBf16, attention: AttentionBackend::Math, linear: LinearBackend::OneDnnBf16 };
+
+    /// Whether matrix products run in bf16 on the CPU while tensors stay f32.
+    pub fn cpu_bf16(&self) -> bool {
+        self.linear == LinearBackend::OneDnnBf16
+    }
 }
 
 /// Whether this binary was built with cuDNN convolutions.
@@ -117,13 +139,18 @@ impl KernelChoice {
     pub fn resolve(self, device: &Device, dtype: DType) -> Result<Kernels, ModelError> {
         let cuda = device.is_cuda();
         if device.is_cpu() && dtype == DType::BF16 {
-            // candle's CPU convolutions have no bf16 matrix product: such a model would load and
-            // then fail its first edit. Refuse before loading, with what works instead.
-            return Err(ModelError::Device(
-                "bf16 does not run on the CPU in this version (no CPU bf16 convolution kernels); use \
-                 --dtype f32, the CPU default, or bf16 on a GPU (--device cuda)"
-                    .into(),
-            ));
+            // candle's CPU kernels have no bf16 matrix product (its convolutions fail, its
+            // matmul widens to f32): bf16 on the CPU is oneDNN's, for convolutions and linear
+            // layers, or nothing.
+            crate::onednn::ensure_available()?;
+            if self.conv != ConvChoice::Auto || self.attention == AttentionChoice::Flash {
+                return Err(ModelError::Device(
+                    "bf16 on the CPU runs oneDNN's convolutions and the f32 attention; leave --conv and \
+                     --attention at auto (or math)"
+                        .into(),
+                ));
+            }
+            return Ok(Kernels::CPU_BF16);
         }
         let conv = match self.conv {
             ConvChoice::Im2col => ConvBackend::Im2col,
@@ -141,6 +168,7 @@ impl KernelChoice {
             }
             ConvChoice::Cudnn => ConvBackend::Cudnn,
         };
+        let linear = LinearBackend::Native;
         let half = matches!(dtype, DType::F16 | DType::BF16);
         let attention = match self.attention {
             AttentionChoice::Math => AttentionBackend::Math,
@@ -163,7 +191,7 @@ impl KernelChoice {
             }
             AttentionChoice::Flash => AttentionBackend::Flash,
         };
-        Ok(Kernels { conv, attention })
+        Ok(Kernels { conv, attention, linear })
     }
 }
 
@@ -196,6 +224,7 @@ impl fmt::Display for ConvBackend {
         f.write_str(match self {
             Self::Im2col => "im2col",
             Self::Cudnn => "cudnn",
+            Self::OneDnnBf16 => "onednn-bf16",
         })
     }
 }
@@ -211,7 +240,11 @@ impl fmt::Display for AttentionBackend {
 
 impl fmt::Display for Kernels {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "conv={} attention={}", self.conv, self.attention)
+        write!(f, "conv={} attention={}", self.conv, self.attention)?;
+        match self.linear {
+            LinearBackend::Native => Ok(()),
+            LinearBackend::OneDnnBf16 => f.write_str(" linear=onednn-bf16"),
+        }
     }
 }
 
@@ -232,8 +265,19 @@ mod tests {
         assert!(err.contains(if HAS_FLASH_ATTN { "needs a CUDA device" } else { "--features flash-attn" }), "{err}");
         let explicit = KernelChoice { conv: ConvChoice::Im2col, attention: AttentionChoice::Math };
         assert_eq!(explicit.resolve(&cpu, DType::F16).ok(), Some(Kernels::CPU));
-        let err = explicit.resolve(&cpu, DType::BF16).expect_err("bf16 on the CPU").to_string();
-        assert!(err.contains("--dtype f32"), "{err}");
+        // bf16 on the CPU: oneDNN where the library and the CPU allow, else a clear error.
+        match crate::onednn::ensure_available() {
+            Ok(_) => {
+                assert_eq!(KernelChoice::default().resolve(&cpu, DType::BF16).ok(), Some(Kernels::CPU_BF16));
+                assert_eq!(Kernels::CPU_BF16.to_string(), "conv=onednn-bf16 attention=math linear=onednn-bf16");
+                let err = explicit.resolve(&cpu, DType::BF16).expect_err("im2col in bf16").to_string();
+                assert!(err.contains("leave --conv"), "{err}");
+            }
+            Err(why) => {
+                let err = explicit.resolve(&cpu, DType::BF16).expect_err("bf16 on the CPU").to_string();
+                assert!(err.contains("--dtype f32") && err == why.to_string(), "{err}");
+            }
+        }
     }
 
     #[test]

@@ -11,13 +11,14 @@
 //! * [`safety`]: diffusers' safety checker (CLIP preprocessing, vision tower, decision).
 //! * [`device`]: CPU or CUDA; [`compute_cap`] guards CUDA builds against GPUs they have no
 //!   kernels for; [`kernels`] picks the convolution and attention implementations (cuDNN and
-//!   flash attention on GPUs).
+//!   flash attention on GPUs, oneDNN's bf16 products on CPUs: [`onednn`]).
 
 pub mod config;
 pub mod device;
 pub mod error;
 pub mod kernels;
 pub mod nets;
+pub mod onednn;
 pub mod pipeline;
 pub mod rng;
 pub mod safety;

@@ -104,6 +104,10 @@ impl InstructPix2Pix {
         let device = options.device.open()?;
         let dtype = options.dtype.unwrap_or(if device.is_cpu() { DType::F32 } else { DType::F16 });
         let kernels = options.kernels.resolve(&device, dtype)?;
+        // bf16 on the CPU is oneDNN's bf16 matrix products; the tensors between them, and the
+        // text encoder, stay f32 (crate::onednn).
+        let requested_dtype = dtype;
+        let dtype = if kernels.cpu_bf16() { DType::F32 } else { dtype };
         let variant = options.variant.as_deref();
 
         let index = read_json_object(&dir.join("model_index.json"))?;
@@ -173,7 +177,7 @@ impl InstructPix2Pix {
         let info = ModelInfo {
             name: name.to_string(),
             device: options.device.to_string(),
-            dtype: format!("{dtype:?}").to_lowercase(),
+            dtype: format!("{requested_dtype:?}").to_lowercase(),
             size_multiple: vae_config.scale_factor() as u32,
             default_scheduler,
         };
@@ -202,7 +206,8 @@ impl InstructPix2Pix {
         &self.unet
     }
 
-    /// The weights' dtype.
+    /// The dtype of the tensors between layers: the weights' dtype, or f32 when `--dtype bf16`
+    /// runs oneDNN's bf16 products on the CPU ([`Self::info`] reports the dtype asked for).
     pub fn dtype(&self) -> DType {
         self.dtype
     }

@@ -26,7 +26,7 @@ use super::blocks::{Conv2d, conv2d};
 use super::elementwise;
 use super::linear::Linear;
 use super::norm::GroupNorm;
-use crate::kernels::{AttentionBackend, Kernels, flash_kernel_for};
+use crate::kernels::{AttentionBackend, Kernels, LinearBackend, flash_kernel_for};
 
 /// Upper bound on one slice of attention scores on the CPU, in bytes (float32). Below glibc's
 /// largest mmap threshold (see the binary's allocator tuning), so a slice's scores reuse freed
@@ -48,12 +48,14 @@ pub struct AttentionSpec {
     pub backend: AttentionBackend,
     /// `upcast_attention`: scores in float32 even on a GPU.
     pub upcast: bool,
+    /// What runs the projections.
+    pub linear: LinearBackend,
 }
 
 impl AttentionSpec {
     /// The spec of a model running with `kernels`.
     pub fn new(kernels: Kernels, upcast: bool) -> Self {
-        Self { backend: kernels.attention, upcast }
+        Self { backend: kernels.attention, upcast, linear: kernels.linear }
     }
 }
 
@@ -152,10 +154,10 @@ struct CrossAttention {
 impl CrossAttention {
     fn new(query_dim: usize, context_dim: usize, heads: usize, spec: AttentionSpec, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            to_q: Linear::load(query_dim, query_dim, false, vb.pp("to_q"))?,
-            to_k: Linear::load(context_dim, query_dim, false, vb.pp("to_k"))?,
-            to_v: Linear::load(context_dim, query_dim, false, vb.pp("to_v"))?,
-            to_out: Linear::load(query_dim, query_dim, true, vb.pp("to_out").pp("0"))?,
+            to_q: Linear::load(query_dim, query_dim, false, spec.linear, vb.pp("to_q"))?,
+            to_k: Linear::load(context_dim, query_dim, false, spec.linear, vb.pp("to_k"))?,
+            to_v: Linear::load(context_dim, query_dim, false, spec.linear, vb.pp("to_v"))?,
+            to_out: Linear::load(query_dim, query_dim, true, spec.linear, vb.pp("to_out").pp("0"))?,
             heads,
             spec,
         })
@@ -179,11 +181,11 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(dim: usize, linear: LinearBackend, vb: VarBuilder) -> Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            proj: Linear::load(dim, inner * 2, true, vb.pp("net.0.proj"))?,
-            out: Linear::load(inner, dim, true, vb.pp("net.2"))?,
+            proj: Linear::load(dim, inner * 2, true, linear, vb.pp("net.0.proj"))?,
+            out: Linear::load(inner, dim, true, linear, vb.pp("net.2"))?,
         })
     }
 
@@ -212,7 +214,7 @@ impl BasicTransformerBlock {
             norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
             attn2: CrossAttention::new(dim, context_dim, heads, spec, vb.pp("attn2"))?,
             norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
-            ff: FeedForward::new(dim, vb.pp("ff"))?,
+            ff: FeedForward::new(dim, spec.linear, vb.pp("ff"))?,
         })
     }
 
@@ -267,7 +269,7 @@ impl SpatialTransformer {
         let c = spec.channels;
         let projection = |name: &str| -> Result<Projection> {
             Ok(if spec.linear_projection {
-                Projection::Linear(Linear::load(c, c, true, vb.pp(name))?)
+                Projection::Linear(Linear::load(c, c, true, spec.kernels.linear, vb.pp(name))?)
             } else {
                 Projection::Conv(conv2d(c, c, 1, 0, 1, spec.kernels.conv, vb.pp(name))?)
             })
@@ -346,7 +348,7 @@ impl VaeAttention {
                     weight.dims()
                 );
             }
-            Ok(Linear::new(candle_nn::Linear::new(weight, Some(vb.get(channels, "bias")?))))
+            Linear::with_backend(candle_nn::Linear::new(weight, Some(vb.get(channels, "bias")?)), kernels.linear)
         };
         Ok(Self {
             group_norm: GroupNorm::load(groups, channels, 1e-6, vb.pp("group_norm"))?,

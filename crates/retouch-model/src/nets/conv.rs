@@ -14,24 +14,36 @@
 //!
 //! Each image of a batch is computed with the same calls whatever the batch size, so results
 //! stay batch-invariant. On CUDA a convolution runs through cuDNN when the model's kernels say
-//! so ([`crate::kernels::ConvBackend::Cudnn`], module [`super::cudnn`]); every other device and
-//! dtype uses candle's implementation.
+//! so ([`crate::kernels::ConvBackend::Cudnn`], module [`super::cudnn`]); `--dtype bf16` on the
+//! CPU runs oneDNN ([`crate::kernels::ConvBackend::OneDnnBf16`], [`crate::onednn`]; the f32
+//! weights are dropped once packed); every other device and dtype uses candle's implementation.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
 use crate::kernels::ConvBackend;
+use crate::onednn::Bf16Conv2d;
 
 /// Upper bound of one im2col chunk, in bytes: big enough for efficient matrix products, small
 /// enough not to double the memory of a 512-pixel VAE decode.
 const CHUNK_BYTES: usize = 16 << 20;
 
+/// Where a convolution's weights live and what runs it.
+#[derive(Debug, Clone)]
+enum Weights {
+    /// candle's convolution: the weights in the model dtype, and the implementation on devices
+    /// without our own.
+    Candle(candle_nn::Conv2d),
+    /// bf16 weights packed for oneDNN (`--dtype bf16` on the CPU).
+    OneDnn(std::sync::Arc<Bf16Conv2d>),
+}
+
 /// A square-kernel convolution with bias.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    /// candle's convolution: the weights, and the implementation on devices without our own.
-    inner: candle_nn::Conv2d,
+    /// The weights and their implementation.
+    weights: Weights,
     /// Input channels.
     c_in: usize,
     /// Output channels.
@@ -47,7 +59,7 @@ pub struct Conv2d {
 }
 
 /// Runs `f` on the float32 data of a CPU tensor without copying it (contiguous tensors only).
-fn with_cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+pub(crate) fn with_cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("not a CPU tensor") };
     let data = cpu.as_slice::<f32>()?;
@@ -68,12 +80,26 @@ impl Conv2d {
         vb: VarBuilder,
     ) -> Result<Self> {
         let inner = candle_nn::conv2d(c_in, c_out, kernel, Conv2dConfig { padding, stride, ..Default::default() }, vb)?;
-        Ok(Self { inner, c_in, c_out, kernel, padding, stride, backend })
+        let weights = match (backend, inner.bias()) {
+            (ConvBackend::OneDnnBf16, Some(bias)) => {
+                let weight = inner.weight().to_dtype(DType::F32)?.contiguous()?;
+                let bias = bias.to_dtype(DType::F32)?;
+                let packed = with_cpu_slice(&weight, |w| {
+                    with_cpu_slice(&bias, |b| Bf16Conv2d::new(w, b, (c_in, c_out, kernel), padding, stride))
+                })?;
+                Weights::OneDnn(std::sync::Arc::new(packed))
+            }
+            _ => Weights::Candle(inner),
+        };
+        Ok(Self { weights, c_in, c_out, kernel, padding, stride, backend })
     }
 
-    /// The weight tensor.
-    pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
+    /// The dtype this convolution takes and returns (f32 for oneDNN's bf16 products).
+    pub fn dtype(&self) -> DType {
+        match &self.weights {
+            Weights::Candle(inner) => inner.weight().dtype(),
+            Weights::OneDnn(_) => DType::F32,
+        }
     }
 
     /// What runs this convolution on a GPU.
@@ -83,8 +109,20 @@ impl Conv2d {
 
     /// `[B, c_in, H, W]` → `[B, c_out, H', W']`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let weight = self.inner.weight();
-        match self.inner.bias() {
+        let inner = match &self.weights {
+            Weights::OneDnn(conv) => {
+                let (b, c, h, w) = x.dims4()?;
+                if c != self.c_in {
+                    candle_core::bail!("conv2d: expected {} input channels, got {c}", self.c_in);
+                }
+                let x = x.to_dtype(DType::F32)?.contiguous()?;
+                let (out, oh, ow) = with_cpu_slice(&x, |input| conv.forward(input, (b, h, w)))?;
+                return Tensor::from_vec(out, (b, self.c_out, oh, ow), x.device());
+            }
+            Weights::Candle(inner) => inner,
+        };
+        let weight = inner.weight();
+        match inner.bias() {
             Some(bias) if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 => {
                 let x = x.contiguous()?;
                 with_cpu_slice(weight, |w| {
@@ -96,7 +134,7 @@ impl Conv2d {
                 let y = super::cudnn::conv2d(&x.contiguous()?, weight, self.padding, self.stride)?;
                 y.broadcast_add(&bias.reshape((1, self.c_out, 1, 1))?)
             }
-            _ => self.inner.forward(x),
+            _ => inner.forward(x),
         }
     }
 
@@ -255,7 +293,8 @@ mod tests {
             let conv = Conv2d::load(c_in, c_out, k, p, s, ConvBackend::Im2col, vb).expect("conv");
             let x = Tensor::randn(0f32, 1.0, (2, c_in, h, w), &dev).expect("x");
             let ours = conv.forward(&x).expect("ours");
-            let candle = conv.inner.forward(&x).expect("candle");
+            let Weights::Candle(inner) = &conv.weights else { panic!("f32 weights") };
+            let candle = inner.forward(&x).expect("candle");
             assert_eq!(ours.dims(), candle.dims());
             assert!(max_rel_diff(&ours, &candle) < 1e-5, "{c_in}->{c_out} k{k} p{p} s{s} {h}×{w}");
             let first = conv.forward(&x.narrow(0, 0, 1).expect("narrow")).expect("alone");

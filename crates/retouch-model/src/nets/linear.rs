@@ -9,19 +9,38 @@
 //! every batch size takes the general kernel, whose summation order does not depend on the row
 //! count. Only tiny shapes (1-token attention at the lowest UNet level of small images, test
 //! models) take the per-sequence branch.
+//!
+//! With `--dtype bf16` on the CPU the product is oneDNN's ([`crate::onednn::Bf16Linear`]:
+//! bf16 weights packed at load, the f32 ones dropped, one call per sequence).
 
-use candle_core::{Module, Result, Tensor};
+use std::sync::Arc;
+
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+
+use super::conv::with_cpu_slice;
+use crate::kernels::LinearBackend;
+use crate::onednn::Bf16Linear;
 
 /// `y = x Wᵀ + b` over `[B, T, in]`, batch-invariant.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// The product `x Wᵀ` (candle-nn's layer without its bias).
-    inner: candle_nn::Linear,
+    /// The product `x Wᵀ` (candle-nn's layer without its bias), or oneDNN's in bf16 (bias
+    /// included).
+    inner: Product,
     /// `b`, added on every core ([`super::elementwise::add_last_dim`]; candle-nn adds it on one).
     bias: Option<Tensor>,
     /// Rows of `W`.
     out_features: usize,
+}
+
+/// What computes `x Wᵀ`.
+#[derive(Debug, Clone)]
+enum Product {
+    /// candle-nn's layer without its bias.
+    Candle(candle_nn::Linear),
+    /// oneDNN in bf16, bias fused.
+    OneDnn(Arc<Bf16Linear>),
 }
 
 /// Whether gemm would use a shape-specific kernel for `rows × out_features`.
@@ -34,27 +53,61 @@ impl Linear {
     pub fn new(inner: candle_nn::Linear) -> Self {
         let out_features = inner.weight().dim(0).unwrap_or(0);
         let bias = inner.bias().cloned();
-        Self { inner: candle_nn::Linear::new(inner.weight().clone(), None), bias, out_features }
+        Self { inner: Product::Candle(candle_nn::Linear::new(inner.weight().clone(), None)), bias, out_features }
     }
 
-    /// `weight` `[out, in]` and `bias` `[out]` from `vb`.
-    pub fn load(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+    /// Wraps a loaded layer, run by `backend`.
+    ///
+    /// # Errors
+    /// When oneDNN cannot pack the weights.
+    pub fn with_backend(inner: candle_nn::Linear, backend: LinearBackend) -> Result<Self> {
+        match backend {
+            LinearBackend::Native => Ok(Self::new(inner)),
+            LinearBackend::OneDnnBf16 => {
+                let (out_features, in_features) = inner.weight().dims2()?;
+                let weight = inner.weight().to_dtype(DType::F32)?.contiguous()?;
+                let bias = inner.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
+                let packed = with_cpu_slice(&weight, |w| match &bias {
+                    Some(bias) => with_cpu_slice(bias, |b| Bf16Linear::new(w, out_features, in_features, Some(b))),
+                    None => Bf16Linear::new(w, out_features, in_features, None),
+                })?;
+                Ok(Self { inner: Product::OneDnn(Arc::new(packed)), bias: None, out_features })
+            }
+        }
+    }
+
+    /// `weight` `[out, in]` and `bias` `[out]` from `vb`, run by `backend`.
+    pub fn load(in_dim: usize, out_dim: usize, bias: bool, backend: LinearBackend, vb: VarBuilder) -> Result<Self> {
         let inner = if bias {
             candle_nn::linear(in_dim, out_dim, vb)?
         } else {
             candle_nn::linear_no_bias(in_dim, out_dim, vb)?
         };
-        Ok(Self::new(inner))
+        Self::with_backend(inner, backend)
     }
 
     /// Applies the layer to `[B, T, in]` (or any shape the inner layer accepts).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let inner = match &self.inner {
+            Product::OneDnn(product) => {
+                let dims = x.dims().to_vec();
+                let sequences = if dims.len() >= 3 { dims[0] } else { 1 };
+                let x = x.to_dtype(DType::F32)?.contiguous()?;
+                let out = with_cpu_slice(&x, |input| product.forward(input, sequences))?;
+                let mut out_dims = dims;
+                if let Some(last) = out_dims.last_mut() {
+                    *last = self.out_features;
+                }
+                return Tensor::from_vec(out, out_dims, x.device());
+            }
+            Product::Candle(inner) => inner,
+        };
         let product = match *x.dims() {
             [b, t, _] if b > 1 && small_matrix(t, self.out_features) => {
-                let parts = (0..b).map(|i| self.inner.forward(&x.narrow(0, i, 1)?)).collect::<Result<Vec<_>>>()?;
+                let parts = (0..b).map(|i| inner.forward(&x.narrow(0, i, 1)?)).collect::<Result<Vec<_>>>()?;
                 Tensor::cat(&parts, 0)?
             }
-            _ => self.inner.forward(x)?,
+            _ => inner.forward(x)?,
         };
         match &self.bias {
             Some(bias) => super::elementwise::add_last_dim(&product, bias),

@@ -212,8 +212,9 @@ impl UNet {
         self.conv_out.forward(&x)
     }
 
-    /// The dtype of the weights.
+    /// The dtype of the activations (the weights' dtype, or f32 when bf16 products run on the
+    /// CPU).
     pub fn dtype(&self) -> DType {
-        self.conv_in.weight().dtype()
+        self.conv_in.dtype()
     }
 }
