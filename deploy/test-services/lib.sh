@@ -457,11 +457,23 @@ rt_ensure_docker_engine() {
   rt_die "dockerd did not answer within 60 s"
 }
 
+# rt_ensure_onednn: oneDNN 2.x (Debian's libdnnl2), which `--dtype bf16` on the CPU opens at
+# run time; the bf16 tests need it (on a CPU without AVX512-BF16 they check the refusal).
+rt_ensure_onednn() {
+  local t0; t0=$(rt_now)
+  if ldconfig -p 2>/dev/null | grep -q 'libdnnl\.so\.2 '; then
+    return 0
+  fi
+  rt_apt_install libdnnl2
+  rt_record onednn installed "$t0" "$(dpkg-query -W -f='libdnnl2 ${Version}' libdnnl2 2>/dev/null)"
+}
+
 # rt_ensure_all [--no-s3s]: everything above, in order, under the install lock; --no-s3s leaves
 # the S3 server to the caller's workspace build (tests/run).
 rt_ensure_all() {
   rt_lock
   rt_ensure_python
+  rt_ensure_onednn
   rt_ensure_rabbitmq
   rt_ensure_promtool
   rt_ensure_helm

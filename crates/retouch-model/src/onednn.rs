@@ -337,7 +337,8 @@ impl Primitive {
         let mut pd = std::ptr::null_mut();
         // SAFETY: both descriptors are initialised; one engine for both sides.
         #[allow(unsafe_code)]
-        let status = unsafe { (api.reorder_pd_create)(&mut pd, src, api.engine, dst, api.engine, std::ptr::null_mut()) };
+        let status =
+            unsafe { (api.reorder_pd_create)(&mut pd, src, api.engine, dst, api.engine, std::ptr::null_mut()) };
         check(status, "reorder")?;
         Self::from_pd(api, pd)
     }
@@ -511,10 +512,8 @@ fn convert<T>(
         return Err(Error::Msg(format!("oneDNN reorder: {} / {} values for {dims:?}", src.len(), dst.len())));
     }
     let (primitive, src_md, dst_md) = &*reorder;
-    primitive.execute(
-        api,
-        &[(ARG_SRC, src_md, src.as_ptr() as *mut c_void), (ARG_DST, dst_md, dst.as_mut_ptr().cast())],
-    )
+    primitive
+        .execute(api, &[(ARG_SRC, src_md, src.as_ptr() as *mut c_void), (ARG_DST, dst_md, dst.as_mut_ptr().cast())])
 }
 
 /// A zeroed buffer of `len` values for a oneDNN call to write.
@@ -534,7 +533,10 @@ impl PackedWeights {
         let src_md = md(api, dims, F32, tag)?;
         let memory = Memory::wrap(api, &target, std::ptr::null_mut())?;
         let reorder = Primitive::reorder(api, &src_md, &target)?;
-        reorder.execute(api, &[(ARG_SRC, &src_md, weights.as_ptr() as *mut c_void), (ARG_DST, &target, memory.data(api)?)])?;
+        reorder.execute(
+            api,
+            &[(ARG_SRC, &src_md, weights.as_ptr() as *mut c_void), (ARG_DST, &target, memory.data(api)?)],
+        )?;
         Ok(Self { packs: Mutex::new(vec![Arc::new((memory, target))]) })
     }
 
@@ -881,7 +883,9 @@ mod tests {
         if !available() {
             return;
         }
-        for (rows, k, n, bias) in [(77, 768, 320, false), (1024, 320, 2560, true), (16, 1280, 1280, true), (1, 64, 8, true)] {
+        for (rows, k, n, bias) in
+            [(77, 768, 320, false), (1024, 320, 2560, true), (16, 1280, 1280, true), (1, 64, 8, true)]
+        {
             let w = randn(&[n, k], 1);
             let b = randn(&[n], 2);
             let layer = Bf16Linear::new(&w, n, k, bias.then_some(&b[..])).expect("pack");
@@ -908,12 +912,12 @@ mod tests {
         }
         let dev = Device::Cpu;
         for (c_in, c_out, k, p, s, h, w) in [
-            (8, 32, 3, 1, 1, 9, 5),     // conv_in, odd sizes
-            (32, 32, 3, 1, 2, 8, 6),    // UNet downsample
-            (32, 32, 3, 0, 2, 9, 9),    // VAE downsample (after its asymmetric pad)
-            (64, 32, 1, 0, 1, 4, 4),    // shortcut / proj 1×1
-            (4, 8, 3, 1, 1, 1, 1),      // 1×1 spatial
-            (3, 32, 3, 1, 1, 40, 24),   // VAE conv_in
+            (8, 32, 3, 1, 1, 9, 5),      // conv_in, odd sizes
+            (32, 32, 3, 1, 2, 8, 6),     // UNet downsample
+            (32, 32, 3, 0, 2, 9, 9),     // VAE downsample (after its asymmetric pad)
+            (64, 32, 1, 0, 1, 4, 4),     // shortcut / proj 1×1
+            (4, 8, 3, 1, 1, 1, 1),       // 1×1 spatial
+            (3, 32, 3, 1, 1, 40, 24),    // VAE conv_in
             (320, 320, 3, 1, 1, 32, 32), // SD's first level, 256 px
             (128, 128, 3, 1, 1, 96, 96), // a VAE decoder level: another weight layout than the load-time one
         ] {

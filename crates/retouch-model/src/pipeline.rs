@@ -207,7 +207,7 @@ impl InstructPix2Pix {
     }
 
     /// The dtype of the tensors between layers: the weights' dtype, or f32 when `--dtype bf16`
-    /// runs oneDNN's bf16 products on the CPU ([`Self::info`] reports the dtype asked for).
+    /// runs oneDNN's bf16 products on the CPU (`Editor::info` reports the dtype asked for).
     pub fn dtype(&self) -> DType {
         self.dtype
     }

@@ -1,7 +1,9 @@
 //! Checks against the golden data HF diffusers / transformers / torch produced
 //! (`tests/fixtures/generate.py`): tokenizer ids, scheduler tables and steps, torch RNG draws,
-//! and whole-pipeline edits within 2/255 of diffusers on every pixel; the safety checker.
+//! and whole-pipeline edits within 2/255 of diffusers on every pixel; the safety checker; and
+//! `--dtype bf16` on the CPU against diffusers in bf16 (`generate_bf16.py`).
 
+mod bf16;
 mod pipeline;
 mod rng;
 mod safety;

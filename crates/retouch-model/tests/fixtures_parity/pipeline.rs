@@ -16,12 +16,12 @@ use crate::{fixtures, read_json};
 /// The acceptance bound: |Δ| per uint8 channel value.
 const TOLERANCE: u8 = 2;
 
-fn load(model: &str, variant: Option<&str>) -> InstructPix2Pix {
+pub(crate) fn load(model: &str, variant: Option<&str>) -> InstructPix2Pix {
     let options = LoadOptions { variant: variant.map(str::to_string), ..Default::default() };
     InstructPix2Pix::load(&fixtures().join(model), model, &options).unwrap_or_else(|e| panic!("{model}: {e}"))
 }
 
-fn prepared(path: &str, max_side: u32) -> RgbImage {
+pub(crate) fn prepared(path: &str, max_side: u32) -> RgbImage {
     let bytes = std::fs::read(fixtures().join(path)).expect("input image");
     imaging::prepare(&bytes, DecodeLimits::default(), max_side, 8).expect("prepare").image
 }
@@ -32,7 +32,7 @@ fn init_latents(path: &str) -> Vec<f32> {
     tensors["latents"].flatten_all().and_then(|t| t.to_vec1()).expect("f32 latents")
 }
 
-fn batch_for(case: &Value) -> EditBatch {
+pub(crate) fn batch_for(case: &Value) -> EditBatch {
     let max_side = case["max_side"].as_u64().expect("max_side") as u32;
     let strings = |key: &str| -> Vec<String> {
         case[key].as_array().expect(key).iter().map(|v| v.as_str().expect("string").to_string()).collect()
@@ -68,14 +68,18 @@ fn batch_for(case: &Value) -> EditBatch {
     }
 }
 
-fn max_and_mean_diff(a: &RgbImage, b: &RgbImage) -> (u8, f64) {
+pub(crate) fn max_and_mean_diff(a: &RgbImage, b: &RgbImage) -> (u8, f64) {
     assert_eq!(a.dimensions(), b.dimensions(), "output size");
     let diffs: Vec<u8> = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).collect();
     let mean = diffs.iter().map(|&d| f64::from(d)).sum::<f64>() / diffs.len() as f64;
     (diffs.iter().copied().max().unwrap_or(0), mean)
 }
 
-fn run_case(model: &InstructPix2Pix, case: &Value, batch: &EditBatch) -> Vec<retouch_core::editor::EditedImage> {
+pub(crate) fn run_case(
+    model: &InstructPix2Pix,
+    case: &Value,
+    batch: &EditBatch,
+) -> Vec<retouch_core::editor::EditedImage> {
     let mut config = model.scheduler_config().clone();
     for (k, v) in case["scheduler_overrides"].as_object().expect("overrides") {
         config.insert(k.clone(), v.clone());
@@ -145,14 +149,14 @@ fn run_alone(model: &InstructPix2Pix, batch: &EditBatch, request: &EditRequest) 
 
 /// A synthetic image whose lowest UNet level is a single token at 64 px (the shape where
 /// gemm switches kernels with the row count).
-fn synthetic(size: u32, salt: u8) -> RgbImage {
+pub(crate) fn synthetic(size: u32, salt: u8) -> RgbImage {
     RgbImage::from_fn(size, size, |x, y| {
         let inside = (x as i32 - 32).pow(2) + (y as i32 - 28).pow(2) < 300;
         if inside { image::Rgb([230, 40 + salt, 40]) } else { image::Rgb([(x * 4) as u8, (y * 3) as u8 ^ salt, 120]) }
     })
 }
 
-fn assert_batch_equals_single(
+pub(crate) fn assert_batch_equals_single(
     model: &InstructPix2Pix,
     images: &[RgbImage],
     steps: u32,
