@@ -19,6 +19,7 @@ use std::str::FromStr;
 use candle_core::{DType, Device};
 
 use crate::error::ModelError;
+use crate::onednn::Precision;
 
 /// The convolution implementation asked for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -30,6 +31,9 @@ pub enum ConvChoice {
     Cudnn,
     /// im2col + matrix products (candle's on CUDA, the crate's own on the CPU).
     Im2col,
+    /// oneDNN's f32 convolutions and linear layers (CPU, f32; bf16 on the CPU always runs
+    /// oneDNN).
+    OneDnn,
 }
 
 /// The attention implementation asked for.
@@ -60,8 +64,8 @@ pub enum ConvBackend {
     Im2col,
     /// cuDNN.
     Cudnn,
-    /// oneDNN in bf16 (`--dtype bf16` on the CPU, [`crate::onednn`]).
-    OneDnnBf16,
+    /// oneDNN (`--dtype bf16` or `--conv onednn` on the CPU, [`crate::onednn`]).
+    OneDnn(Precision),
 }
 
 /// A linear-layer implementation in use.
@@ -69,8 +73,8 @@ pub enum ConvBackend {
 pub enum LinearBackend {
     /// candle's matrix product in the model dtype (gemm on the CPU, cuBLAS on a GPU).
     Native,
-    /// oneDNN in bf16 (`--dtype bf16` on the CPU, [`crate::onednn`]).
-    OneDnnBf16,
+    /// oneDNN (`--dtype bf16` or `--conv onednn` on the CPU, [`crate::onednn`]).
+    OneDnn(Precision),
 }
 
 /// An attention implementation in use.
@@ -98,12 +102,21 @@ impl Kernels {
     pub const CPU: Self =
         Self { conv: ConvBackend::Im2col, attention: AttentionBackend::Math, linear: LinearBackend::Native };
     /// The CPU's levers in bf16: oneDNN for convolutions and linear layers.
-    pub const CPU_BF16: Self =
-        Self { conv: ConvBackend::OneDnnBf16, attention: AttentionBackend::Math, linear: LinearBackend::OneDnnBf16 };
+    pub const CPU_BF16: Self = Self {
+        conv: ConvBackend::OneDnn(Precision::Bf16),
+        attention: AttentionBackend::Math,
+        linear: LinearBackend::OneDnn(Precision::Bf16),
+    };
+    /// The CPU's levers in f32 with `--conv onednn`: oneDNN's f32 products.
+    pub const CPU_ONEDNN_F32: Self = Self {
+        conv: ConvBackend::OneDnn(Precision::F32),
+        attention: AttentionBackend::Math,
+        linear: LinearBackend::OneDnn(Precision::F32),
+    };
 
     /// Whether matrix products run in bf16 on the CPU while tensors stay f32.
     pub fn cpu_bf16(&self) -> bool {
-        self.linear == LinearBackend::OneDnnBf16
+        self.linear == LinearBackend::OneDnn(Precision::Bf16)
     }
 }
 
@@ -143,7 +156,7 @@ impl KernelChoice {
             // matmul widens to f32): bf16 on the CPU is oneDNN's, for convolutions and linear
             // layers, or nothing.
             crate::onednn::ensure_available()?;
-            if self.conv != ConvChoice::Auto || self.attention == AttentionChoice::Flash {
+            if !matches!(self.conv, ConvChoice::Auto | ConvChoice::OneDnn) || self.attention == AttentionChoice::Flash {
                 return Err(ModelError::Device(
                     "bf16 on the CPU runs oneDNN's convolutions and the f32 attention; leave --conv and \
                      --attention at auto (or math)"
@@ -167,6 +180,15 @@ impl KernelChoice {
                 return Err(ModelError::Device("--conv cudnn needs a CUDA device (--device cuda)".into()));
             }
             ConvChoice::Cudnn => ConvBackend::Cudnn,
+            ConvChoice::OneDnn if !device.is_cpu() || dtype != DType::F32 => {
+                return Err(ModelError::Device(
+                    "--conv onednn runs on the CPU in f32 (bf16 on the CPU uses oneDNN anyway)".into(),
+                ));
+            }
+            ConvChoice::OneDnn => {
+                crate::onednn::ensure_library()?;
+                return Ok(Kernels::CPU_ONEDNN_F32);
+            }
         };
         let linear = LinearBackend::Native;
         let half = matches!(dtype, DType::F16 | DType::BF16);
@@ -202,7 +224,8 @@ impl FromStr for ConvChoice {
             "auto" => Ok(Self::Auto),
             "cudnn" => Ok(Self::Cudnn),
             "im2col" => Ok(Self::Im2col),
-            _ => Err(ModelError::Device(format!("unknown convolution {s:?}; expected auto, cudnn or im2col"))),
+            "onednn" => Ok(Self::OneDnn),
+            _ => Err(ModelError::Device(format!("unknown convolution {s:?}; expected auto, cudnn, im2col or onednn"))),
         }
     }
 }
@@ -224,7 +247,8 @@ impl fmt::Display for ConvBackend {
         f.write_str(match self {
             Self::Im2col => "im2col",
             Self::Cudnn => "cudnn",
-            Self::OneDnnBf16 => "onednn-bf16",
+            Self::OneDnn(Precision::Bf16) => "onednn-bf16",
+            Self::OneDnn(Precision::F32) => "onednn-f32",
         })
     }
 }
@@ -243,7 +267,8 @@ impl fmt::Display for Kernels {
         write!(f, "conv={} attention={}", self.conv, self.attention)?;
         match self.linear {
             LinearBackend::Native => Ok(()),
-            LinearBackend::OneDnnBf16 => f.write_str(" linear=onednn-bf16"),
+            LinearBackend::OneDnn(Precision::Bf16) => f.write_str(" linear=onednn-bf16"),
+            LinearBackend::OneDnn(Precision::F32) => f.write_str(" linear=onednn-f32"),
         }
     }
 }
@@ -286,7 +311,7 @@ mod tests {
         assert_eq!("im2col".parse::<ConvChoice>().ok(), Some(ConvChoice::Im2col));
         assert_eq!("flash".parse::<AttentionChoice>().ok(), Some(AttentionChoice::Flash));
         assert_eq!("math".parse::<AttentionChoice>().ok(), Some(AttentionChoice::Math));
-        assert!("winograd".parse::<ConvChoice>().is_err_and(|e| e.to_string().contains("cudnn or im2col")));
+        assert!("winograd".parse::<ConvChoice>().is_err_and(|e| e.to_string().contains("cudnn, im2col or onednn")));
         assert!("sdpa".parse::<AttentionChoice>().is_err_and(|e| e.to_string().contains("flash or math")));
         assert_eq!(Kernels::CPU.to_string(), "conv=im2col attention=math");
     }

@@ -137,6 +137,8 @@ struct Api {
     engine: Handle,
     /// What the library reports about itself and the CPU, for logs and errors.
     description: String,
+    /// The instruction set oneDNN uses on this CPU (`dnnl_cpu_isa_t`).
+    isa: c_int,
 }
 
 // SAFETY: the engine is immutable after creation and oneDNN's C API is thread-safe for
@@ -154,6 +156,22 @@ static API: OnceLock<std::result::Result<Api, String>> = OnceLock::new();
 /// [`ModelError::Device`] when the library is missing or of another major version, or the CPU
 /// lacks AVX512-BF16, each saying what to do instead.
 pub fn ensure_available() -> std::result::Result<&'static str, ModelError> {
+    let api = api().map_err(|e| ModelError::Device(e.to_string()))?;
+    if api.isa & ISA_AVX512_CORE_BF16 != ISA_AVX512_CORE_BF16 {
+        return Err(ModelError::Device(format!(
+            "bf16 on the CPU needs AVX512-BF16 (Intel Xeon Cooper Lake / Sapphire Rapids or later, AMD \
+             Zen 4 or later); this CPU offers {}. Use --dtype f32",
+            isa_name(api.isa)
+        )));
+    }
+    Ok(api.description.as_str())
+}
+
+/// Opens oneDNN (once per process) for its f32 products (`--conv onednn`).
+///
+/// # Errors
+/// [`ModelError::Device`] when the library is missing or of another major version.
+pub fn ensure_library() -> std::result::Result<&'static str, ModelError> {
     api().map(|api| api.description.as_str()).map_err(|e| ModelError::Device(e.to_string()))
 }
 
@@ -184,8 +202,8 @@ fn open(path: &str) -> std::result::Result<Api, String> {
         if lib.is_null() {
             let why = CStr::from_ptr(libc::dlerror()).to_string_lossy().into_owned();
             return Err(format!(
-                "bf16 on the CPU runs on oneDNN 2.x, which is not installed ({why}); install it \
-                 (Debian/Ubuntu: `apt-get install libdnnl2`) or use --dtype f32"
+                "bf16 on the CPU (and --conv onednn) runs on oneDNN 2.x, which is not installed \
+                 ({why}); install it (Debian/Ubuntu: `apt-get install libdnnl2`) or use --dtype f32"
             ));
         }
         macro_rules! sym {
@@ -203,13 +221,6 @@ fn open(path: &str) -> std::result::Result<Api, String> {
         }
         let effective_cpu_isa: unsafe extern "C" fn() -> c_int = sym!("dnnl_get_effective_cpu_isa");
         let isa = effective_cpu_isa();
-        if isa & ISA_AVX512_CORE_BF16 != ISA_AVX512_CORE_BF16 {
-            return Err(format!(
-                "bf16 on the CPU needs AVX512-BF16 (Intel Xeon Cooper Lake / Sapphire Rapids or \
-                 later, AMD Zen 4 or later); this CPU offers {}. Use --dtype f32",
-                isa_name(isa)
-            ));
-        }
         let omp = libc::dlsym(lib, c"omp_set_num_threads".as_ptr());
         let mut api = Api {
             version,
@@ -235,6 +246,7 @@ fn open(path: &str) -> std::result::Result<Api, String> {
                 .then(|| std::mem::transmute::<*mut c_void, unsafe extern "C" fn(c_int)>(omp)),
             engine: std::ptr::null_mut(),
             description: format!("oneDNN {}.{}.{}, {}", v.major, v.minor, v.patch, isa_name(isa)),
+            isa,
         };
         let status = (api.engine_create)(&mut api.engine, ENGINE_CPU, 0);
         if status != 0 {
@@ -289,6 +301,24 @@ fn md(api: &Api, dims: &[i64], data_type: c_int, tag: c_int) -> Result<MemoryDes
     let status = unsafe { (api.md_init_by_tag)(&mut md, dims.len() as c_int, dims.as_ptr(), data_type, tag) };
     check(status, "memory descriptor")?;
     Ok(md)
+}
+
+/// The data type the products multiply in; accumulation and output are float32 either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// bf16 inputs and weights (`--dtype bf16`).
+    Bf16,
+    /// float32 inputs and weights (`--conv onednn` in f32).
+    F32,
+}
+
+impl Precision {
+    fn data_type(self) -> c_int {
+        match self {
+            Self::Bf16 => BF16,
+            Self::F32 => F32,
+        }
+    }
 }
 
 /// A primitive and its descriptor.
@@ -589,13 +619,15 @@ impl<K: PartialEq + Copy> PrimitiveCache<K> {
     }
 }
 
-/// `y = x Wᵀ + b` in bf16 with float32 accumulation and output.
-pub struct Bf16Linear {
+/// `y = x Wᵀ + b` with float32 accumulation and output.
+pub struct OneDnnLinear {
+    /// What the product multiplies in.
+    precision: Precision,
     /// Input features.
     in_features: usize,
     /// Output features.
     out_features: usize,
-    /// `W` (`[out, in]`) in bf16.
+    /// `W` (`[out, in]`) in the product's precision.
     weights: PackedWeights,
     /// `b` in float32 (zeros when the layer has none: the kernel adds it for free).
     bias: Vec<f32>,
@@ -603,9 +635,9 @@ pub struct Bf16Linear {
     primitives: PrimitiveCache<usize>,
 }
 
-impl std::fmt::Debug for Bf16Linear {
+impl std::fmt::Debug for OneDnnLinear {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Bf16Linear({} -> {})", self.in_features, self.out_features)
+        write!(f, "OneDnnLinear({} -> {})", self.in_features, self.out_features)
     }
 }
 
@@ -613,15 +645,21 @@ impl std::fmt::Debug for Bf16Linear {
 /// attention at the UNet's second level); other shapes reuse it when their kernel agrees.
 const REFERENCE_ROWS: i64 = 1024;
 
-impl Bf16Linear {
+impl OneDnnLinear {
     /// Packs `weight` (`[out, in]` row-major, f32) and `bias` (`[out]`).
-    pub fn new(weight: &[f32], out_features: usize, in_features: usize, bias: Option<&[f32]>) -> Result<Self> {
+    pub fn new(
+        precision: Precision,
+        weight: &[f32],
+        out_features: usize,
+        in_features: usize,
+        bias: Option<&[f32]>,
+    ) -> Result<Self> {
         let api = api()?;
         if weight.len() != out_features * in_features {
             return Err(Error::Msg(format!("bf16 linear: {} weights for {out_features}×{in_features}", weight.len())));
         }
         let bias = bias.map_or_else(|| vec![0.0; out_features], <[f32]>::to_vec);
-        let reference = Self::build(api, REFERENCE_ROWS, in_features, out_features, None)?;
+        let reference = Self::build(api, precision, REFERENCE_ROWS, (in_features, out_features), None)?;
         let weights = PackedWeights::pack(
             api,
             weight,
@@ -629,14 +667,20 @@ impl Bf16Linear {
             TAG_BA,
             reference.weights_md(api)?,
         )?;
-        Ok(Self { in_features, out_features, weights, bias, primitives: PrimitiveCache::new() })
+        Ok(Self { precision, in_features, out_features, weights, bias, primitives: PrimitiveCache::new() })
     }
 
     /// A matmul primitive for `rows` rows; weights in `weights` or, when `None`, any layout.
-    fn build(api: &Api, rows: i64, k: usize, n: usize, weights: Option<&MemoryDesc>) -> Result<Primitive> {
+    fn build(
+        api: &Api,
+        precision: Precision,
+        rows: i64,
+        (k, n): (usize, usize),
+        weights: Option<&MemoryDesc>,
+    ) -> Result<Primitive> {
         let (k, n) = (k as i64, n as i64);
-        let src = md(api, &[rows, k], BF16, TAG_AB)?;
-        let any = md(api, &[k, n], BF16, TAG_ANY)?;
+        let src = md(api, &[rows, k], precision.data_type(), TAG_AB)?;
+        let any = md(api, &[k, n], precision.data_type(), TAG_ANY)?;
         let bias = md(api, &[1, n], F32, TAG_AB)?;
         let dst = md(api, &[rows, n], F32, TAG_AB)?;
         let mut op = OpDesc([0; 8192]);
@@ -650,13 +694,13 @@ impl Bf16Linear {
     fn primitive(&self, api: &Api, rows: usize) -> Result<Arc<ShapedPrimitive>> {
         self.primitives.get_or_build(rows, || {
             let (k, n) = (self.in_features, self.out_features);
-            let chosen = Self::build(api, rows as i64, k, n, None)?;
+            let chosen = Self::build(api, self.precision, rows as i64, (k, n), None)?;
             let weights = self.weights.in_layout(api, &chosen.weights_md(api)?)?;
-            let primitive = Self::build(api, rows as i64, k, n, Some(&weights.1))?;
+            let primitive = Self::build(api, self.precision, rows as i64, (k, n), Some(&weights.1))?;
             tracing::debug!(rows, k, n, implementation = %primitive.implementation(api), "oneDNN matmul");
             Ok(ShapedPrimitive {
                 primitive,
-                src: md(api, &[rows as i64, k as i64], BF16, TAG_AB)?,
+                src: md(api, &[rows as i64, k as i64], self.precision.data_type(), TAG_AB)?,
                 weights,
                 bias: md(api, &[1, n as i64], F32, TAG_AB)?,
                 dst: md(api, &[rows as i64, n as i64], F32, TAG_AB)?,
@@ -674,10 +718,22 @@ impl Bf16Linear {
             return Err(Error::Msg(format!("bf16 linear: {} values are not {sequences} sequences of {k}", x.len())));
         }
         let rows = total_rows / sequences;
-        let mut src = output::<u16>(x.len());
-        convert(api, &[total_rows as i64, k as i64], (x, TAG_AB), (&mut src, BF16, TAG_AB))?;
-        let mut dst = output::<f32>(total_rows * n);
         let p = self.primitive(api, rows)?;
+        let mut dst = output::<f32>(total_rows * n);
+        match self.precision {
+            Precision::F32 => self.run(api, &p, x, rows, &mut dst)?,
+            Precision::Bf16 => {
+                let mut src = output::<u16>(x.len());
+                convert(api, &[total_rows as i64, k as i64], (x, TAG_AB), (&mut src, BF16, TAG_AB))?;
+                self.run(api, &p, &src, rows, &mut dst)?;
+            }
+        }
+        Ok(dst)
+    }
+
+    /// One call per sequence of `rows` rows of `src` (already in the product's precision).
+    fn run<T>(&self, api: &Api, p: &ShapedPrimitive, src: &[T], rows: usize, dst: &mut [f32]) -> Result<()> {
+        let (k, n) = (self.in_features, self.out_features);
         for (input, out) in src.chunks_exact(rows * k).zip(dst.chunks_exact_mut(rows * n)) {
             p.primitive.execute(
                 api,
@@ -689,12 +745,14 @@ impl Bf16Linear {
                 ],
             )?;
         }
-        Ok(dst)
+        Ok(())
     }
 }
 
-/// A 2-D convolution in bf16 with float32 accumulation, bias and output.
-pub struct Bf16Conv2d {
+/// A 2-D convolution with float32 accumulation, bias and output.
+pub struct OneDnnConv2d {
+    /// What the product multiplies in.
+    precision: Precision,
     /// Input channels.
     c_in: usize,
     /// Output channels.
@@ -705,7 +763,7 @@ pub struct Bf16Conv2d {
     padding: usize,
     /// Stride in both directions.
     stride: usize,
-    /// `[c_out, c_in, k, k]` in bf16.
+    /// `[c_out, c_in, k, k]` in the product's precision.
     weights: PackedWeights,
     /// `[c_out]`, float32.
     bias: Vec<f32>,
@@ -713,18 +771,19 @@ pub struct Bf16Conv2d {
     primitives: PrimitiveCache<(usize, usize)>,
 }
 
-impl std::fmt::Debug for Bf16Conv2d {
+impl std::fmt::Debug for OneDnnConv2d {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Bf16Conv2d({} -> {}, {}×{})", self.c_in, self.c_out, self.kernel, self.kernel)
+        write!(f, "OneDnnConv2d({} -> {}, {}×{})", self.c_in, self.c_out, self.kernel, self.kernel)
     }
 }
 
 /// The input size the load-time weight layout is chosen for (a 512-pixel image's latents).
 const REFERENCE_SIZE: usize = 64;
 
-impl Bf16Conv2d {
+impl OneDnnConv2d {
     /// Packs `weight` (`[c_out, c_in, k, k]`, f32) and `bias` (`[c_out]`).
     pub fn new(
+        precision: Precision,
         weight: &[f32],
         bias: &[f32],
         (c_in, c_out, kernel): (usize, usize, usize),
@@ -736,6 +795,7 @@ impl Bf16Conv2d {
             return Err(Error::Msg(format!("bf16 conv: weights do not fit {c_out}×{c_in}×{kernel}×{kernel}")));
         }
         let mut conv = Self {
+            precision,
             c_in,
             c_out,
             kernel,
@@ -761,8 +821,8 @@ impl Bf16Conv2d {
     fn build(&self, api: &Api, (h, w): (usize, usize), weights: Option<&MemoryDesc>) -> Result<Primitive> {
         let (oh, ow) = self.output_size((h, w));
         let (c, o, k) = (self.c_in as i64, self.c_out as i64, self.kernel as i64);
-        let src = md(api, &[1, c, h as i64, w as i64], BF16, TAG_NHWC)?;
-        let any = md(api, &[o, c, k, k], BF16, TAG_ANY)?;
+        let src = md(api, &[1, c, h as i64, w as i64], self.precision.data_type(), TAG_NHWC)?;
+        let any = md(api, &[o, c, k, k], self.precision.data_type(), TAG_ANY)?;
         let bias = md(api, &[o], F32, 2)?; // dnnl_a
         let dst = md(api, &[1, o, oh as i64, ow as i64], F32, TAG_NHWC)?;
         let strides = [self.stride as i64; 2];
@@ -799,7 +859,7 @@ impl Bf16Conv2d {
             let (c, o) = (self.c_in as i64, self.c_out as i64);
             Ok(ShapedPrimitive {
                 primitive,
-                src: md(api, &[1, c, h as i64, w as i64], BF16, TAG_NHWC)?,
+                src: md(api, &[1, c, h as i64, w as i64], self.precision.data_type(), TAG_NHWC)?,
                 weights,
                 bias: md(api, &[o], F32, 2)?,
                 dst: md(api, &[1, o, oh as i64, ow as i64], F32, TAG_NHWC)?,
@@ -816,11 +876,37 @@ impl Bf16Conv2d {
         }
         let (oh, ow) = self.output_size((h, w));
         let dims = [b as i64, c as i64, h as i64, w as i64];
-        let mut src = output::<u16>(x.len());
-        convert(api, &dims, (x, TAG_NCHW), (&mut src, BF16, TAG_NHWC))?;
-        let mut dst_nhwc = output::<f32>(b * o * oh * ow);
         let p = self.primitive(api, (h, w))?;
-        for (image, out) in src.chunks_exact(c * h * w).zip(dst_nhwc.chunks_exact_mut(o * oh * ow)) {
+        let mut dst_nhwc = output::<f32>(b * o * oh * ow);
+        match self.precision {
+            Precision::Bf16 => {
+                let mut src = output::<u16>(x.len());
+                convert(api, &dims, (x, TAG_NCHW), (&mut src, BF16, TAG_NHWC))?;
+                self.run(api, &p, &src, (h, w, oh, ow), &mut dst_nhwc)?;
+            }
+            Precision::F32 => {
+                let mut src = output::<f32>(x.len());
+                convert(api, &dims, (x, TAG_NCHW), (&mut src, F32, TAG_NHWC))?;
+                self.run(api, &p, &src, (h, w, oh, ow), &mut dst_nhwc)?;
+            }
+        }
+        let mut out = output::<f32>(dst_nhwc.len());
+        let out_dims = [b as i64, o as i64, oh as i64, ow as i64];
+        convert(api, &out_dims, (&dst_nhwc, TAG_NHWC), (&mut out, F32, TAG_NCHW))?;
+        Ok((out, oh, ow))
+    }
+
+    /// One call per image of `src` (NHWC, in the product's precision) into `dst` (NHWC f32).
+    fn run<T>(
+        &self,
+        api: &Api,
+        p: &ShapedPrimitive,
+        src: &[T],
+        (h, w, oh, ow): (usize, usize, usize, usize),
+        dst: &mut [f32],
+    ) -> Result<()> {
+        let (c, o) = (self.c_in, self.c_out);
+        for (image, out) in src.chunks_exact(c * h * w).zip(dst.chunks_exact_mut(o * oh * ow)) {
             p.primitive.execute(
                 api,
                 &[
@@ -831,10 +917,7 @@ impl Bf16Conv2d {
                 ],
             )?;
         }
-        let mut out = output::<f32>(dst_nhwc.len());
-        let out_dims = [b as i64, o as i64, oh as i64, ow as i64];
-        convert(api, &out_dims, (&dst_nhwc, TAG_NHWC), (&mut out, F32, TAG_NCHW))?;
-        Ok((out, oh, ow))
+        Ok(())
     }
 }
 
@@ -865,77 +948,78 @@ mod tests {
     /// output on these sizes; an f32 error or a wrong layout is orders of magnitude off.
     const BF16_BOUND: f32 = 1.5e-2;
 
-    /// On a CPU or machine without oneDNN's bf16, the error is the documented one.
-    fn available() -> bool {
+    /// The precisions this machine runs, with their bounds relative to the largest output. On
+    /// a CPU or machine without oneDNN's bf16 (or without oneDNN), the error is the documented
+    /// one.
+    fn precisions() -> Vec<(Precision, f32)> {
+        let mut runs = Vec::new();
+        match ensure_library() {
+            Ok(_) => runs.push((Precision::F32, 1e-5)),
+            Err(e) => assert!(e.to_string().contains("apt-get install libdnnl2"), "{e}"),
+        }
         match ensure_available() {
-            Ok(_) => true,
-            Err(e) => {
-                let e = e.to_string();
-                assert!(e.contains("--dtype f32"), "{e}");
-                assert!(Bf16Linear::new(&[0.0; 4], 2, 2, None).is_err());
-                false
+            Ok(_) => runs.push((Precision::Bf16, BF16_BOUND)),
+            Err(e) => assert!(e.to_string().contains("--dtype f32"), "{e}"),
+        }
+        runs
+    }
+
+    #[test]
+    fn linear_layers_match_f32_within_their_bound_and_sequences_do_not_depend_on_their_batch() {
+        for (precision, bound) in precisions() {
+            for (rows, k, n, bias) in
+                [(77, 768, 320, false), (1024, 320, 2560, true), (16, 1280, 1280, true), (1, 64, 8, true)]
+            {
+                let w = randn(&[n, k], 1);
+                let b = randn(&[n], 2);
+                let layer = OneDnnLinear::new(precision, &w, n, k, bias.then_some(&b[..])).expect("pack");
+                let x = randn(&[3, rows, k], 3);
+                let ours = layer.forward(&x, 3).expect("forward");
+                let reference = (Tensor::from_slice(&x, (3 * rows, k), &Device::Cpu).expect("x"))
+                    .matmul(&Tensor::from_slice(&w, (n, k), &Device::Cpu).expect("w").t().expect("t"))
+                    .and_then(|y| if bias { y.broadcast_add(&Tensor::from_slice(&b, n, &Device::Cpu)?) } else { Ok(y) })
+                    .and_then(|y| y.flatten_all()?.to_vec1::<f32>())
+                    .expect("reference");
+                let err = rel_err(&ours, &reference);
+                assert!(err < bound, "{precision:?} {rows}×{k}→{n}: {err}");
+                let alone = layer.forward(&x[..rows * k], 1).expect("alone");
+                assert_eq!(alone, ours[..rows * n], "{rows}×{k}→{n}: batch invariance");
+                let second = layer.forward(&x[rows * k..2 * rows * k], 1).expect("second");
+                assert_eq!(second, ours[rows * n..2 * rows * n], "{rows}×{k}→{n}: batch invariance");
             }
         }
     }
 
     #[test]
-    fn linear_layers_match_f32_within_the_bf16_bound_and_sequences_do_not_depend_on_their_batch() {
-        if !available() {
-            return;
-        }
-        for (rows, k, n, bias) in
-            [(77, 768, 320, false), (1024, 320, 2560, true), (16, 1280, 1280, true), (1, 64, 8, true)]
-        {
-            let w = randn(&[n, k], 1);
-            let b = randn(&[n], 2);
-            let layer = Bf16Linear::new(&w, n, k, bias.then_some(&b[..])).expect("pack");
-            let x = randn(&[3, rows, k], 3);
-            let ours = layer.forward(&x, 3).expect("forward");
-            let reference = (Tensor::from_slice(&x, (3 * rows, k), &Device::Cpu).expect("x"))
-                .matmul(&Tensor::from_slice(&w, (n, k), &Device::Cpu).expect("w").t().expect("t"))
-                .and_then(|y| if bias { y.broadcast_add(&Tensor::from_slice(&b, n, &Device::Cpu)?) } else { Ok(y) })
-                .and_then(|y| y.flatten_all()?.to_vec1::<f32>())
-                .expect("reference");
-            let err = rel_err(&ours, &reference);
-            assert!(err < BF16_BOUND, "{rows}×{k}→{n}: {err}");
-            let alone = layer.forward(&x[..rows * k], 1).expect("alone");
-            assert_eq!(alone, ours[..rows * n], "{rows}×{k}→{n}: batch invariance");
-            let second = layer.forward(&x[rows * k..2 * rows * k], 1).expect("second");
-            assert_eq!(second, ours[rows * n..2 * rows * n], "{rows}×{k}→{n}: batch invariance");
-        }
-    }
-
-    #[test]
-    fn convolutions_match_f32_within_the_bf16_bound_for_every_shape_the_networks_use() {
-        if !available() {
-            return;
-        }
+    fn convolutions_match_f32_within_their_bound_for_every_shape_the_networks_use() {
         let dev = Device::Cpu;
-        for (c_in, c_out, k, p, s, h, w) in [
-            (8, 32, 3, 1, 1, 9, 5),      // conv_in, odd sizes
-            (32, 32, 3, 1, 2, 8, 6),     // UNet downsample
-            (32, 32, 3, 0, 2, 9, 9),     // VAE downsample (after its asymmetric pad)
-            (64, 32, 1, 0, 1, 4, 4),     // shortcut / proj 1×1
-            (4, 8, 3, 1, 1, 1, 1),       // 1×1 spatial
-            (3, 32, 3, 1, 1, 40, 24),    // VAE conv_in
-            (320, 320, 3, 1, 1, 32, 32), // SD's first level, 256 px
-            (128, 128, 3, 1, 1, 96, 96), // a VAE decoder level: another weight layout than the load-time one
-        ] {
-            let weight = randn(&[c_out, c_in, k, k], 4);
-            let bias = randn(&[c_out], 5);
-            let conv = Bf16Conv2d::new(&weight, &bias, (c_in, c_out, k), p, s).expect("pack");
-            let x = randn(&[2, c_in, h, w], 6);
-            let (ours, oh, ow) = conv.forward(&x, (2, h, w)).expect("forward");
-            let reference = Tensor::from_slice(&x, (2, c_in, h, w), &dev)
-                .and_then(|x| x.conv2d(&Tensor::from_slice(&weight, (c_out, c_in, k, k), &dev)?, p, s, 1, 1))
-                .and_then(|y| y.broadcast_add(&Tensor::from_slice(&bias, (1, c_out, 1, 1), &dev)?))
-                .expect("reference");
-            assert_eq!(reference.dims(), [2, c_out, oh, ow]);
-            let reference = reference.flatten_all().and_then(|r| r.to_vec1::<f32>()).expect("values");
-            let err = rel_err(&ours, &reference);
-            assert!(err < BF16_BOUND, "{c_in}->{c_out} k{k} p{p} s{s} {h}×{w}: {err}");
-            let (alone, _, _) = conv.forward(&x[..c_in * h * w], (1, h, w)).expect("alone");
-            assert_eq!(alone, ours[..c_out * oh * ow], "{c_in}->{c_out} {h}×{w}: batch invariance");
+        for (precision, bound) in precisions() {
+            for (c_in, c_out, k, p, s, h, w) in [
+                (8, 32, 3, 1, 1, 9, 5),      // conv_in, odd sizes
+                (32, 32, 3, 1, 2, 8, 6),     // UNet downsample
+                (32, 32, 3, 0, 2, 9, 9),     // VAE downsample (after its asymmetric pad)
+                (64, 32, 1, 0, 1, 4, 4),     // shortcut / proj 1×1
+                (4, 8, 3, 1, 1, 1, 1),       // 1×1 spatial
+                (3, 32, 3, 1, 1, 40, 24),    // VAE conv_in
+                (320, 320, 3, 1, 1, 32, 32), // SD's first level, 256 px
+                (128, 128, 3, 1, 1, 96, 96), // a VAE decoder level: another weight layout than the load-time one
+            ] {
+                let weight = randn(&[c_out, c_in, k, k], 4);
+                let bias = randn(&[c_out], 5);
+                let conv = OneDnnConv2d::new(precision, &weight, &bias, (c_in, c_out, k), p, s).expect("pack");
+                let x = randn(&[2, c_in, h, w], 6);
+                let (ours, oh, ow) = conv.forward(&x, (2, h, w)).expect("forward");
+                let reference = Tensor::from_slice(&x, (2, c_in, h, w), &dev)
+                    .and_then(|x| x.conv2d(&Tensor::from_slice(&weight, (c_out, c_in, k, k), &dev)?, p, s, 1, 1))
+                    .and_then(|y| y.broadcast_add(&Tensor::from_slice(&bias, (1, c_out, 1, 1), &dev)?))
+                    .expect("reference");
+                assert_eq!(reference.dims(), [2, c_out, oh, ow]);
+                let reference = reference.flatten_all().and_then(|r| r.to_vec1::<f32>()).expect("values");
+                let err = rel_err(&ours, &reference);
+                assert!(err < bound, "{precision:?} {c_in}->{c_out} k{k} p{p} s{s} {h}×{w}: {err}");
+                let (alone, _, _) = conv.forward(&x[..c_in * h * w], (1, h, w)).expect("alone");
+                assert_eq!(alone, ours[..c_out * oh * ow], "{c_in}->{c_out} {h}×{w}: batch invariance");
+            }
         }
     }
 

@@ -15,7 +15,7 @@
 //! Each image of a batch is computed with the same calls whatever the batch size, so results
 //! stay batch-invariant. On CUDA a convolution runs through cuDNN when the model's kernels say
 //! so ([`crate::kernels::ConvBackend::Cudnn`], module [`super::cudnn`]); `--dtype bf16` on the
-//! CPU runs oneDNN ([`crate::kernels::ConvBackend::OneDnnBf16`], [`crate::onednn`]; the f32
+//! CPU runs oneDNN ([`crate::kernels::ConvBackend::OneDnn`], [`crate::onednn`]; the f32
 //! weights are dropped once packed); every other device and dtype uses candle's implementation.
 
 use candle_core::{DType, Module, Result, Tensor};
@@ -23,7 +23,7 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
 use crate::kernels::ConvBackend;
-use crate::onednn::Bf16Conv2d;
+use crate::onednn::OneDnnConv2d;
 
 /// Upper bound of one im2col chunk, in bytes: big enough for efficient matrix products, small
 /// enough not to double the memory of a 512-pixel VAE decode.
@@ -36,7 +36,7 @@ enum Weights {
     /// without our own.
     Candle(candle_nn::Conv2d),
     /// bf16 weights packed for oneDNN (`--dtype bf16` on the CPU).
-    OneDnn(std::sync::Arc<Bf16Conv2d>),
+    OneDnn(std::sync::Arc<OneDnnConv2d>),
 }
 
 /// A square-kernel convolution with bias.
@@ -81,11 +81,13 @@ impl Conv2d {
     ) -> Result<Self> {
         let inner = candle_nn::conv2d(c_in, c_out, kernel, Conv2dConfig { padding, stride, ..Default::default() }, vb)?;
         let weights = match (backend, inner.bias()) {
-            (ConvBackend::OneDnnBf16, Some(bias)) => {
+            (ConvBackend::OneDnn(precision), Some(bias)) => {
                 let weight = inner.weight().to_dtype(DType::F32)?.contiguous()?;
                 let bias = bias.to_dtype(DType::F32)?;
                 let packed = with_cpu_slice(&weight, |w| {
-                    with_cpu_slice(&bias, |b| Bf16Conv2d::new(w, b, (c_in, c_out, kernel), padding, stride))
+                    with_cpu_slice(&bias, |b| {
+                        OneDnnConv2d::new(precision, w, b, (c_in, c_out, kernel), padding, stride)
+                    })
                 })?;
                 Weights::OneDnn(std::sync::Arc::new(packed))
             }

@@ -10,7 +10,7 @@
 //! count. Only tiny shapes (1-token attention at the lowest UNet level of small images, test
 //! models) take the per-sequence branch.
 //!
-//! With `--dtype bf16` on the CPU the product is oneDNN's ([`crate::onednn::Bf16Linear`]:
+//! With `--dtype bf16` on the CPU the product is oneDNN's ([`crate::onednn::OneDnnLinear`]:
 //! bf16 weights packed at load, the f32 ones dropped, one call per sequence).
 
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use candle_nn::VarBuilder;
 
 use super::conv::with_cpu_slice;
 use crate::kernels::LinearBackend;
-use crate::onednn::Bf16Linear;
+use crate::onednn::OneDnnLinear;
 
 /// `y = x Wᵀ + b` over `[B, T, in]`, batch-invariant.
 #[derive(Debug, Clone)]
@@ -40,7 +40,7 @@ enum Product {
     /// candle-nn's layer without its bias.
     Candle(candle_nn::Linear),
     /// oneDNN in bf16, bias fused.
-    OneDnn(Arc<Bf16Linear>),
+    OneDnn(Arc<OneDnnLinear>),
 }
 
 /// Whether gemm would use a shape-specific kernel for `rows × out_features`.
@@ -63,13 +63,15 @@ impl Linear {
     pub fn with_backend(inner: candle_nn::Linear, backend: LinearBackend) -> Result<Self> {
         match backend {
             LinearBackend::Native => Ok(Self::new(inner)),
-            LinearBackend::OneDnnBf16 => {
+            LinearBackend::OneDnn(precision) => {
                 let (out_features, in_features) = inner.weight().dims2()?;
                 let weight = inner.weight().to_dtype(DType::F32)?.contiguous()?;
                 let bias = inner.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
                 let packed = with_cpu_slice(&weight, |w| match &bias {
-                    Some(bias) => with_cpu_slice(bias, |b| Bf16Linear::new(w, out_features, in_features, Some(b))),
-                    None => Bf16Linear::new(w, out_features, in_features, None),
+                    Some(bias) => {
+                        with_cpu_slice(bias, |b| OneDnnLinear::new(precision, w, out_features, in_features, Some(b)))
+                    }
+                    None => OneDnnLinear::new(precision, w, out_features, in_features, None),
                 })?;
                 Ok(Self { inner: Product::OneDnn(Arc::new(packed)), bias: None, out_features })
             }
