@@ -82,11 +82,14 @@ const TAG_AB: c_int = 3;
 const TAG_BA: c_int = 22;
 const TAG_NCHW: c_int = 5;
 const TAG_NHWC: c_int = 20;
+/// `dnnl_acbd`: dims `[a, b, c, d]` stored in the order a, c, b, d.
+const TAG_ACBD: c_int = 6;
 const ENGINE_CPU: c_int = 1;
 const FORWARD_INFERENCE: c_int = 96;
 const CONVOLUTION_DIRECT: c_int = 1;
 const QUERY_WEIGHTS_MD: c_int = 131;
 const QUERY_IMPL_INFO_STR: c_int = 8;
+const SOFTMAX_ACCURATE: c_int = 0x30000;
 const STREAM_DEFAULT_FLAGS: c_uint = 1;
 /// `dnnl_cpu_isa_avx512_core_bf16`: the ISA bits a CPU needs for bf16 dot products.
 const ISA_AVX512_CORE_BF16: c_int = 0xe7;
@@ -101,6 +104,11 @@ struct Api {
     stream_create: unsafe extern "C" fn(*mut Handle, Handle, c_uint) -> c_int,
     md_init_by_tag: unsafe extern "C" fn(*mut MemoryDesc, c_int, *const i64, c_int, c_int) -> c_int,
     md_equal: unsafe extern "C" fn(*const MemoryDesc, *const MemoryDesc) -> c_int,
+    softmax_desc_init:
+        unsafe extern "C" fn(*mut OpDesc, c_int, c_int, *const MemoryDesc, *const MemoryDesc, c_int) -> c_int,
+    attr_create: unsafe extern "C" fn(*mut Handle) -> c_int,
+    attr_destroy: unsafe extern "C" fn(Handle) -> c_int,
+    attr_set_output_scales: unsafe extern "C" fn(Handle, i64, c_int, *const f32) -> c_int,
     matmul_desc_init: unsafe extern "C" fn(
         *mut OpDesc,
         *const MemoryDesc,
@@ -229,6 +237,10 @@ fn open(path: &str) -> std::result::Result<Api, String> {
             stream_create: sym!("dnnl_stream_create"),
             md_init_by_tag: sym!("dnnl_memory_desc_init_by_tag"),
             md_equal: sym!("dnnl_memory_desc_equal"),
+            softmax_desc_init: sym!("dnnl_softmax_v2_forward_desc_init"),
+            attr_create: sym!("dnnl_primitive_attr_create"),
+            attr_destroy: sym!("dnnl_primitive_attr_destroy"),
+            attr_set_output_scales: sym!("dnnl_primitive_attr_set_output_scales"),
             matmul_desc_init: sym!("dnnl_matmul_desc_init"),
             conv_desc_init: sym!("dnnl_convolution_forward_desc_init"),
             reorder_pd_create: sym!("dnnl_reorder_primitive_desc_create"),
@@ -304,7 +316,7 @@ fn md(api: &Api, dims: &[i64], data_type: c_int, tag: c_int) -> Result<MemoryDes
 }
 
 /// The data type the products multiply in; accumulation and output are float32 either way.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Precision {
     /// bf16 inputs and weights (`--dtype bf16`).
     Bf16,
@@ -354,10 +366,31 @@ impl Primitive {
 
     /// The descriptor of a primitive for `op`.
     fn create(api: &Api, op: &OpDesc) -> Result<Self> {
+        Self::create_scaled(api, op, None)
+    }
+
+    /// The primitive for `op`, its output multiplied by `scale` when given.
+    fn create_scaled(api: &Api, op: &OpDesc, scale: Option<f32>) -> Result<Self> {
         let mut pd = std::ptr::null_mut();
-        // SAFETY: `op` was filled by a `*_desc_init` call; no attributes, no hint.
+        let mut attr = std::ptr::null_mut();
+        // SAFETY: `op` was filled by a `*_desc_init` call; the attribute (if any) is ours and
+        // destroyed after the descriptor copied it; no hint.
         #[allow(unsafe_code)]
-        let status = unsafe { (api.pd_create)(&mut pd, op, std::ptr::null_mut(), api.engine, std::ptr::null_mut()) };
+        let status = unsafe {
+            if let Some(scale) = scale {
+                check((api.attr_create)(&mut attr), "attributes")?;
+                let set = (api.attr_set_output_scales)(attr, 1, 0, &scale);
+                if set != 0 {
+                    (api.attr_destroy)(attr);
+                    check(set, "output scale")?;
+                }
+            }
+            let status = (api.pd_create)(&mut pd, op, attr, api.engine, std::ptr::null_mut());
+            if !attr.is_null() {
+                (api.attr_destroy)(attr);
+            }
+            status
+        };
         check(status, "primitive descriptor")?;
         Self::from_pd(api, pd)
     }
@@ -517,12 +550,13 @@ type ReorderKey = (Vec<i64>, c_int, c_int, c_int, c_int);
 type Reorder = Arc<(Primitive, MemoryDesc, MemoryDesc)>;
 static REORDERS: OnceLock<Mutex<HashMap<ReorderKey, Reorder>>> = OnceLock::new();
 
-/// Converts `src` (f32, `dims` in layout `src_tag`) into `dst` (`dst_type`, layout `dst_tag`).
+/// Converts `src` (f32, `dims` in layout `src_tag`) into `dst` (`dst_type`, layout `dst_tag`),
+/// which must hold as many values.
 fn convert<T>(
     api: &Api,
     dims: &[i64],
     (src, src_tag): (&[f32], c_int),
-    (dst, dst_type, dst_tag): (&mut [T], c_int, c_int),
+    (dst, dst_type, dst_tag): (*mut T, c_int, c_int),
 ) -> Result<()> {
     let key = (dims.to_vec(), F32, src_tag, dst_type, dst_tag);
     let cache = REORDERS.get_or_init(Default::default);
@@ -538,17 +572,25 @@ fn convert<T>(
         }
     };
     let elements: i64 = dims.iter().product();
-    if src.len() != elements as usize || dst.len() != elements as usize {
-        return Err(Error::Msg(format!("oneDNN reorder: {} / {} values for {dims:?}", src.len(), dst.len())));
+    if src.len() != elements as usize {
+        return Err(Error::Msg(format!("oneDNN reorder: {} values for {dims:?}", src.len())));
     }
     let (primitive, src_md, dst_md) = &*reorder;
-    primitive
-        .execute(api, &[(ARG_SRC, src_md, src.as_ptr() as *mut c_void), (ARG_DST, dst_md, dst.as_mut_ptr().cast())])
+    primitive.execute(api, &[(ARG_SRC, src_md, src.as_ptr() as *mut c_void), (ARG_DST, dst_md, dst.cast())])
 }
 
-/// A zeroed buffer of `len` values for a oneDNN call to write.
-fn output<T: Copy + Default>(len: usize) -> Vec<T> {
-    vec![T::default(); len]
+/// A vector of `len` values written by `fill` through the pointer it gets — oneDNN primitives
+/// that write every value of their destination — without zero-filling it first (a whole extra
+/// pass over memory, on the calling thread).
+fn written_by<T>(len: usize, fill: impl FnOnce(*mut T) -> Result<()>) -> Result<Vec<T>> {
+    let mut values = Vec::with_capacity(len);
+    fill(values.as_mut_ptr())?;
+    // SAFETY: `fill` returned Ok, so the primitives it ran wrote all `len` values.
+    #[allow(unsafe_code)]
+    unsafe {
+        values.set_len(len);
+    }
+    Ok(values)
 }
 
 /// bf16 weights in the layouts the kernels asked for: the first made at load, the others on
@@ -719,29 +761,28 @@ impl OneDnnLinear {
         }
         let rows = total_rows / sequences;
         let p = self.primitive(api, rows)?;
-        let mut dst = output::<f32>(total_rows * n);
         match self.precision {
-            Precision::F32 => self.run(api, &p, x, rows, &mut dst)?,
+            Precision::F32 => written_by(total_rows * n, |dst| self.run(api, &p, x, rows, dst)),
             Precision::Bf16 => {
-                let mut src = output::<u16>(x.len());
-                convert(api, &[total_rows as i64, k as i64], (x, TAG_AB), (&mut src, BF16, TAG_AB))?;
-                self.run(api, &p, &src, rows, &mut dst)?;
+                let dims = [total_rows as i64, k as i64];
+                let src = written_by::<u16>(x.len(), |src| convert(api, &dims, (x, TAG_AB), (src, BF16, TAG_AB)))?;
+                written_by(total_rows * n, |dst| self.run(api, &p, &src, rows, dst))
             }
         }
-        Ok(dst)
     }
 
-    /// One call per sequence of `rows` rows of `src` (already in the product's precision).
-    fn run<T>(&self, api: &Api, p: &ShapedPrimitive, src: &[T], rows: usize, dst: &mut [f32]) -> Result<()> {
+    /// One call per sequence of `rows` rows of `src` (already in the product's precision), into
+    /// `dst` (room for as many rows of `out_features` values).
+    fn run<T>(&self, api: &Api, p: &ShapedPrimitive, src: &[T], rows: usize, dst: *mut f32) -> Result<()> {
         let (k, n) = (self.in_features, self.out_features);
-        for (input, out) in src.chunks_exact(rows * k).zip(dst.chunks_exact_mut(rows * n)) {
+        for (i, input) in src.chunks_exact(rows * k).enumerate() {
             p.primitive.execute(
                 api,
                 &[
                     (ARG_SRC, &p.src, input.as_ptr() as *mut c_void),
                     (ARG_WEIGHTS, &p.weights.1, p.weights.0.data(api)?),
                     (ARG_BIAS, &p.bias, self.bias.as_ptr() as *mut c_void),
-                    (ARG_DST, &p.dst, out.as_mut_ptr().cast()),
+                    (ARG_DST, &p.dst, dst.wrapping_add(i * rows * n).cast()),
                 ],
             )?;
         }
@@ -877,22 +918,20 @@ impl OneDnnConv2d {
         let (oh, ow) = self.output_size((h, w));
         let dims = [b as i64, c as i64, h as i64, w as i64];
         let p = self.primitive(api, (h, w))?;
-        let mut dst_nhwc = output::<f32>(b * o * oh * ow);
-        match self.precision {
+        let len = b * o * oh * ow;
+        let shape = (h, w, oh, ow);
+        let dst_nhwc = match self.precision {
             Precision::Bf16 => {
-                let mut src = output::<u16>(x.len());
-                convert(api, &dims, (x, TAG_NCHW), (&mut src, BF16, TAG_NHWC))?;
-                self.run(api, &p, &src, (h, w, oh, ow), &mut dst_nhwc)?;
+                let src = written_by::<u16>(x.len(), |src| convert(api, &dims, (x, TAG_NCHW), (src, BF16, TAG_NHWC)))?;
+                written_by(len, |dst| self.run(api, &p, &src, shape, dst))?
             }
             Precision::F32 => {
-                let mut src = output::<f32>(x.len());
-                convert(api, &dims, (x, TAG_NCHW), (&mut src, F32, TAG_NHWC))?;
-                self.run(api, &p, &src, (h, w, oh, ow), &mut dst_nhwc)?;
+                let src = written_by::<f32>(x.len(), |src| convert(api, &dims, (x, TAG_NCHW), (src, F32, TAG_NHWC)))?;
+                written_by(len, |dst| self.run(api, &p, &src, shape, dst))?
             }
-        }
-        let mut out = output::<f32>(dst_nhwc.len());
+        };
         let out_dims = [b as i64, o as i64, oh as i64, ow as i64];
-        convert(api, &out_dims, (&dst_nhwc, TAG_NHWC), (&mut out, F32, TAG_NCHW))?;
+        let out = written_by(len, |out| convert(api, &out_dims, (&dst_nhwc, TAG_NHWC), (out, F32, TAG_NCHW)))?;
         Ok((out, oh, ow))
     }
 
@@ -903,22 +942,218 @@ impl OneDnnConv2d {
         p: &ShapedPrimitive,
         src: &[T],
         (h, w, oh, ow): (usize, usize, usize, usize),
-        dst: &mut [f32],
+        dst: *mut f32,
     ) -> Result<()> {
         let (c, o) = (self.c_in, self.c_out);
-        for (image, out) in src.chunks_exact(c * h * w).zip(dst.chunks_exact_mut(o * oh * ow)) {
+        for (i, image) in src.chunks_exact(c * h * w).enumerate() {
+            let out = dst.wrapping_add(i * o * oh * ow);
             p.primitive.execute(
                 api,
                 &[
                     (ARG_SRC, &p.src, image.as_ptr() as *mut c_void),
                     (ARG_WEIGHTS, &p.weights.1, p.weights.0.data(api)?),
                     (ARG_BIAS, &p.bias, self.bias.as_ptr() as *mut c_void),
-                    (ARG_DST, &p.dst, out.as_mut_ptr().cast()),
+                    (ARG_DST, &p.dst, out.cast()),
                 ],
             )?;
         }
         Ok(())
     }
+}
+
+/// The primitives of one attention slice shape: `heads` heads of `rows` queries against `m`
+/// keys of width `d`, every operand a dense per-head matrix.
+struct AttentionPrimitives {
+    /// `scores = scale · q kᵀ`, one head: `[rows, d] × [d, m] → [rows, m]` (f32).
+    scores: Primitive,
+    q: MemoryDesc,
+    k_t: MemoryDesc,
+    scores_md: MemoryDesc,
+    /// Softmax over the last axis of every head's scores at once, into the product precision.
+    softmax: Primitive,
+    all_scores: MemoryDesc,
+    all_probs: MemoryDesc,
+    /// `out = p v`, one head: `[rows, m] × [m, d] → [rows, d]` (f32).
+    output: Primitive,
+    probs: MemoryDesc,
+    v: MemoryDesc,
+    out: MemoryDesc,
+}
+
+/// Attention primitives by (precision, heads, rows, m, d).
+type AttentionKey = (Precision, usize, usize, usize, usize);
+static ATTENTION: OnceLock<Mutex<HashMap<AttentionKey, Arc<AttentionPrimitives>>>> = OnceLock::new();
+
+fn attention_primitives(api: &Api, key: AttentionKey, scale: f32) -> Result<Arc<AttentionPrimitives>> {
+    let cache = ATTENTION.get_or_init(Default::default);
+    let poisoned = |_| Error::Msg("oneDNN attention cache poisoned".into());
+    if let Some(p) = cache.lock().map_err(poisoned)?.get(&key) {
+        return Ok(p.clone());
+    }
+    let (precision, heads, rows, m, d) = key;
+    let dt = precision.data_type();
+    let (rows, m, d, heads) = (rows as i64, m as i64, d as i64, heads as i64);
+    let q = md(api, &[rows, d], dt, TAG_AB)?;
+    let k_t = md(api, &[d, m], dt, TAG_BA)?;
+    let scores_md = md(api, &[rows, m], F32, TAG_AB)?;
+    let mut op = OpDesc([0; 8192]);
+    // SAFETY: initialised descriptors; room for a matmul descriptor.
+    #[allow(unsafe_code)]
+    check(unsafe { (api.matmul_desc_init)(&mut op, &q, &k_t, std::ptr::null(), &scores_md) }, "scores descriptor")?;
+    let scores = Primitive::create_scaled(api, &op, Some(scale))?;
+    let all_scores = md(api, &[heads * rows, m], F32, TAG_AB)?;
+    let all_probs = md(api, &[heads * rows, m], dt, TAG_AB)?;
+    let mut op = OpDesc([0; 8192]);
+    // SAFETY: as above; room for a softmax descriptor.
+    #[allow(unsafe_code)]
+    check(
+        unsafe { (api.softmax_desc_init)(&mut op, FORWARD_INFERENCE, SOFTMAX_ACCURATE, &all_scores, &all_probs, 1) },
+        "softmax descriptor",
+    )?;
+    let softmax = Primitive::create(api, &op)?;
+    let probs = md(api, &[rows, m], dt, TAG_AB)?;
+    let v = md(api, &[m, d], dt, TAG_AB)?;
+    let out = md(api, &[rows, d], F32, TAG_AB)?;
+    let mut op = OpDesc([0; 8192]);
+    // SAFETY: as above.
+    #[allow(unsafe_code)]
+    check(unsafe { (api.matmul_desc_init)(&mut op, &probs, &v, std::ptr::null(), &out) }, "output descriptor")?;
+    let output = Primitive::create(api, &op)?;
+    tracing::debug!(?precision, heads, rows, m, d, scores = %scores.implementation(api),
+        softmax = %softmax.implementation(api), output = %output.implementation(api), "oneDNN attention");
+    let built = Arc::new(AttentionPrimitives {
+        scores,
+        q,
+        k_t,
+        scores_md,
+        softmax,
+        all_scores,
+        all_probs,
+        output,
+        probs,
+        v,
+        out,
+    });
+    cache.lock().map_err(poisoned)?.insert(key, built.clone());
+    Ok(built)
+}
+
+/// The shape of one attention call: `images` images of `queries` tokens attending to `keys`
+/// tokens, `heads` heads of `head_dim` values (rows of `heads · head_dim`).
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    /// Images in the batch.
+    pub images: usize,
+    /// Query tokens per image.
+    pub queries: usize,
+    /// Key/value tokens per image.
+    pub keys: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Values per head.
+    pub head_dim: usize,
+}
+
+/// Copies `x` (`[images, tokens, heads, d]`, f32) head-major (`[images, heads, tokens, d]`) in
+/// `precision`: each head's matrix dense, as oneDNN's fastest kernels want it.
+fn heads_first(
+    api: &Api,
+    x: &[f32],
+    (images, tokens, heads, d): (usize, usize, usize, usize),
+    precision: Precision,
+) -> Result<Vec<u8>> {
+    let dims = [images as i64, tokens as i64, heads as i64, d as i64];
+    let bytes = match precision {
+        Precision::F32 => 4,
+        Precision::Bf16 => 2,
+    };
+    written_by(x.len() * bytes, |dst: *mut u8| {
+        convert(api, &dims, (x, TAG_NCHW), (dst, precision.data_type(), TAG_ACBD))
+    })
+}
+
+/// `softmax(q kᵀ / √d) v` per image and head on oneDNN: `q` `[images, queries, heads·d]`, `k` and
+/// `v` `[images, keys, heads·d]` (f32, row-major) → `[images, queries, heads·d]` (f32).
+///
+/// The operands are copied head-major in the product precision (one pass each); scores are
+/// float32 (the product accumulates and writes f32), the softmax reads them in f32 and writes
+/// the product precision. Like the f32 path, scores are computed in slices of at most `budget`
+/// bytes: several heads at a time when a head's scores fit, else chunks of at least
+/// `min_query_rows` queries; every call sees one image, so batches are bit-identical to single
+/// images.
+pub fn attention(
+    precision: Precision,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    shape: AttentionShape,
+    budget: usize,
+    min_query_rows: usize,
+) -> Result<Vec<f32>> {
+    let api = api()?;
+    let AttentionShape { images, queries: n, keys: m, heads, head_dim: d } = shape;
+    let inner = heads * d;
+    if q.len() != images * n * inner || k.len() != images * m * inner || v.len() != k.len() || heads == 0 {
+        return Err(Error::Msg(format!("oneDNN attention: q/k/v sizes do not fit {shape:?}")));
+    }
+    let scale = (d as f64).powf(-0.5) as f32;
+    let per_head = n * m * 4;
+    let heads_per_slice = (budget / per_head.max(1)).clamp(1, heads);
+    let chunks = per_head.div_ceil(budget.max(1)).clamp(1, n.div_ceil(min_query_rows).max(1));
+    let rows_per_chunk = n.div_ceil(chunks);
+    let qh = heads_first(api, q, (images, n, heads, d), precision)?;
+    let kh = heads_first(api, k, (images, m, heads, d), precision)?;
+    let vh = heads_first(api, v, (images, m, heads, d), precision)?;
+    let elem = match precision {
+        Precision::F32 => 4,
+        Precision::Bf16 => 2,
+    };
+    let at = |x: &[u8], index: usize| x.as_ptr().wrapping_add(index * elem) as *mut c_void;
+    let mut scores = vec![0f32; heads_per_slice * rows_per_chunk * m];
+    let mut probs = vec![0u8; heads_per_slice * rows_per_chunk * m * elem];
+    // Head-major output, [images, heads, n, d].
+    let out_heads = written_by(images * n * inner, |out: *mut f32| {
+        for image in 0..images {
+            for h0 in (0..heads).step_by(heads_per_slice) {
+                let hl = heads_per_slice.min(heads - h0);
+                for r0 in (0..n).step_by(rows_per_chunk) {
+                    let rows = rows_per_chunk.min(n - r0);
+                    let p = attention_primitives(api, (precision, hl, rows, m, d), scale)?;
+                    for h in 0..hl {
+                        let head = image * heads + h0 + h;
+                        p.scores.execute(
+                            api,
+                            &[
+                                (ARG_SRC, &p.q, at(&qh, (head * n + r0) * d)),
+                                (ARG_WEIGHTS, &p.k_t, at(&kh, head * m * d)),
+                                (ARG_DST, &p.scores_md, scores.as_mut_ptr().wrapping_add(h * rows * m).cast()),
+                            ],
+                        )?;
+                    }
+                    p.softmax.execute(
+                        api,
+                        &[
+                            (ARG_SRC, &p.all_scores, scores.as_mut_ptr().cast()),
+                            (ARG_DST, &p.all_probs, probs.as_mut_ptr().cast()),
+                        ],
+                    )?;
+                    for h in 0..hl {
+                        let head = image * heads + h0 + h;
+                        p.output.execute(
+                            api,
+                            &[
+                                (ARG_SRC, &p.probs, at(&probs, h * rows * m)),
+                                (ARG_WEIGHTS, &p.v, at(&vh, head * m * d)),
+                                (ARG_DST, &p.out, out.wrapping_add((head * n + r0) * d).cast()),
+                            ],
+                        )?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    })?;
+    // Back to token-major: the source is [images, n, heads, d] laid out as acbd.
+    let dims = [images as i64, n as i64, heads as i64, d as i64];
+    written_by(out_heads.len(), |out: *mut f32| convert(api, &dims, (&out_heads, TAG_ACBD), (out, F32, TAG_NCHW)))
 }
 
 #[cfg(test)]
@@ -1019,6 +1254,45 @@ mod tests {
                 assert!(err < bound, "{precision:?} {c_in}->{c_out} k{k} p{p} s{s} {h}×{w}: {err}");
                 let (alone, _, _) = conv.forward(&x[..c_in * h * w], (1, h, w)).expect("alone");
                 assert_eq!(alone, ours[..c_out * oh * ow], "{c_in}->{c_out} {h}×{w}: batch invariance");
+            }
+        }
+    }
+
+    #[test]
+    fn attention_matches_f32_within_its_bound_and_images_do_not_depend_on_their_batch() {
+        let dev = Device::Cpu;
+        // SD's first level at 256 px (self and cross), a VAE-like single head, and a slice budget
+        // small enough to split heads and queries.
+        for (n, m, heads, d, budget) in [
+            (1024, 1024, 8, 40, 16 << 20),
+            (1024, 77, 8, 40, 16 << 20),
+            (256, 256, 1, 512, 16 << 20),
+            (300, 300, 4, 16, 100_000),
+        ] {
+            for (precision, bound) in precisions() {
+                let inner = heads * d;
+                let (q, k, v) = (randn(&[2, n, inner], 7), randn(&[2, m, inner], 8), randn(&[2, m, inner], 9));
+                let shape = AttentionShape { images: 2, queries: n, keys: m, heads, head_dim: d };
+                let ours = attention(precision, (&q, &k, &v), shape, budget, 64).expect("attention");
+                let split = |x: &[f32], len: usize| {
+                    Tensor::from_slice(x, (2, len, heads, d), &dev)
+                        .and_then(|t| t.transpose(1, 2)?.contiguous())
+                        .expect("split")
+                };
+                let (tq, tk, tv) = (split(&q, n), split(&k, m), split(&v, m));
+                let reference = tq
+                    .matmul(&tk.t().expect("t"))
+                    .and_then(|s| s * (d as f64).powf(-0.5))
+                    .and_then(|s| candle_nn::ops::softmax_last_dim(&s))
+                    .and_then(|p| p.matmul(&tv))
+                    .and_then(|o| o.transpose(1, 2)?.flatten_all()?.to_vec1::<f32>())
+                    .expect("reference");
+                let err = rel_err(&ours, &reference);
+                assert!(err < bound * 2.0, "{precision:?} n{n} m{m} h{heads} d{d}: {err}");
+                let one = AttentionShape { images: 1, ..shape };
+                let second = attention(precision, (&q[n * inner..], &k[m * inner..], &v[m * inner..]), one, budget, 64)
+                    .expect("alone");
+                assert_eq!(second, ours[n * inner..], "{precision:?} n{n}: batch invariance");
             }
         }
     }

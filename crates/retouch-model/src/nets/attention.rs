@@ -5,6 +5,9 @@
 //! Three ways to compute `softmax(q·kᵀ/√d)·v`, chosen per model at load time
 //! ([`crate::kernels`]) and per layer by what the layer allows:
 //!
+//! * **CPU, oneDNN** (`--dtype bf16`, or `--conv onednn` in f32): [`crate::onednn::attention`],
+//!   the same slices, products in bf16 (or f32) with f32 scores and softmax, heads read and
+//!   written in place.
 //! * **CPU: exact float32.** Scores and softmax in float32 whatever the model dtype, the
 //!   batch·heads dimension (and, for large images, the queries) processed in slices so the
 //!   score matrix of a 512-pixel self-attention (4096 × 4096 per head) never exists for all
@@ -23,10 +26,12 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
 use super::blocks::{Conv2d, conv2d};
+use super::conv::with_cpu_slice;
 use super::elementwise;
 use super::linear::Linear;
 use super::norm::GroupNorm;
 use crate::kernels::{AttentionBackend, Kernels, LinearBackend, flash_kernel_for};
+use crate::onednn::Precision;
 
 /// Upper bound on one slice of attention scores on the CPU, in bytes (float32). Below glibc's
 /// largest mmap threshold (see the binary's allocator tuning), so a slice's scores reuse freed
@@ -69,12 +74,33 @@ fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, spec: At
     {
         return flash(q, k, v, heads);
     }
+    if let (true, LinearBackend::OneDnn(precision)) = (q.device().is_cpu(), spec.linear) {
+        return onednn_attention(q, k, v, heads, precision);
+    }
     if q.device().is_cpu() {
         sliced_attention(q, k, v, heads, SCORE_SLICE_BYTES, DType::F32)
     } else {
         let compute = if spec.upcast { DType::F32 } else { q.dtype() };
         sliced_attention(q, k, v, heads, GPU_SCORE_SLICE_BYTES, compute)
     }
+}
+
+/// oneDNN's attention (`--dtype bf16` or `--conv onednn` on the CPU): the same slices as the f32
+/// path, products in `precision`, scores and softmax in f32, no transposes.
+fn onednn_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, precision: Precision) -> Result<Tensor> {
+    let (b, n, inner) = q.dims3()?;
+    let m = k.dim(1)?;
+    let shape = crate::onednn::AttentionShape { images: b, queries: n, keys: m, heads, head_dim: inner / heads };
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let (q, k, v) = (f32(q)?, f32(k)?, f32(v)?);
+    let out = with_cpu_slice(&q, |q| {
+        with_cpu_slice(&k, |k| {
+            with_cpu_slice(&v, |v| {
+                crate::onednn::attention(precision, (q, k, v), shape, SCORE_SLICE_BYTES, MIN_QUERY_ROWS)
+            })
+        })
+    })?;
+    Tensor::from_vec(out, (b, n, inner), q.device())
 }
 
 /// FlashAttention-2 on `[B, N, H·D]` projections (viewed as `[B, N, H, D]`, its layout).
