@@ -90,13 +90,16 @@ fn main() -> ExitCode {
             std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string());
         }
     }
-    if std::env::var_os("OMP_WAIT_POLICY").is_none() {
-        // oneDNN (bf16 on the CPU) runs on OpenMP threads, which otherwise spin for a while
-        // after each call and starve the rayon threads of the f32 work between calls.
+    if std::env::var_os("OMP_WAIT_POLICY").is_none() && std::env::var_os("GOMP_SPINCOUNT").is_none() {
+        // oneDNN (bf16 on the CPU) runs on OpenMP threads, which by default spin for up to a
+        // few milliseconds after each call and starve the rayon threads of the f32 work between
+        // calls; sleeping at once costs a wake-up per call instead. A short spin, then sleep, was
+        // fastest (docs/benchmarks.md).
         // SAFETY: still single-threaded, as above.
         #[allow(unsafe_code)]
         unsafe {
             std::env::set_var("OMP_WAIT_POLICY", "passive");
+            std::env::set_var("GOMP_SPINCOUNT", "30000");
         }
     }
     let quiet = matches!(

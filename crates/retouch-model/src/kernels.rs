@@ -1,11 +1,14 @@
 //! Which implementation runs the two heaviest operations — convolutions and attention — chosen
 //! once, when a model loads.
 //!
-//! On the CPU there is one answer each (the crate's own float32 convolution and the exact
-//! float32 attention). On a GPU the fast paths are compile-time features and run-time choices:
+//! On the CPU the products run on oneDNN ([`crate::onednn`]) when `libdnnl.so.2` is installed —
+//! f32 by default, bf16 with `--dtype bf16` (which needs it) — else on the crate's own float32
+//! convolution and attention (`--conv im2col` asks for those). On a GPU the fast paths are
+//! compile-time features and run-time choices:
 //!
 //! | lever | `auto` picks it when | otherwise |
 //! |---|---|---|
+//! | `--conv onednn`: oneDNN's f32 convolutions, linear layers, attention | on the CPU in f32, `libdnnl.so.2` installed | `im2col`: the crate's own |
 //! | `--conv cudnn`: cuDNN (feature `cudnn`) | built with `cudnn`, on CUDA | `im2col`: candle's im2col + cuBLAS |
 //! | `--attention flash`: FlashAttention-2 (feature `flash-attn`) | built with `flash-attn`, on CUDA, f16/bf16 | `math`: matmul, softmax, matmul |
 //!
@@ -168,6 +171,16 @@ impl KernelChoice {
         let conv = match self.conv {
             ConvChoice::Im2col => ConvBackend::Im2col,
             ConvChoice::Auto if HAS_CUDNN && cuda => ConvBackend::Cudnn,
+            ConvChoice::Auto
+                if device.is_cpu()
+                    && dtype == DType::F32
+                    && self.attention != AttentionChoice::Flash
+                    && crate::onednn::ensure_library().is_ok() =>
+            {
+                // oneDNN's f32 products are faster than the crate's own and as exact (f32
+                // throughout, within 1/255 of diffusers); without the library, im2col.
+                return Ok(Kernels::CPU_ONEDNN_F32);
+            }
             ConvChoice::Auto => ConvBackend::Im2col,
             ConvChoice::Cudnn if !HAS_CUDNN => {
                 return Err(ModelError::Device(
@@ -280,7 +293,8 @@ mod tests {
     #[test]
     fn the_cpu_resolves_auto_to_its_own_paths_and_refuses_gpu_levers_by_name() {
         let cpu = Device::Cpu;
-        assert_eq!(KernelChoice::default().resolve(&cpu, DType::F32).ok(), Some(Kernels::CPU));
+        let f32_auto = if crate::onednn::ensure_library().is_ok() { Kernels::CPU_ONEDNN_F32 } else { Kernels::CPU };
+        assert_eq!(KernelChoice::default().resolve(&cpu, DType::F32).ok(), Some(f32_auto));
         assert_eq!(KernelChoice::default().resolve(&cpu, DType::F16).ok(), Some(Kernels::CPU));
         let cudnn = KernelChoice { conv: ConvChoice::Cudnn, ..Default::default() };
         let err = cudnn.resolve(&cpu, DType::F32).expect_err("cudnn on the CPU").to_string();

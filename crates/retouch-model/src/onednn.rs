@@ -89,6 +89,10 @@ const FORWARD_INFERENCE: c_int = 96;
 const CONVOLUTION_DIRECT: c_int = 1;
 const QUERY_WEIGHTS_MD: c_int = 131;
 const QUERY_IMPL_INFO_STR: c_int = 8;
+const QUERY_SCRATCHPAD_MD: c_int = 136;
+const ARG_SCRATCHPAD: c_int = 80;
+/// `dnnl_scratchpad_mode_user`: the caller passes each execution its scratch memory.
+const SCRATCHPAD_USER: c_int = 1;
 const SOFTMAX_ACCURATE: c_int = 0x30000;
 const STREAM_DEFAULT_FLAGS: c_uint = 1;
 /// `dnnl_cpu_isa_avx512_core_bf16`: the ISA bits a CPU needs for bf16 dot products.
@@ -109,6 +113,8 @@ struct Api {
     attr_create: unsafe extern "C" fn(*mut Handle) -> c_int,
     attr_destroy: unsafe extern "C" fn(Handle) -> c_int,
     attr_set_output_scales: unsafe extern "C" fn(Handle, i64, c_int, *const f32) -> c_int,
+    attr_set_scratchpad_mode: unsafe extern "C" fn(Handle, c_int) -> c_int,
+    md_get_size: unsafe extern "C" fn(*const MemoryDesc) -> usize,
     matmul_desc_init: unsafe extern "C" fn(
         *mut OpDesc,
         *const MemoryDesc,
@@ -241,6 +247,8 @@ fn open(path: &str) -> std::result::Result<Api, String> {
             attr_create: sym!("dnnl_primitive_attr_create"),
             attr_destroy: sym!("dnnl_primitive_attr_destroy"),
             attr_set_output_scales: sym!("dnnl_primitive_attr_set_output_scales"),
+            attr_set_scratchpad_mode: sym!("dnnl_primitive_attr_set_scratchpad_mode"),
+            md_get_size: sym!("dnnl_memory_desc_get_size"),
             matmul_desc_init: sym!("dnnl_matmul_desc_init"),
             conv_desc_init: sym!("dnnl_convolution_forward_desc_init"),
             reorder_pd_create: sym!("dnnl_reorder_primitive_desc_create"),
@@ -334,9 +342,17 @@ impl Precision {
 }
 
 /// A primitive and its descriptor.
+///
+/// Every primitive is created with a user-managed scratchpad: oneDNN's default shares one
+/// scratchpad between all primitives, which corrupts results when two threads execute at once
+/// (two models, or tests, in one process); each execution here gets its thread's own buffer.
 struct Primitive {
     pd: Handle,
     primitive: Handle,
+    /// The scratch memory an execution needs (size 0: none).
+    scratchpad: MemoryDesc,
+    /// Its size in bytes.
+    scratchpad_bytes: usize,
 }
 
 // SAFETY: oneDNN primitives may be executed from several threads at once; nothing mutates
@@ -361,7 +377,36 @@ impl Primitive {
             }
         }
         check(status, "primitive")?;
-        Ok(Self { pd, primitive })
+        // SAFETY: `pd` is live; the descriptor is copied at once.
+        #[allow(unsafe_code)]
+        let scratchpad = unsafe {
+            let md = (api.pd_query_md)(pd, QUERY_SCRATCHPAD_MD, 0);
+            if md.is_null() { MemoryDesc::zeroed() } else { *md }
+        };
+        // SAFETY: an initialised (or zero, i.e. empty) descriptor.
+        #[allow(unsafe_code)]
+        let scratchpad_bytes = unsafe { (api.md_get_size)(&scratchpad) };
+        Ok(Self { pd, primitive, scratchpad, scratchpad_bytes })
+    }
+
+    /// Attributes asking for a user-managed scratchpad (and `scale` on the output); the caller
+    /// destroys them.
+    fn attributes(api: &Api, scale: Option<f32>) -> Result<Handle> {
+        let mut attr = std::ptr::null_mut();
+        // SAFETY: a fresh attribute object, destroyed here on failure.
+        #[allow(unsafe_code)]
+        unsafe {
+            check((api.attr_create)(&mut attr), "attributes")?;
+            let mut status = (api.attr_set_scratchpad_mode)(attr, SCRATCHPAD_USER);
+            if let (0, Some(scale)) = (status, scale) {
+                status = (api.attr_set_output_scales)(attr, 1, 0, &scale);
+            }
+            if status != 0 {
+                (api.attr_destroy)(attr);
+                check(status, "attributes")?;
+            }
+        }
+        Ok(attr)
     }
 
     /// The descriptor of a primitive for `op`.
@@ -372,23 +417,13 @@ impl Primitive {
     /// The primitive for `op`, its output multiplied by `scale` when given.
     fn create_scaled(api: &Api, op: &OpDesc, scale: Option<f32>) -> Result<Self> {
         let mut pd = std::ptr::null_mut();
-        let mut attr = std::ptr::null_mut();
-        // SAFETY: `op` was filled by a `*_desc_init` call; the attribute (if any) is ours and
-        // destroyed after the descriptor copied it; no hint.
+        let attr = Self::attributes(api, scale)?;
+        // SAFETY: `op` was filled by a `*_desc_init` call; the attributes are ours and destroyed
+        // after the descriptor copied them; no hint.
         #[allow(unsafe_code)]
         let status = unsafe {
-            if let Some(scale) = scale {
-                check((api.attr_create)(&mut attr), "attributes")?;
-                let set = (api.attr_set_output_scales)(attr, 1, 0, &scale);
-                if set != 0 {
-                    (api.attr_destroy)(attr);
-                    check(set, "output scale")?;
-                }
-            }
             let status = (api.pd_create)(&mut pd, op, attr, api.engine, std::ptr::null_mut());
-            if !attr.is_null() {
-                (api.attr_destroy)(attr);
-            }
+            (api.attr_destroy)(attr);
             status
         };
         check(status, "primitive descriptor")?;
@@ -398,10 +433,15 @@ impl Primitive {
     /// A reorder (layout and/or type conversion) from `src` to `dst`.
     fn reorder(api: &Api, src: &MemoryDesc, dst: &MemoryDesc) -> Result<Self> {
         let mut pd = std::ptr::null_mut();
-        // SAFETY: both descriptors are initialised; one engine for both sides.
+        let attr = Self::attributes(api, None)?;
+        // SAFETY: both descriptors are initialised; one engine for both sides; the attributes
+        // are ours, destroyed once copied.
         #[allow(unsafe_code)]
-        let status =
-            unsafe { (api.reorder_pd_create)(&mut pd, src, api.engine, dst, api.engine, std::ptr::null_mut()) };
+        let status = unsafe {
+            let status = (api.reorder_pd_create)(&mut pd, src, api.engine, dst, api.engine, attr);
+            (api.attr_destroy)(attr);
+            status
+        };
         check(status, "reorder")?;
         Self::from_pd(api, pd)
     }
@@ -436,6 +476,25 @@ impl Primitive {
 
     /// Runs the primitive on `args`: (argument, descriptor, data pointer).
     fn execute(&self, api: &Api, args: &[(c_int, &MemoryDesc, *mut c_void)]) -> Result<()> {
+        if self.scratchpad_bytes > 0 {
+            return SCRATCH.with(|scratch| {
+                let mut scratch =
+                    scratch.try_borrow_mut().map_err(|_| Error::Msg("oneDNN scratchpad in use".into()))?;
+                if scratch.len() < self.scratchpad_bytes {
+                    // 64-byte aligned: u64 storage rounded up, plus slack for the alignment.
+                    *scratch = vec![0u64; self.scratchpad_bytes.div_ceil(8) + 8];
+                }
+                let base = scratch.as_mut_ptr().cast::<u8>();
+                let aligned = base.wrapping_add(base.align_offset(64)).cast::<c_void>();
+                let mut with_scratch = args.to_vec();
+                with_scratch.push((ARG_SCRATCHPAD, &self.scratchpad, aligned));
+                self.execute_args(api, &with_scratch)
+            });
+        }
+        self.execute_args(api, args)
+    }
+
+    fn execute_args(&self, api: &Api, args: &[(c_int, &MemoryDesc, *mut c_void)]) -> Result<()> {
         let memories = args
             .iter()
             .map(|&(arg, md, data)| Ok(ExecArg { arg, memory: Memory::wrap(api, md, data)?.into_raw() }))
@@ -541,6 +600,8 @@ impl ThreadStream {
 
 thread_local! {
     static STREAM: ThreadStream = const { ThreadStream(OnceLock::new()) };
+    /// This thread's scratchpad for primitive executions, grown to the largest asked for.
+    static SCRATCH: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Layout conversions between the f32 tensors of the model and the bf16 inputs of the kernels,

@@ -82,6 +82,44 @@ fn bf16_cases_are_within_the_bf16_bound_of_diffusers_in_bf16() {
     );
 }
 
+/// `--conv onednn` in f32 (oneDNN's f32 convolutions, linear layers and attention) against
+/// diffusers fp32: the f32 path's bound, 2/255, on the same cases.
+#[test]
+fn onednn_f32_cases_are_within_two_levels_of_diffusers_fp32() {
+    let options = LoadOptions {
+        kernels: retouch_model::KernelChoice { conv: retouch_model::ConvChoice::OneDnn, ..Default::default() },
+        ..Default::default()
+    };
+    if let Err(why) = retouch_model::onednn::ensure_library() {
+        let err = InstructPix2Pix::load(&fixtures().join("models/tiny-sd15"), "tiny", &options)
+            .expect_err("--conv onednn must be refused without oneDNN");
+        assert!(err.to_string().contains("libdnnl2"), "{err} ({why})");
+        return;
+    }
+    let data = read_json("bf16_cases.json");
+    let mut models = std::collections::HashMap::new();
+    let mut failures = Vec::new();
+    for case in data["cases"].as_array().expect("cases") {
+        let name = case["name"].as_str().expect("name");
+        let model_name = case["model"].as_str().expect("model").to_string();
+        let model = models.entry(model_name.clone()).or_insert_with(|| {
+            InstructPix2Pix::load(&fixtures().join(&model_name), &model_name, &options).expect("onednn f32 model")
+        });
+        assert_eq!(model.kernels().conv.to_string(), "onednn-f32");
+        for (i, out) in run_case(model, case, &batch_for(case)).iter().enumerate() {
+            let golden = image::open(fixtures().join(case["expected"][i].as_str().expect("path")))
+                .expect("golden png")
+                .to_rgb8();
+            let (max, mean) = max_and_mean_diff(&out.image, &golden);
+            eprintln!("{name:>16}[{i}] onednn f32 vs diffusers fp32: max {max} mean {mean:.4}");
+            if max > 2 {
+                failures.push(format!("{name}[{i}]: max |Δ| {max}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "onednn f32 cases beyond 2/255:\n{}", failures.join("\n"));
+}
+
 #[test]
 fn bf16_batches_equal_single_images_bit_for_bit() {
     let Some(model) = load_bf16("models/tiny-sd15") else { return };
