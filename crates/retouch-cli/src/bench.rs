@@ -223,7 +223,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "model": settings.source,
             "device": model.info().device,
             "dtype": model.info().dtype,
-            "kernels": {"conv": model.kernels().conv.to_string(), "attention": model.kernels().attention.to_string(), "linear": if model.kernels().cpu_bf16() { "onednn-bf16" } else { "native" }},
+            "kernels": {"conv": model.kernels().conv.to_string(), "attention": model.kernels().attention.to_string(), "linear": model.kernels().linear.to_string()},
             "size": args.size,
             "steps": args.steps,
             "scheduler": args.scheduler.as_str(),

@@ -87,6 +87,8 @@ pub enum AttentionBackend {
     Math,
     /// FlashAttention-2 (layers whose head size it cannot take use the matmul path).
     Flash,
+    /// oneDNN's products and softmax on the CPU ([`crate::onednn::attention`]).
+    OneDnn(Precision),
 }
 
 /// The levers a loaded model runs with.
@@ -107,13 +109,13 @@ impl Kernels {
     /// The CPU's levers in bf16: oneDNN for convolutions and linear layers.
     pub const CPU_BF16: Self = Self {
         conv: ConvBackend::OneDnn(Precision::Bf16),
-        attention: AttentionBackend::Math,
+        attention: AttentionBackend::OneDnn(Precision::Bf16),
         linear: LinearBackend::OneDnn(Precision::Bf16),
     };
     /// The CPU's levers in f32 with `--conv onednn`: oneDNN's f32 products.
     pub const CPU_ONEDNN_F32: Self = Self {
         conv: ConvBackend::OneDnn(Precision::F32),
-        attention: AttentionBackend::Math,
+        attention: AttentionBackend::OneDnn(Precision::F32),
         linear: LinearBackend::OneDnn(Precision::F32),
     };
 
@@ -271,6 +273,18 @@ impl fmt::Display for AttentionBackend {
         f.write_str(match self {
             Self::Math => "math",
             Self::Flash => "flash",
+            Self::OneDnn(Precision::Bf16) => "onednn-bf16",
+            Self::OneDnn(Precision::F32) => "onednn-f32",
+        })
+    }
+}
+
+impl fmt::Display for LinearBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Native => "native",
+            Self::OneDnn(Precision::Bf16) => "onednn-bf16",
+            Self::OneDnn(Precision::F32) => "onednn-f32",
         })
     }
 }
@@ -280,8 +294,7 @@ impl fmt::Display for Kernels {
         write!(f, "conv={} attention={}", self.conv, self.attention)?;
         match self.linear {
             LinearBackend::Native => Ok(()),
-            LinearBackend::OneDnn(Precision::Bf16) => f.write_str(" linear=onednn-bf16"),
-            LinearBackend::OneDnn(Precision::F32) => f.write_str(" linear=onednn-f32"),
+            linear => write!(f, " linear={linear}"),
         }
     }
 }
@@ -308,7 +321,7 @@ mod tests {
         match crate::onednn::ensure_available() {
             Ok(_) => {
                 assert_eq!(KernelChoice::default().resolve(&cpu, DType::BF16).ok(), Some(Kernels::CPU_BF16));
-                assert_eq!(Kernels::CPU_BF16.to_string(), "conv=onednn-bf16 attention=math linear=onednn-bf16");
+                assert_eq!(Kernels::CPU_BF16.to_string(), "conv=onednn-bf16 attention=onednn-bf16 linear=onednn-bf16");
                 let err = explicit.resolve(&cpu, DType::BF16).expect_err("im2col in bf16").to_string();
                 assert!(err.contains("leave --conv"), "{err}");
             }

@@ -74,7 +74,7 @@ fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, spec: At
     {
         return flash(q, k, v, heads);
     }
-    if let (true, LinearBackend::OneDnn(precision)) = (q.device().is_cpu(), spec.linear) {
+    if let (true, AttentionBackend::OneDnn(precision)) = (q.device().is_cpu(), spec.backend) {
         return onednn_attention(q, k, v, heads, precision);
     }
     if q.device().is_cpu() {
