@@ -31,10 +31,12 @@ pub struct ModelSettings {
     pub cache_dir: PathBuf,
     /// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with the `cuda` feature).
     pub device: String,
-    /// Compute precision: `auto` (f32 on the CPU, f16 on CUDA), `f32`, `f16` or `bf16`.
+    /// Compute precision: `auto` (f32 on the CPU, f16 on CUDA), `f32`, `f16` or `bf16` (on the
+    /// CPU: oneDNN's bf16 products, docs/model.md).
     pub dtype: String,
-    /// Convolutions: `auto` (cuDNN when the build has it and runs on CUDA), `cudnn` or
-    /// `im2col` (docs/gpu.md).
+    /// Convolutions: `auto` (cuDNN when the build has it and runs on CUDA; oneDNN on the CPU
+    /// when libdnnl.so.2 is installed), `cudnn`, `im2col` or `onednn` (docs/gpu.md,
+    /// docs/model.md).
     pub conv: String,
     /// Attention: `auto` (flash attention when the build has it, on CUDA in f16/bf16),
     /// `flash` or `math`.
@@ -172,12 +174,15 @@ pub struct ModelArgs {
     /// Device: cpu, cuda or cuda:N [default: cpu].
     #[arg(long)]
     pub device: Option<String>,
-    /// Compute precision: auto (f32 on the CPU, f16 on CUDA), f32, f16 or bf16 [default: auto].
+    /// Compute precision: auto (f32 on the CPU, f16 on CUDA), f32, f16 or bf16 (on the CPU:
+    /// oneDNN's bf16 products; needs libdnnl2 and AVX512-BF16) [default: auto].
     #[arg(long)]
     pub dtype: Option<String>,
-    /// Convolutions: auto (cuDNN when this build has it and runs on CUDA), cudnn, or im2col
-    /// (candle's on CUDA; the CPU always uses its own) [default: auto].
-    #[arg(long, value_name = "auto|cudnn|im2col")]
+    /// Convolutions: auto (cuDNN when this build has it and runs on CUDA; on the CPU oneDNN
+    /// when libdnnl.so.2 is installed, else im2col), cudnn, im2col (candle's on CUDA, the
+    /// crate's own on the CPU), or onednn (CPU, f32: oneDNN for convolutions, linear layers
+    /// and attention) [default: auto].
+    #[arg(long, value_name = "auto|cudnn|im2col|onednn")]
     pub conv: Option<String>,
     /// Attention: auto (flash attention when this build has it, on CUDA in f16/bf16), flash,
     /// or math (matmul, softmax, matmul) [default: auto].
