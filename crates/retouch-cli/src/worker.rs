@@ -92,6 +92,16 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let counters = Arc::new(QueueCounters::default());
     let metrics = Arc::new(Metrics::new(counters.clone()));
     let stop = CancellationToken::new();
+    // One SIGTERM/SIGINT listener for the worker's whole life, registered now: a signal that
+    // arrives between two stages (after the model is ready, before the engine listens) is kept.
+    let terminate = CancellationToken::new();
+    tokio::spawn({
+        let (terminate, signal) = (terminate.clone(), crate::signals::terminated());
+        async move {
+            signal.await;
+            terminate.cancel();
+        }
+    });
 
     // Storage first: wrong credentials or a missing bucket should stop the worker before it
     // takes any job.
@@ -132,7 +142,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
 
     let model = tokio::select! {
         ready = backend.ready() => ready.map_err(|e| anyhow::anyhow!("the model did not load: {e}"))?,
-        () = crate::signals::terminated() => {
+        () = terminate.cancelled() => {
             stop.cancel();
             return Ok(());
         }
@@ -209,7 +219,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         backend,
         metrics,
         control,
-        crate::signals::terminated(),
+        terminate.clone().cancelled_owned(),
     )
     .await?;
     tracing::info!(?summary, "stopped");
