@@ -1,25 +1,24 @@
-//! oneDNN — the kernel library PyTorch uses on x86 CPUs — for the bf16 matrix products of
-//! `--dtype bf16` on the CPU: linear layers and convolutions multiply bf16 inputs by bf16
-//! weights and accumulate and write float32, on AVX512-BF16 dot products, or AMX tiles where the
-//! CPU has them.
+//! oneDNN — the kernel library PyTorch uses on x86 CPUs — for the CPU's matrix products:
+//! convolutions, the attention blocks' linear layers and attention itself, in f32 (the default
+//! when the library is installed) or bf16 (`--dtype bf16`: bf16 inputs and weights, float32
+//! accumulation and output, on AVX512-BF16 dot products or AMX tiles).
 //!
 //! * **Opened at run time.** `libdnnl.so.2` (oneDNN 2.x; Debian/Ubuntu package `libdnnl2`) is
-//!   loaded with `dlopen` the first time a model asks for bf16 on the CPU, so the binary runs
-//!   without it for everything else. A missing library, another major version, or a CPU without
-//!   bf16 dot products (AVX512-BF16) is a [`ModelError::Device`] at load time naming what to do.
-//! * **Weights** are converted to bf16 and reordered once, at load, into the blocked layout the
-//!   kernel oneDNN picks wants. An input shape whose kernel wants another layout gets its own
-//!   copy, reordered from the first on first use and kept.
-//! * **Activations stay float32** between layers (norms, softmax, element-wise ops, attention
-//!   are the f32 path's): each product converts its input to bf16 in one reorder pass and
-//!   writes float32 — PyTorch's CPU autocast does the same split.
-//! * **Batch invariance**: every image (convolution) or sequence (linear layer) of a batch is its
-//!   own call of one primitive built for that image's shape, so a batch's results are the same
-//!   bits as each image alone; the conversions around the calls are element-wise.
+//!   loaded with `dlopen` when the first CPU model loads, so the binary runs without it. A missing
+//!   library, another major version, or (for bf16) a CPU without AVX512-BF16 is a
+//!   [`ModelError::Device`] naming what to do.
+//! * **Weights** are converted and reordered once, at load, into the blocked layout the kernel
+//!   oneDNN picks wants. An input shape whose kernel wants another layout gets its own copy,
+//!   reordered from the first on first use and kept.
+//! * **Activations stay float32** between products (norms, element-wise ops, the sampler): each
+//!   product converts its input in one reorder pass and writes float32 — PyTorch's CPU autocast
+//!   makes the same split. Attention scores and softmax inputs are float32 too.
+//! * **Batch invariance**: every image (convolution, attention) or sequence (linear layer) of a
+//!   batch is its own call of one primitive built for that shape, so a batch's results are the
+//!   same bits as each image alone; the conversions around the calls are element-wise.
 //! * **Threads**: oneDNN runs on its OpenMP pool, sized to candle's thread count when the
-//!   library opens (`retouch --threads`); the binary asks OpenMP to sleep, not spin, between
-//!   calls (`OMP_WAIT_POLICY=passive` unless set) so the pool does not starve the rayon threads
-//!   of the f32 work in between.
+//!   library opens (`retouch --threads`; the binary sets OpenMP's wait policy, see its `main`).
+//!   Each thread executes with its own scratchpad, so several threads may run primitives at once.
 //!
 //! The C API used is oneDNN 2.x's (`dnnl_*_desc_init` + `dnnl_primitive_desc_create`); the
 //! descriptors are opaque buffers of the 2.x sizes, checked against the library's version.
@@ -78,6 +77,7 @@ const ARG_BIAS: c_int = 41;
 const F32: c_int = 3;
 const BF16: c_int = 2;
 const TAG_ANY: c_int = 1;
+const TAG_A: c_int = 2;
 const TAG_AB: c_int = 3;
 const TAG_BA: c_int = 22;
 const TAG_NCHW: c_int = 5;
@@ -100,10 +100,8 @@ const ISA_AVX512_CORE_BF16: c_int = 0xe7;
 /// `dnnl_cpu_isa_avx512_core_amx`.
 const ISA_AVX512_CORE_AMX: c_int = 0x3e7;
 
-/// The library's entry points (and OpenMP's `omp_set_num_threads`, from its dependencies).
+/// The library's entry points used after it is opened.
 struct Api {
-    version: unsafe extern "C" fn() -> *const Version,
-    effective_cpu_isa: unsafe extern "C" fn() -> c_int,
     engine_create: unsafe extern "C" fn(*mut Handle, c_int, usize) -> c_int,
     stream_create: unsafe extern "C" fn(*mut Handle, Handle, c_uint) -> c_int,
     md_init_by_tag: unsafe extern "C" fn(*mut MemoryDesc, c_int, *const i64, c_int, c_int) -> c_int,
@@ -146,7 +144,6 @@ struct Api {
     memory_create: unsafe extern "C" fn(*mut Handle, *const MemoryDesc, Handle, *mut c_void) -> c_int,
     memory_destroy: unsafe extern "C" fn(Handle) -> c_int,
     memory_get_data_handle: unsafe extern "C" fn(Handle, *mut *mut c_void) -> c_int,
-    omp_set_num_threads: Option<unsafe extern "C" fn(c_int)>,
     /// The CPU engine every object is created on.
     engine: Handle,
     /// What the library reports about itself and the CPU, for logs and errors.
@@ -229,7 +226,7 @@ fn open(path: &str) -> std::result::Result<Api, String> {
         let v = &*version();
         if v.major != 2 {
             return Err(format!(
-                "{path} is oneDNN {}.{}.{}; retouch's bf16 CPU path is written against oneDNN 2.x",
+                "{path} is oneDNN {}.{}.{}; retouch's oneDNN path is written against oneDNN 2.x",
                 v.major, v.minor, v.patch
             ));
         }
@@ -237,8 +234,6 @@ fn open(path: &str) -> std::result::Result<Api, String> {
         let isa = effective_cpu_isa();
         let omp = libc::dlsym(lib, c"omp_set_num_threads".as_ptr());
         let mut api = Api {
-            version,
-            effective_cpu_isa,
             engine_create: sym!("dnnl_engine_create"),
             stream_create: sym!("dnnl_stream_create"),
             md_init_by_tag: sym!("dnnl_memory_desc_init_by_tag"),
@@ -262,8 +257,6 @@ fn open(path: &str) -> std::result::Result<Api, String> {
             memory_create: sym!("dnnl_memory_create"),
             memory_destroy: sym!("dnnl_memory_destroy"),
             memory_get_data_handle: sym!("dnnl_memory_get_data_handle"),
-            omp_set_num_threads: (!omp.is_null())
-                .then(|| std::mem::transmute::<*mut c_void, unsafe extern "C" fn(c_int)>(omp)),
             engine: std::ptr::null_mut(),
             description: format!("oneDNN {}.{}.{}, {}", v.major, v.minor, v.patch, isa_name(isa)),
             isa,
@@ -272,12 +265,12 @@ fn open(path: &str) -> std::result::Result<Api, String> {
         if status != 0 {
             return Err(format!("oneDNN could not create a CPU engine ({})", status_name(status)));
         }
-        if let Some(set) = api.omp_set_num_threads {
-            set(candle_core::utils::get_num_threads() as c_int);
+        // OpenMP (a dependency of the library) sizes oneDNN's pool; candle's count is --threads.
+        if !omp.is_null() {
+            let set_threads = std::mem::transmute::<*mut c_void, unsafe extern "C" fn(c_int)>(omp);
+            set_threads(candle_core::utils::get_num_threads() as c_int);
         }
-        let _ = api.version;
-        let _ = api.effective_cpu_isa;
-        tracing::info!(library = %api.description, "oneDNN opened for bf16 matrix products");
+        tracing::info!(library = %api.description, "oneDNN opened for the CPU's matrix products");
         Ok(api)
     }
 }
@@ -337,6 +330,14 @@ impl Precision {
         match self {
             Self::Bf16 => BF16,
             Self::F32 => F32,
+        }
+    }
+
+    /// Bytes per value.
+    fn bytes(self) -> usize {
+        match self {
+            Self::Bf16 => 2,
+            Self::F32 => 4,
         }
     }
 }
@@ -695,8 +696,14 @@ impl PackedWeights {
 /// A primitive for one input shape and the weights in its layout.
 struct ShapedPrimitive {
     primitive: Primitive,
-    src: MemoryDesc,
     weights: Arc<(Memory, MemoryDesc)>,
+    io: Operands,
+}
+
+/// The descriptors of a product's input, bias and output for one shape.
+#[derive(Clone, Copy)]
+struct Operands {
+    src: MemoryDesc,
     bias: MemoryDesc,
     dst: MemoryDesc,
 }
@@ -759,10 +766,13 @@ impl OneDnnLinear {
     ) -> Result<Self> {
         let api = api()?;
         if weight.len() != out_features * in_features {
-            return Err(Error::Msg(format!("bf16 linear: {} weights for {out_features}×{in_features}", weight.len())));
+            return Err(Error::Msg(format!(
+                "oneDNN linear: {} weights for {out_features}×{in_features}",
+                weight.len()
+            )));
         }
         let bias = bias.map_or_else(|| vec![0.0; out_features], <[f32]>::to_vec);
-        let reference = Self::build(api, precision, REFERENCE_ROWS, (in_features, out_features), None)?;
+        let (reference, _) = Self::build(api, precision, REFERENCE_ROWS, (in_features, out_features), None)?;
         let weights = PackedWeights::pack(
             api,
             weight,
@@ -780,34 +790,30 @@ impl OneDnnLinear {
         rows: i64,
         (k, n): (usize, usize),
         weights: Option<&MemoryDesc>,
-    ) -> Result<Primitive> {
+    ) -> Result<(Primitive, Operands)> {
         let (k, n) = (k as i64, n as i64);
-        let src = md(api, &[rows, k], precision.data_type(), TAG_AB)?;
+        let io = Operands {
+            src: md(api, &[rows, k], precision.data_type(), TAG_AB)?,
+            bias: md(api, &[1, n], F32, TAG_AB)?,
+            dst: md(api, &[rows, n], F32, TAG_AB)?,
+        };
         let any = md(api, &[k, n], precision.data_type(), TAG_ANY)?;
-        let bias = md(api, &[1, n], F32, TAG_AB)?;
-        let dst = md(api, &[rows, n], F32, TAG_AB)?;
         let mut op = OpDesc([0; 8192]);
         // SAFETY: all descriptors initialised; `op` has room for a matmul descriptor.
         #[allow(unsafe_code)]
-        let status = unsafe { (api.matmul_desc_init)(&mut op, &src, weights.unwrap_or(&any), &bias, &dst) };
+        let status = unsafe { (api.matmul_desc_init)(&mut op, &io.src, weights.unwrap_or(&any), &io.bias, &io.dst) };
         check(status, "matmul descriptor")?;
-        Primitive::create(api, &op)
+        Ok((Primitive::create(api, &op)?, io))
     }
 
     fn primitive(&self, api: &Api, rows: usize) -> Result<Arc<ShapedPrimitive>> {
         self.primitives.get_or_build(rows, || {
             let (k, n) = (self.in_features, self.out_features);
-            let chosen = Self::build(api, self.precision, rows as i64, (k, n), None)?;
+            let (chosen, _) = Self::build(api, self.precision, rows as i64, (k, n), None)?;
             let weights = self.weights.in_layout(api, &chosen.weights_md(api)?)?;
-            let primitive = Self::build(api, self.precision, rows as i64, (k, n), Some(&weights.1))?;
+            let (primitive, io) = Self::build(api, self.precision, rows as i64, (k, n), Some(&weights.1))?;
             tracing::debug!(rows, k, n, implementation = %primitive.implementation(api), "oneDNN matmul");
-            Ok(ShapedPrimitive {
-                primitive,
-                src: md(api, &[rows as i64, k as i64], self.precision.data_type(), TAG_AB)?,
-                weights,
-                bias: md(api, &[1, n as i64], F32, TAG_AB)?,
-                dst: md(api, &[rows as i64, n as i64], F32, TAG_AB)?,
-            })
+            Ok(ShapedPrimitive { primitive, weights, io })
         })
     }
 
@@ -818,7 +824,7 @@ impl OneDnnLinear {
         let (k, n) = (self.in_features, self.out_features);
         let total_rows = x.len() / k.max(1);
         if sequences == 0 || x.len() != total_rows * k || !total_rows.is_multiple_of(sequences) {
-            return Err(Error::Msg(format!("bf16 linear: {} values are not {sequences} sequences of {k}", x.len())));
+            return Err(Error::Msg(format!("oneDNN linear: {} values are not {sequences} sequences of {k}", x.len())));
         }
         let rows = total_rows / sequences;
         let p = self.primitive(api, rows)?;
@@ -840,10 +846,10 @@ impl OneDnnLinear {
             p.primitive.execute(
                 api,
                 &[
-                    (ARG_SRC, &p.src, input.as_ptr() as *mut c_void),
+                    (ARG_SRC, &p.io.src, input.as_ptr() as *mut c_void),
                     (ARG_WEIGHTS, &p.weights.1, p.weights.0.data(api)?),
-                    (ARG_BIAS, &p.bias, self.bias.as_ptr() as *mut c_void),
-                    (ARG_DST, &p.dst, dst.wrapping_add(i * rows * n).cast()),
+                    (ARG_BIAS, &p.io.bias, self.bias.as_ptr() as *mut c_void),
+                    (ARG_DST, &p.io.dst, dst.wrapping_add(i * rows * n).cast()),
                 ],
             )?;
         }
@@ -894,7 +900,7 @@ impl OneDnnConv2d {
     ) -> Result<Self> {
         let api = api()?;
         if weight.len() != c_out * c_in * kernel * kernel || bias.len() != c_out {
-            return Err(Error::Msg(format!("bf16 conv: weights do not fit {c_out}×{c_in}×{kernel}×{kernel}")));
+            return Err(Error::Msg(format!("oneDNN conv: weights do not fit {c_out}×{c_in}×{kernel}×{kernel}")));
         }
         let mut conv = Self {
             precision,
@@ -908,7 +914,7 @@ impl OneDnnConv2d {
             primitives: PrimitiveCache::new(),
         };
         let size = REFERENCE_SIZE.max(kernel);
-        let reference = conv.build(api, (size, size), None)?;
+        let (reference, _) = conv.build(api, (size, size), None)?;
         let dims = [c_out as i64, c_in as i64, kernel as i64, kernel as i64];
         conv.weights = PackedWeights::pack(api, weight, &dims, TAG_NCHW, reference.weights_md(api)?)?;
         Ok(conv)
@@ -920,13 +926,15 @@ impl OneDnnConv2d {
     }
 
     /// A convolution primitive for one `h × w` image; weights in `weights` or any layout.
-    fn build(&self, api: &Api, (h, w): (usize, usize), weights: Option<&MemoryDesc>) -> Result<Primitive> {
+    fn build(&self, api: &Api, (h, w): (usize, usize), weights: Option<&MemoryDesc>) -> Result<(Primitive, Operands)> {
         let (oh, ow) = self.output_size((h, w));
         let (c, o, k) = (self.c_in as i64, self.c_out as i64, self.kernel as i64);
-        let src = md(api, &[1, c, h as i64, w as i64], self.precision.data_type(), TAG_NHWC)?;
+        let io = Operands {
+            src: md(api, &[1, c, h as i64, w as i64], self.precision.data_type(), TAG_NHWC)?,
+            bias: md(api, &[o], F32, TAG_A)?,
+            dst: md(api, &[1, o, oh as i64, ow as i64], F32, TAG_NHWC)?,
+        };
         let any = md(api, &[o, c, k, k], self.precision.data_type(), TAG_ANY)?;
-        let bias = md(api, &[o], F32, 2)?; // dnnl_a
-        let dst = md(api, &[1, o, oh as i64, ow as i64], F32, TAG_NHWC)?;
         let strides = [self.stride as i64; 2];
         let padding = [self.padding as i64; 2];
         let mut op = OpDesc([0; 8192]);
@@ -937,35 +945,27 @@ impl OneDnnConv2d {
                 &mut op,
                 FORWARD_INFERENCE,
                 CONVOLUTION_DIRECT,
-                &src,
+                &io.src,
                 weights.unwrap_or(&any),
-                &bias,
-                &dst,
+                &io.bias,
+                &io.dst,
                 strides.as_ptr(),
                 padding.as_ptr(),
                 padding.as_ptr(),
             )
         };
         check(status, "convolution descriptor")?;
-        Primitive::create(api, &op)
+        Ok((Primitive::create(api, &op)?, io))
     }
 
     fn primitive(&self, api: &Api, (h, w): (usize, usize)) -> Result<Arc<ShapedPrimitive>> {
         self.primitives.get_or_build((h, w), || {
-            let chosen = self.build(api, (h, w), None)?;
+            let (chosen, _) = self.build(api, (h, w), None)?;
             let weights = self.weights.in_layout(api, &chosen.weights_md(api)?)?;
-            let primitive = self.build(api, (h, w), Some(&weights.1))?;
-            let (oh, ow) = self.output_size((h, w));
+            let (primitive, io) = self.build(api, (h, w), Some(&weights.1))?;
             tracing::debug!(c_in = self.c_in, c_out = self.c_out, k = self.kernel, h, w,
                 implementation = %primitive.implementation(api), "oneDNN convolution");
-            let (c, o) = (self.c_in as i64, self.c_out as i64);
-            Ok(ShapedPrimitive {
-                primitive,
-                src: md(api, &[1, c, h as i64, w as i64], self.precision.data_type(), TAG_NHWC)?,
-                weights,
-                bias: md(api, &[o], F32, 2)?,
-                dst: md(api, &[1, o, oh as i64, ow as i64], F32, TAG_NHWC)?,
-            })
+            Ok(ShapedPrimitive { primitive, weights, io })
         })
     }
 
@@ -974,47 +974,44 @@ impl OneDnnConv2d {
         let api = api()?;
         let (c, o) = (self.c_in, self.c_out);
         if x.len() != b * c * h * w || h + 2 * self.padding < self.kernel || w + 2 * self.padding < self.kernel {
-            return Err(Error::Msg(format!("bf16 conv: input of {} values is not [{b}, {c}, {h}, {w}]", x.len())));
+            return Err(Error::Msg(format!("oneDNN conv: input of {} values is not [{b}, {c}, {h}, {w}]", x.len())));
         }
         let (oh, ow) = self.output_size((h, w));
         let dims = [b as i64, c as i64, h as i64, w as i64];
         let p = self.primitive(api, (h, w))?;
         let len = b * o * oh * ow;
         let shape = (h, w, oh, ow);
-        let dst_nhwc = match self.precision {
-            Precision::Bf16 => {
-                let src = written_by::<u16>(x.len(), |src| convert(api, &dims, (x, TAG_NCHW), (src, BF16, TAG_NHWC)))?;
-                written_by(len, |dst| self.run(api, &p, &src, shape, dst))?
-            }
-            Precision::F32 => {
-                let src = written_by::<f32>(x.len(), |src| convert(api, &dims, (x, TAG_NCHW), (src, F32, TAG_NHWC)))?;
-                written_by(len, |dst| self.run(api, &p, &src, shape, dst))?
-            }
-        };
+        // NCHW f32 → NHWC in the product's precision (bytes), one call per image, NHWC f32 out.
+        let dt = self.precision.data_type();
+        let src = written_by::<u8>(x.len() * self.precision.bytes(), |src| {
+            convert(api, &dims, (x, TAG_NCHW), (src, dt, TAG_NHWC))
+        })?;
+        let dst_nhwc = written_by(len, |dst| self.run(api, &p, &src, shape, dst))?;
         let out_dims = [b as i64, o as i64, oh as i64, ow as i64];
         let out = written_by(len, |out| convert(api, &out_dims, (&dst_nhwc, TAG_NHWC), (out, F32, TAG_NCHW)))?;
         Ok((out, oh, ow))
     }
 
-    /// One call per image of `src` (NHWC, in the product's precision) into `dst` (NHWC f32).
-    fn run<T>(
+    /// One call per image of `src` (NHWC, the product's precision, as bytes) into `dst`
+    /// (NHWC f32).
+    fn run(
         &self,
         api: &Api,
         p: &ShapedPrimitive,
-        src: &[T],
+        src: &[u8],
         (h, w, oh, ow): (usize, usize, usize, usize),
         dst: *mut f32,
     ) -> Result<()> {
         let (c, o) = (self.c_in, self.c_out);
-        for (i, image) in src.chunks_exact(c * h * w).enumerate() {
+        for (i, image) in src.chunks_exact(c * h * w * self.precision.bytes()).enumerate() {
             let out = dst.wrapping_add(i * o * oh * ow);
             p.primitive.execute(
                 api,
                 &[
-                    (ARG_SRC, &p.src, image.as_ptr() as *mut c_void),
+                    (ARG_SRC, &p.io.src, image.as_ptr() as *mut c_void),
                     (ARG_WEIGHTS, &p.weights.1, p.weights.0.data(api)?),
-                    (ARG_BIAS, &p.bias, self.bias.as_ptr() as *mut c_void),
-                    (ARG_DST, &p.dst, out.cast()),
+                    (ARG_BIAS, &p.io.bias, self.bias.as_ptr() as *mut c_void),
+                    (ARG_DST, &p.io.dst, out.cast()),
                 ],
             )?;
         }
@@ -1124,11 +1121,7 @@ fn heads_first(
     precision: Precision,
 ) -> Result<Vec<u8>> {
     let dims = [images as i64, tokens as i64, heads as i64, d as i64];
-    let bytes = match precision {
-        Precision::F32 => 4,
-        Precision::Bf16 => 2,
-    };
-    written_by(x.len() * bytes, |dst: *mut u8| {
+    written_by(x.len() * precision.bytes(), |dst: *mut u8| {
         convert(api, &dims, (x, TAG_NCHW), (dst, precision.data_type(), TAG_ACBD))
     })
 }
@@ -1138,16 +1131,14 @@ fn heads_first(
 ///
 /// The operands are copied head-major in the product precision (one pass each); scores are
 /// float32 (the product accumulates and writes f32), the softmax reads them in f32 and writes
-/// the product precision. Like the f32 path, scores are computed in slices of at most `budget`
-/// bytes: several heads at a time when a head's scores fit, else chunks of at least
-/// `min_query_rows` queries; every call sees one image, so batches are bit-identical to single
-/// images.
+/// the product precision. Scores are computed in the caller's `(heads per slice, query rows per
+/// chunk)` slices (the f32 path's policy, `nets::attention::score_slices`); every call sees one
+/// image, so batches are bit-identical to single images.
 pub fn attention(
     precision: Precision,
     (q, k, v): (&[f32], &[f32], &[f32]),
     shape: AttentionShape,
-    budget: usize,
-    min_query_rows: usize,
+    (heads_per_slice, rows_per_chunk): (usize, usize),
 ) -> Result<Vec<f32>> {
     let api = api()?;
     let AttentionShape { images, queries: n, keys: m, heads, head_dim: d } = shape;
@@ -1155,18 +1146,14 @@ pub fn attention(
     if q.len() != images * n * inner || k.len() != images * m * inner || v.len() != k.len() || heads == 0 {
         return Err(Error::Msg(format!("oneDNN attention: q/k/v sizes do not fit {shape:?}")));
     }
+    if heads_per_slice == 0 || rows_per_chunk == 0 {
+        return Err(Error::Msg("oneDNN attention: empty slices".into()));
+    }
     let scale = (d as f64).powf(-0.5) as f32;
-    let per_head = n * m * 4;
-    let heads_per_slice = (budget / per_head.max(1)).clamp(1, heads);
-    let chunks = per_head.div_ceil(budget.max(1)).clamp(1, n.div_ceil(min_query_rows).max(1));
-    let rows_per_chunk = n.div_ceil(chunks);
     let qh = heads_first(api, q, (images, n, heads, d), precision)?;
     let kh = heads_first(api, k, (images, m, heads, d), precision)?;
     let vh = heads_first(api, v, (images, m, heads, d), precision)?;
-    let elem = match precision {
-        Precision::F32 => 4,
-        Precision::Bf16 => 2,
-    };
+    let elem = precision.bytes();
     let at = |x: &[u8], index: usize| x.as_ptr().wrapping_add(index * elem) as *mut c_void;
     let mut scores = vec![0f32; heads_per_slice * rows_per_chunk * m];
     let mut probs = vec![0u8; heads_per_slice * rows_per_chunk * m * elem];
@@ -1290,16 +1277,10 @@ mod tests {
     fn convolutions_match_f32_within_their_bound_for_every_shape_the_networks_use() {
         let dev = Device::Cpu;
         for (precision, bound) in precisions() {
-            for (c_in, c_out, k, p, s, h, w) in [
-                (8, 32, 3, 1, 1, 9, 5),      // conv_in, odd sizes
-                (32, 32, 3, 1, 2, 8, 6),     // UNet downsample
-                (32, 32, 3, 0, 2, 9, 9),     // VAE downsample (after its asymmetric pad)
-                (64, 32, 1, 0, 1, 4, 4),     // shortcut / proj 1×1
-                (4, 8, 3, 1, 1, 1, 1),       // 1×1 spatial
-                (3, 32, 3, 1, 1, 40, 24),    // VAE conv_in
-                (320, 320, 3, 1, 1, 32, 32), // SD's first level, 256 px
-                (128, 128, 3, 1, 1, 96, 96), // a VAE decoder level: another weight layout than the load-time one
-            ] {
+            // Full-size layers too: SD's first level at 256 px, and a VAE decoder level whose
+            // kernel wants another weight layout than the load-time one.
+            let full_size = [(320, 320, 3, 1, 1, 32, 32), (128, 128, 3, 1, 1, 96, 96)];
+            for &(c_in, c_out, k, p, s, h, w) in crate::nets::conv::NETWORK_SHAPES.iter().chain(&full_size) {
                 let weight = randn(&[c_out, c_in, k, k], 4);
                 let bias = randn(&[c_out], 5);
                 let conv = OneDnnConv2d::new(precision, &weight, &bias, (c_in, c_out, k), p, s).expect("pack");
@@ -1334,7 +1315,8 @@ mod tests {
                 let inner = heads * d;
                 let (q, k, v) = (randn(&[2, n, inner], 7), randn(&[2, m, inner], 8), randn(&[2, m, inner], 9));
                 let shape = AttentionShape { images: 2, queries: n, keys: m, heads, head_dim: d };
-                let ours = attention(precision, (&q, &k, &v), shape, budget, 64).expect("attention");
+                let slices = crate::nets::attention::score_slices((n, m), heads, 4, budget);
+                let ours = attention(precision, (&q, &k, &v), shape, slices).expect("attention");
                 let split = |x: &[f32], len: usize| {
                     Tensor::from_slice(x, (2, len, heads, d), &dev)
                         .and_then(|t| t.transpose(1, 2)?.contiguous())
@@ -1351,7 +1333,7 @@ mod tests {
                 let err = rel_err(&ours, &reference);
                 assert!(err < bound * 2.0, "{precision:?} n{n} m{m} h{heads} d{d}: {err}");
                 let one = AttentionShape { images: 1, ..shape };
-                let second = attention(precision, (&q[n * inner..], &k[m * inner..], &v[m * inner..]), one, budget, 64)
+                let second = attention(precision, (&q[n * inner..], &k[m * inner..], &v[m * inner..]), one, slices)
                     .expect("alone");
                 assert_eq!(second, ours[n * inner..], "{precision:?} n{n}: batch invariance");
             }

@@ -91,14 +91,12 @@ fn onednn_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, precision:
     let (b, n, inner) = q.dims3()?;
     let m = k.dim(1)?;
     let shape = crate::onednn::AttentionShape { images: b, queries: n, keys: m, heads, head_dim: inner / heads };
+    // Per image (oneDNN's calls see one image each), f32 scores.
+    let slices = score_slices((n, m), heads, 4, SCORE_SLICE_BYTES);
     let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
     let (q, k, v) = (f32(q)?, f32(k)?, f32(v)?);
     let out = with_cpu_slice(&q, |q| {
-        with_cpu_slice(&k, |k| {
-            with_cpu_slice(&v, |v| {
-                crate::onednn::attention(precision, (q, k, v), shape, SCORE_SLICE_BYTES, MIN_QUERY_ROWS)
-            })
-        })
+        with_cpu_slice(&k, |k| with_cpu_slice(&v, |v| crate::onednn::attention(precision, (q, k, v), shape, slices)))
     })?;
     Tensor::from_vec(out, (b, n, inner), q.device())
 }
@@ -117,6 +115,17 @@ fn flash(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
 #[cfg(not(feature = "flash-attn"))]
 fn flash(_: &Tensor, _: &Tensor, _: &Tensor, _: usize) -> Result<Tensor> {
     candle_core::bail!("flash attention asked of a build without the `flash-attn` feature; this is a bug")
+}
+
+/// How attention scores of `n` queries × `m` keys (`score_bytes` each) are cut to stay within
+/// `budget` bytes: `(heads per slice, at most `heads`; query rows per chunk)` — several heads at
+/// a time when a head's scores fit, else one head and equal chunks of at least
+/// [`MIN_QUERY_ROWS`] queries. The chunks depend on `n` and `m` only.
+pub(crate) fn score_slices((n, m): (usize, usize), heads: usize, score_bytes: usize, budget: usize) -> (usize, usize) {
+    let per_head = n * m * score_bytes;
+    let heads_per_slice = (budget / per_head.max(1)).clamp(1, heads.max(1));
+    let chunks = per_head.div_ceil(budget.max(1)).clamp(1, n.div_ceil(MIN_QUERY_ROWS).max(1));
+    (heads_per_slice, n.div_ceil(chunks))
 }
 
 /// Attention with score slices of at most `budget` bytes, computed in `compute` (the result
@@ -141,10 +150,7 @@ fn sliced_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, budget: us
     let (k, v) = (split(k, m)?, split(v, m)?);
     let k_t = k.t()?;
     let heads_total = b * heads;
-    let per_head = n * m * compute.size_in_bytes();
-    let heads_per_slice = (budget / per_head.max(1)).clamp(1, heads_total);
-    let chunks = per_head.div_ceil(budget.max(1)).clamp(1, n.div_ceil(MIN_QUERY_ROWS).max(1));
-    let rows = n.div_ceil(chunks);
+    let (heads_per_slice, rows) = score_slices((n, m), heads_total, compute.size_in_bytes(), budget);
     let mut outs = Vec::with_capacity(heads_total.div_ceil(heads_per_slice));
     for start in (0..heads_total).step_by(heads_per_slice) {
         let len = heads_per_slice.min(heads_total - start);

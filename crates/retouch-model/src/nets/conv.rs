@@ -14,9 +14,10 @@
 //!
 //! Each image of a batch is computed with the same calls whatever the batch size, so results
 //! stay batch-invariant. On CUDA a convolution runs through cuDNN when the model's kernels say
-//! so ([`crate::kernels::ConvBackend::Cudnn`], module [`super::cudnn`]); `--dtype bf16` on the
-//! CPU runs oneDNN ([`crate::kernels::ConvBackend::OneDnn`], [`crate::onednn`]; the f32
-//! weights are dropped once packed); every other device and dtype uses candle's implementation.
+//! so ([`crate::kernels::ConvBackend::Cudnn`], module [`super::cudnn`]); on the CPU oneDNN runs
+//! it when installed, in f32 or (`--dtype bf16`) bf16 ([`crate::kernels::ConvBackend::OneDnn`],
+//! [`crate::onednn`]; the original weights are dropped once packed); every other device and
+//! dtype uses candle's implementation.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
@@ -35,7 +36,7 @@ enum Weights {
     /// candle's convolution: the weights in the model dtype, and the implementation on devices
     /// without our own.
     Candle(candle_nn::Conv2d),
-    /// bf16 weights packed for oneDNN (`--dtype bf16` on the CPU).
+    /// Weights packed for oneDNN (f32, or bf16 with `--dtype bf16`), on the CPU.
     OneDnn(std::sync::Arc<OneDnnConv2d>),
 }
 
@@ -96,7 +97,7 @@ impl Conv2d {
         Ok(Self { weights, c_in, c_out, kernel, padding, stride, backend })
     }
 
-    /// The dtype this convolution takes and returns (f32 for oneDNN's bf16 products).
+    /// The dtype this convolution takes and returns (f32 for oneDNN's products).
     pub fn dtype(&self) -> DType {
         match &self.weights {
             Weights::Candle(inner) => inner.weight().dtype(),
@@ -250,6 +251,18 @@ impl Module for Conv2d {
     }
 }
 
+/// Convolution shapes of every kind the networks use, scaled down: (c_in, c_out, kernel,
+/// padding, stride, h, w). Shared by the tests of each implementation.
+#[cfg(test)]
+pub(crate) const NETWORK_SHAPES: &[(usize, usize, usize, usize, usize, usize, usize)] = &[
+    (8, 16, 3, 1, 1, 9, 5),   // conv_in, odd sizes
+    (16, 16, 3, 1, 2, 8, 6),  // UNet downsample
+    (16, 16, 3, 0, 2, 9, 9),  // VAE downsample (after its asymmetric pad)
+    (32, 16, 1, 0, 1, 4, 4),  // shortcut / proj 1×1
+    (4, 8, 3, 1, 1, 1, 1),    // 1×1 spatial
+    (3, 32, 3, 1, 1, 40, 24), // VAE conv_in
+];
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Tensor};
@@ -275,14 +288,7 @@ mod tests {
     #[test]
     fn matches_candle_for_every_shape_the_networks_use() {
         let dev = Device::Cpu;
-        for (c_in, c_out, k, p, s, h, w) in [
-            (8, 16, 3, 1, 1, 9, 5),   // conv_in, odd sizes
-            (16, 16, 3, 1, 2, 8, 6),  // UNet downsample
-            (16, 16, 3, 0, 2, 9, 9),  // VAE downsample (after its asymmetric pad)
-            (32, 16, 1, 0, 1, 4, 4),  // shortcut / proj 1×1
-            (4, 8, 3, 1, 1, 1, 1),    // 1×1 spatial
-            (3, 32, 3, 1, 1, 40, 24), // VAE conv_in
-        ] {
+        for &(c_in, c_out, k, p, s, h, w) in NETWORK_SHAPES {
             let vb = candle_nn::VarBuilder::from_tensors(
                 [
                     ("weight".to_string(), Tensor::randn(0f32, 1.0, (c_out, c_in, k, k), &dev).expect("w")),

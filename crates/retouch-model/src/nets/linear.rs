@@ -10,8 +10,9 @@
 //! count. Only tiny shapes (1-token attention at the lowest UNet level of small images, test
 //! models) take the per-sequence branch.
 //!
-//! With `--dtype bf16` on the CPU the product is oneDNN's ([`crate::onednn::OneDnnLinear`]:
-//! bf16 weights packed at load, the f32 ones dropped, one call per sequence).
+//! Where the model's kernels say so (the CPU with oneDNN installed: f32, or bf16 with `--dtype
+//! bf16`) the product is oneDNN's ([`crate::onednn::OneDnnLinear`]: weights packed at load, the
+//! originals dropped, one call per sequence).
 
 use std::sync::Arc;
 
@@ -25,7 +26,7 @@ use crate::onednn::OneDnnLinear;
 /// `y = x Wᵀ + b` over `[B, T, in]`, batch-invariant.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// The product `x Wᵀ` (candle-nn's layer without its bias), or oneDNN's in bf16 (bias
+    /// The product `x Wᵀ` (candle-nn's layer without its bias), or oneDNN's (bias
     /// included).
     inner: Product,
     /// `b`, added on every core ([`super::elementwise::add_last_dim`]; candle-nn adds it on one).
@@ -39,7 +40,7 @@ pub struct Linear {
 enum Product {
     /// candle-nn's layer without its bias.
     Candle(candle_nn::Linear),
-    /// oneDNN in bf16, bias fused.
+    /// oneDNN (f32 or bf16), bias fused.
     OneDnn(Arc<OneDnnLinear>),
 }
 
