@@ -14,6 +14,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::error::ModelError;
+use crate::nets::clip::ClipActivation;
 
 /// Reads a JSON object file. Python's `json` module (which writes every diffusers config)
 /// spells non-finite floats as the bare tokens `NaN`, `Infinity` and `-Infinity` — a saved
@@ -528,6 +529,10 @@ pub struct TextEncoderConfig {
     pub num_attention_heads: usize,
     /// Positions (77).
     pub max_position_embeddings: usize,
+    /// MLP activation (`hidden_act`: quick-GELU for every SD 1.x encoder).
+    pub activation: ClipActivation,
+    /// Epsilon of every LayerNorm (1e-5).
+    pub layer_norm_eps: f64,
 }
 
 impl TextEncoderConfig {
@@ -536,8 +541,7 @@ impl TextEncoderConfig {
     /// shape the maths are checked.
     ///
     /// # Errors
-    /// [`ModelError::UnsupportedConfig`] for an activation or norm epsilon the encoder does not
-    /// implement.
+    /// [`ModelError::UnsupportedConfig`] for an activation the encoder does not implement.
     pub fn from_json(map: &Map<String, Value>) -> Result<Self, ModelError> {
         // A full CLIPConfig nests the text tower under `text_config`.
         let map = match map.get("text_config") {
@@ -545,13 +549,7 @@ impl TextEncoderConfig {
             _ => map,
         };
         let r = ConfigReader::new("text_encoder", map);
-        // candle-transformers' CLIP text transformer (exact for SD 1.x) implements quick_gelu
-        // with LayerNorm eps 1e-5, which is every SD 1.x text encoder.
-        r.one_of("hidden_act", "quick_gelu", &["quick_gelu"])?;
-        let eps = r.f64("layer_norm_eps", 1e-5)?;
-        if (eps - 1e-5).abs() > 1e-12 {
-            return Err(r.err("layer_norm_eps", format!("{eps} is not supported (only 1e-5)")));
-        }
+        let activation = ClipActivation::from_name(&r.one_of("hidden_act", "quick_gelu", &ClipActivation::NAMES)?);
         Ok(Self {
             vocab_size: r.usize("vocab_size", Some(49408))?,
             hidden_size: r.usize("hidden_size", Some(512))?,
@@ -559,6 +557,8 @@ impl TextEncoderConfig {
             num_hidden_layers: r.usize("num_hidden_layers", Some(12))?,
             num_attention_heads: r.usize("num_attention_heads", Some(8))?,
             max_position_embeddings: r.usize("max_position_embeddings", Some(77))?,
+            activation,
+            layer_norm_eps: r.f64("layer_norm_eps", 1e-5)?,
         })
     }
 }

@@ -123,6 +123,16 @@ impl Kernels {
     pub fn cpu_bf16(&self) -> bool {
         self.linear == LinearBackend::OneDnn(Precision::Bf16)
     }
+
+    /// What runs the linear layers of the networks that stay in the model's float dtype
+    /// whatever `--dtype bf16` says (the CLIP text encoder and the safety checker's vision
+    /// tower): oneDNN's f32 products where the UNet's run on oneDNN, else candle's.
+    pub fn clip_linear(&self) -> LinearBackend {
+        match self.linear {
+            LinearBackend::OneDnn(_) => LinearBackend::OneDnn(Precision::F32),
+            LinearBackend::Native => LinearBackend::Native,
+        }
+    }
 }
 
 /// Whether this binary was built with cuDNN convolutions.

@@ -156,7 +156,7 @@ impl InstructPix2Pix {
         let te_files = find_weight_files(&dir.join("text_encoder"), "model", variant)
             .or_else(|_| find_weight_files(&dir.join("text_encoder"), "pytorch_model", variant))?;
         let text_encoder = load_component("text_encoder", &te_files, dtype, &device, TEXT_ENCODER_IGNORABLE, |vb| {
-            TextEncoder::new(&te_config, vb)
+            TextEncoder::new(&te_config, kernels.clip_linear(), vb)
         })?;
         let unet_files = find_weight_files(&dir.join("unet"), "diffusion_pytorch_model", variant)?;
         let unet = load_component("unet", &unet_files, dtype, &device, &[], |vb| UNet::new(&unet_config, kernels, vb))?;
@@ -168,7 +168,7 @@ impl InstructPix2Pix {
             .runs_checker(checkpoint_has_checker(&index)?)
             .map_err(|e| ModelError::SafetyChecker(e.to_string()))?
         {
-            Some(SafetyChecker::load(dir, variant, dtype, &device)?)
+            Some(SafetyChecker::load(dir, variant, dtype, &device, kernels.clip_linear())?)
         } else {
             None
         };

@@ -38,6 +38,7 @@ use serde_json::{Map, Value};
 
 use crate::config::{ConfigReader, read_json_object};
 use crate::error::ModelError;
+use crate::kernels::LinearBackend;
 use crate::nets::clip_vision::{ClipActivation, ClipVisionConfig, ClipVisionTower, l2_normalize};
 use crate::weights::{find_weight_files, load_component};
 
@@ -117,10 +118,7 @@ impl SafetyCheckerConfig {
             Some(other) => return Err(top.err("vision_config", format!("expected an object, found {other}"))),
         };
         let r = ConfigReader::new("safety_checker", vision);
-        let activation = match r.one_of("hidden_act", "quick_gelu", &["quick_gelu", "gelu"])?.as_str() {
-            "gelu" => ClipActivation::Gelu,
-            _ => ClipActivation::QuickGelu,
-        };
+        let activation = ClipActivation::from_name(&r.one_of("hidden_act", "quick_gelu", &ClipActivation::NAMES)?);
         let vision = ClipVisionConfig {
             hidden_size: r.usize("hidden_size", Some(768))?,
             intermediate_size: r.usize("intermediate_size", Some(3072))?,
@@ -438,13 +436,13 @@ struct Networks {
 const NESTED_PROBE: &str = "vision_model.vision_model.post_layernorm.weight";
 
 impl Networks {
-    fn new(config: &SafetyCheckerConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(config: &SafetyCheckerConfig, linear: LinearBackend, vb: VarBuilder) -> candle_core::Result<Self> {
         let tower_vb = if vb.contains_tensor(NESTED_PROBE) {
             vb.pp("vision_model").pp("vision_model")
         } else {
             vb.pp("vision_model")
         };
-        let tower = ClipVisionTower::new(&config.vision, tower_vb)?;
+        let tower = ClipVisionTower::new(&config.vision, linear, tower_vb)?;
         let p = config.projection_dim;
         let visual_projection = candle_nn::linear_no_bias(config.vision.hidden_size, p, vb.pp("visual_projection"))?;
         let thresholds = |name: &str, n: usize| -> candle_core::Result<Vec<f32>> {
@@ -480,7 +478,13 @@ impl SafetyChecker {
     ///
     /// # Errors
     /// [`ModelError`] naming the missing file, unsupported config key or bad tensors.
-    pub fn load(dir: &Path, variant: Option<&str>, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+    pub fn load(
+        dir: &Path,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+        linear: LinearBackend,
+    ) -> Result<Self, ModelError> {
         let config = SafetyCheckerConfig::from_json(&read_json_object(&dir.join("safety_checker/config.json"))?)?;
         let processor =
             ImageProcessor::from_json(&read_json_object(&dir.join("feature_extractor/preprocessor_config.json"))?)?;
@@ -501,7 +505,9 @@ impl SafetyChecker {
         }
         let files = find_weight_files(&dir.join("safety_checker"), "model", variant)
             .or_else(|_| find_weight_files(&dir.join("safety_checker"), "pytorch_model", variant))?;
-        let nets = load_component("safety_checker", &files, dtype, device, IGNORABLE, |vb| Networks::new(&config, vb))?;
+        let nets = load_component("safety_checker", &files, dtype, device, IGNORABLE, |vb| {
+            Networks::new(&config, linear, vb)
+        })?;
         Ok(Self { nets, processor, device: device.clone(), dtype })
     }
 

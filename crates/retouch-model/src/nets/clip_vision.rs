@@ -12,16 +12,11 @@
 //! MLP `fc1 → activation → fc2`), and `post_layernorm` on the class token.
 
 use candle_core::{D, Module, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
-/// The activation of the encoder MLPs (`hidden_act`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClipActivation {
-    /// `x · σ(1.702 x)` (every SD 1.x safety checker).
-    QuickGelu,
-    /// The exact, erf-based GELU.
-    Gelu,
-}
+pub use super::clip::ClipActivation;
+use super::clip::{ClipEncoder, EncoderSpec};
+use crate::kernels::LinearBackend;
 
 /// The tower's shape (transformers `CLIPVisionConfig`).
 #[derive(Clone, Debug, PartialEq)]
@@ -53,75 +48,6 @@ impl ClipVisionConfig {
     }
 }
 
-#[derive(Debug)]
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
-    heads: usize,
-    scale: f64,
-}
-
-impl Attention {
-    fn new(c: &ClipVisionConfig, vb: VarBuilder) -> Result<Self> {
-        let h = c.hidden_size;
-        Ok(Self {
-            q: candle_nn::linear(h, h, vb.pp("q_proj"))?,
-            k: candle_nn::linear(h, h, vb.pp("k_proj"))?,
-            v: candle_nn::linear(h, h, vb.pp("v_proj"))?,
-            out: candle_nn::linear(h, h, vb.pp("out_proj"))?,
-            heads: c.num_attention_heads,
-            scale: ((h / c.num_attention_heads) as f64).powf(-0.5),
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, h) = x.dims3()?;
-        let split = |y: Tensor| y.reshape((b, t, self.heads, h / self.heads))?.transpose(1, 2)?.contiguous();
-        let q = split(self.q.forward(x)?)?;
-        let k = split(self.k.forward(x)?)?;
-        let v = split(self.v.forward(x)?)?;
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * self.scale)?;
-        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-        let y = weights.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, t, h))?;
-        self.out.forward(&y)
-    }
-}
-
-#[derive(Debug)]
-struct EncoderLayer {
-    layer_norm1: LayerNorm,
-    attention: Attention,
-    layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-    activation: ClipActivation,
-}
-
-impl EncoderLayer {
-    fn new(c: &ClipVisionConfig, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            layer_norm1: candle_nn::layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
-            attention: Attention::new(c, vb.pp("self_attn"))?,
-            layer_norm2: candle_nn::layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(c.hidden_size, c.intermediate_size, vb.pp("mlp").pp("fc1"))?,
-            fc2: candle_nn::linear(c.intermediate_size, c.hidden_size, vb.pp("mlp").pp("fc2"))?,
-            activation: c.activation,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = (x + self.attention.forward(&self.layer_norm1.forward(x)?)?)?;
-        let y = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
-        let y = match self.activation {
-            ClipActivation::QuickGelu => (&y * candle_nn::ops::sigmoid(&(&y * 1.702)?)?)?,
-            ClipActivation::Gelu => y.gelu_erf()?,
-        };
-        x + self.fc2.forward(&y)?
-    }
-}
-
 /// `CLIPVisionModel` up to its pooled output.
 #[derive(Debug)]
 pub struct ClipVisionTower {
@@ -131,31 +57,41 @@ pub struct ClipVisionTower {
     class_embedding: Tensor,
     /// `[1, patches + 1, hidden]`.
     position_embedding: Tensor,
+    /// `pre_layrnorm` (sic).
     pre_layrnorm: LayerNorm,
-    layers: Vec<EncoderLayer>,
+    /// The layers ([`super::clip`], shared with the text encoder).
+    encoder: ClipEncoder,
+    /// `post_layernorm`, on the class token.
     post_layernorm: LayerNorm,
+    /// The tower's shape.
     config: ClipVisionConfig,
 }
 
 impl ClipVisionTower {
     /// Builds the tower from `vb` rooted at the `CLIPVisionModel` (its `embeddings`,
-    /// `pre_layrnorm`, `encoder`, `post_layernorm`).
-    pub fn new(c: &ClipVisionConfig, vb: VarBuilder) -> Result<Self> {
+    /// `pre_layrnorm`, `encoder`, `post_layernorm`), its projections run by `linear`.
+    pub fn new(c: &ClipVisionConfig, linear: LinearBackend, vb: VarBuilder) -> Result<Self> {
         let (h, p, ch) = (c.hidden_size, c.patch_size, c.num_channels);
         let positions = c.patches_per_side().pow(2) + 1;
         let emb = vb.pp("embeddings");
         let patch_weight = emb.pp("patch_embedding").get((h, ch, p, p), "weight")?.reshape((h, ch * p * p))?;
         let class_embedding = emb.get(h, "class_embedding")?.reshape((1, 1, h))?;
         let position_embedding = emb.pp("position_embedding").get((positions, h), "weight")?.unsqueeze(0)?;
-        let layers = (0..c.num_hidden_layers)
-            .map(|i| EncoderLayer::new(c, vb.pp("encoder").pp("layers").pp(i)))
-            .collect::<Result<Vec<_>>>()?;
+        let spec = EncoderSpec {
+            hidden_size: h,
+            intermediate_size: c.intermediate_size,
+            layers: c.num_hidden_layers,
+            heads: c.num_attention_heads,
+            activation: c.activation,
+            layer_norm_eps: c.layer_norm_eps,
+            linear,
+        };
         Ok(Self {
             patch_weight,
             class_embedding,
             position_embedding,
             pre_layrnorm: candle_nn::layer_norm(h, c.layer_norm_eps, vb.pp("pre_layrnorm"))?,
-            layers,
+            encoder: ClipEncoder::new(&spec, vb.pp("encoder"))?,
             post_layernorm: candle_nn::layer_norm(h, c.layer_norm_eps, vb.pp("post_layernorm"))?,
             config: c.clone(),
         })
@@ -183,10 +119,7 @@ impl ClipVisionTower {
         let patch_embeds = patches.broadcast_matmul(&self.patch_weight.t()?)?;
         let class = self.class_embedding.broadcast_as((b, 1, c.hidden_size))?;
         let x = Tensor::cat(&[&class, &patch_embeds], 1)?.broadcast_add(&self.position_embedding)?;
-        let mut x = self.pre_layrnorm.forward(&x)?;
-        for layer in &self.layers {
-            x = layer.forward(&x)?;
-        }
+        let x = self.encoder.forward(&self.pre_layrnorm.forward(&x)?, false)?;
         let pooled = x.narrow(1, 0, 1)?.squeeze(1)?;
         self.post_layernorm.forward(&pooled.contiguous()?)
     }

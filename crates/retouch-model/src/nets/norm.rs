@@ -8,9 +8,10 @@
 //! * **CPU, float32**: one fused loop per (image, group), groups in parallel: a first pass
 //!   accumulates the sum and the sum of squares in float64 (eight independent lanes, so the
 //!   compiler vectorises it; the order is fixed, so the result is deterministic), a second pass
-//!   writes `(x − mean) / sqrt(var + eps) · γ[c] + β[c]`, and the SiLU, in place of the output.
-//!   Two passes instead of about fourteen, both parallel. Each (image, group) is computed the
-//!   same way whatever else is in the batch, so results stay batch-invariant to the bit.
+//!   writes `(x − mean) / sqrt(var + eps) · γ[c] + β[c]`, and the SiLU, into the output
+//!   (vectorised: [`super::activation`]). Two passes instead of about fourteen, both parallel.
+//!   Each (image, group) is computed the same way whatever else is in the batch, so results
+//!   stay batch-invariant to the bit.
 //! * **everywhere else** (CUDA, or f16/bf16): candle's fused layer-norm kernel (one kernel, tested
 //!   by candle, float32 accumulation) over the tensor reshaped to `[B, groups, C/groups·H·W]` with a
 //!   unit scale and zero shift, then the per-channel affine and the SiLU: four kernels instead of
@@ -21,6 +22,8 @@ use std::sync::Mutex;
 use candle_core::{D, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
+
+use super::activation::{self, simd_loop};
 
 /// diffusers' `nn.GroupNorm(groups, channels, eps, affine=True)`.
 #[derive(Debug, Clone)]
@@ -86,32 +89,29 @@ impl GroupNorm {
         let group_len = per_group * plane;
         let gamma = self.weight.to_vec1::<f32>()?;
         let beta = self.bias.to_vec1::<f32>()?;
-        let input = {
-            let (storage, layout) = x.storage_and_layout();
-            let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("not a CPU tensor") };
-            let (start, end) =
-                layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("not contiguous".into()))?;
-            cpu.as_slice::<f32>()?[start..end].to_vec()
-        };
-        let mut out = input;
-        let eps = self.eps;
-        let groups = self.groups;
-        out.par_chunks_mut(group_len.max(1)).enumerate().for_each(|(index, chunk)| {
-            let (mean, inv_std) = moments(chunk, eps);
-            let first_channel = (index % groups) * per_group;
-            for (c, row) in chunk.chunks_mut(plane.max(1)).enumerate() {
-                let scale = inv_std * gamma[first_channel + c];
-                let shift = beta[first_channel + c] - mean * scale;
-                if silu {
-                    row.iter_mut().for_each(|v| {
-                        let y = *v * scale + shift;
-                        *v = y / (1.0 + (-y).exp());
-                    });
-                } else {
-                    row.iter_mut().for_each(|v| *v = *v * scale + shift);
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("not a CPU tensor") };
+        let (start, end) =
+            layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("not contiguous".into()))?;
+        let input = &cpu.as_slice::<f32>()?[start..end];
+        // Zeroed by calloc (fresh pages for large tensors), written once below.
+        let mut out = vec![0f32; input.len()];
+        let (eps, groups, plane) = (self.eps, self.groups, plane.max(1));
+        out.par_chunks_mut(group_len.max(1)).zip(input.par_chunks(group_len.max(1))).enumerate().for_each(
+            |(index, (dst, src))| {
+                let (mean, inv_std) = moments(src, eps);
+                let first_channel = (index % groups) * per_group;
+                for (c, (dst_row, src_row)) in dst.chunks_mut(plane).zip(src.chunks(plane)).enumerate() {
+                    let scale = inv_std * gamma[first_channel + c];
+                    let shift = beta[first_channel + c] - mean * scale;
+                    if silu {
+                        activation::affine_silu(dst_row, src_row, scale, shift);
+                    } else {
+                        activation::affine(dst_row, src_row, scale, shift);
+                    }
                 }
-            }
-        });
+            },
+        );
         Tensor::from_vec(out, dims, x.device())
     }
 
@@ -132,28 +132,31 @@ impl GroupNorm {
     }
 }
 
-/// Mean and `1 / sqrt(var + eps)` of one group, accumulated in float64 over eight fixed lanes.
-fn moments(values: &[f32], eps: f64) -> (f32, f32) {
-    const LANES: usize = 8;
-    let mut sum = [0f64; LANES];
-    let mut sum_sq = [0f64; LANES];
-    let mut chunks = values.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for lane in 0..LANES {
-            let v = f64::from(chunk[lane]);
-            sum[lane] += v;
-            sum_sq[lane] += v * v;
+simd_loop! {
+    /// Mean and `1 / sqrt(var + eps)` of one group, accumulated in float64 over eight fixed
+    /// lanes (the same order, so the same bits, in both compiled copies).
+    fn moments(values: &[f32], eps: f64) -> (f32, f32) {
+        const LANES: usize = 8;
+        let mut sum = [0f64; LANES];
+        let mut sum_sq = [0f64; LANES];
+        let mut chunks = values.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            for lane in 0..LANES {
+                let v = f64::from(chunk[lane]);
+                sum[lane] += v;
+                sum_sq[lane] += v * v;
+            }
         }
+        let (mut s, mut s2) = (sum.iter().sum::<f64>(), sum_sq.iter().sum::<f64>());
+        for &v in chunks.remainder() {
+            s += f64::from(v);
+            s2 += f64::from(v) * f64::from(v);
+        }
+        let n = values.len().max(1) as f64;
+        let mean = s / n;
+        let var = (s2 / n - mean * mean).max(0.0);
+        (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
     }
-    let (mut s, mut s2) = (sum.iter().sum::<f64>(), sum_sq.iter().sum::<f64>());
-    for &v in chunks.remainder() {
-        s += f64::from(v);
-        s2 += f64::from(v) * f64::from(v);
-    }
-    let n = values.len().max(1) as f64;
-    let mean = s / n;
-    let var = (s2 / n - mean * mean).max(0.0);
-    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
 }
 
 /// A unit scale and a zero shift of at least `len` values for `layer_norm`, shared by every

@@ -20,6 +20,11 @@ use crate::{fixtures, floats, read_json};
 
 const MODEL: &str = "models/tiny-sd15-safety";
 
+/// The linear layers the pipeline gives the checker on this CPU (oneDNN f32 where installed).
+fn cpu_clip_linear() -> retouch_model::kernels::LinearBackend {
+    retouch_model::KernelChoice::default().resolve(&Device::Cpu, DType::F32).expect("kernels").clip_linear()
+}
+
 fn processor() -> ImageProcessor {
     let path = fixtures().join(MODEL).join("feature_extractor/preprocessor_config.json");
     let map = serde_json::from_str(&std::fs::read_to_string(path).expect("config")).expect("json");
@@ -109,7 +114,8 @@ fn decisions_match_diffusers_including_rounding_and_the_special_care_adjustment(
 }
 
 fn checker() -> SafetyChecker {
-    SafetyChecker::load(&fixtures().join(MODEL), None, DType::F32, &Device::Cpu).expect("checker loads")
+    SafetyChecker::load(&fixtures().join(MODEL), None, DType::F32, &Device::Cpu, cpu_clip_linear())
+        .expect("checker loads")
 }
 
 /// The checker's cosines, scores and verdicts on exactly the images diffusers' feature
@@ -268,7 +274,7 @@ fn renamed_checker(tag: &str, rename: impl Fn(&str) -> Option<String>, extra: &[
 }
 
 fn cosines(dir: &Path) -> Result<(Vec<f32>, Vec<f32>), ModelError> {
-    let checker = SafetyChecker::load(dir, None, DType::F32, &Device::Cpu)?;
+    let checker = SafetyChecker::load(dir, None, DType::F32, &Device::Cpu, cpu_clip_linear())?;
     let (values, h, w) = checker.processor().pixel_values(&png("safety/inputs/safety_flagged_0.png"))?;
     checker.cosines(&values, (h, w))
 }
