@@ -1,13 +1,15 @@
 //! Checks against the golden data HF diffusers / transformers / torch produced
 //! (`tests/fixtures/generate.py`): tokenizer ids, scheduler tables and steps, torch RNG draws,
 //! and whole-pipeline edits within 2/255 of diffusers on every pixel; the safety checker; and
-//! `--dtype bf16` on the CPU against diffusers in bf16 (`generate_bf16.py`).
+//! `--dtype bf16` on the CPU against diffusers in bf16 (`generate_bf16.py`); the CLIP text
+//! encoder on configs SD 1.x does not use (`generate_text_encoder.py`).
 
 mod bf16;
 mod pipeline;
 mod rng;
 mod safety;
 mod scheduler;
+mod text_encoder;
 mod tokenizer;
 
 use std::path::PathBuf;
