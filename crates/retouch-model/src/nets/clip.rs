@@ -12,11 +12,11 @@
 //! The projections are [`Linear`] layers, so on the CPU with oneDNN they are oneDNN's f32
 //! products (weights packed at load) — candle-transformers' CLIP, which this replaces, ran them
 //! on candle's matmul. The text encoder stays f32 with `--dtype bf16` (only the UNet and the
-//! VAE take bf16 products). Attention here is small (77 tokens, or 50 patches) and runs in
+//! VAE take bf16 products). Attention here is small (77 tokens, or 257 patches) and runs in
 //! f32 on candle's products, one head at a time, so a sequence's result never depends on what
 //! shares its batch.
 
-use candle_core::{D, Module, Result, Tensor};
+use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
 use super::linear::Linear;
@@ -93,10 +93,14 @@ impl SelfAttention {
         })
     }
 
-    /// `x` `[B, T, hidden]`; `mask` `[T, T]` is added to every head's scores.
+    /// `x` `[B, T, hidden]`; `mask` `[T, T]` (f32) is added to every head's scores. Scores,
+    /// softmax and the weighted sum are float32 whatever the model dtype (as candle-transformers'
+    /// CLIP did), so f16 scores never overflow and the mask's lowest f32 stays representable.
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
-        let split = |y: Tensor| y.reshape((b, t, self.heads, h / self.heads))?.transpose(1, 2)?.contiguous();
+        let split = |y: Tensor| {
+            y.reshape((b, t, self.heads, h / self.heads))?.transpose(1, 2)?.contiguous()?.to_dtype(DType::F32)
+        };
         let q = split(self.q.forward(x)?)?;
         let k = split(self.k.forward(x)?)?;
         let v = split(self.v.forward(x)?)?;
@@ -106,7 +110,7 @@ impl SelfAttention {
             None => scores,
         };
         let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-        let y = weights.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, t, h))?;
+        let y = weights.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, t, h))?.to_dtype(x.dtype())?;
         self.out.forward(&y)
     }
 }

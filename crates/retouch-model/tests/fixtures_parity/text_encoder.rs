@@ -2,7 +2,8 @@
 //! SD 1.x checkpoints do not exercise (`tests/fixtures/generate_text_encoder.py`): the exact
 //! GELU with LayerNorm eps 1e-6, and quick-GELU with the older `text_model.`-prefixed tensor
 //! names; three id rows each (short, long, all 77 positions), with candle's products and, where
-//! oneDNN is installed, oneDNN's f32 products (what the pipeline uses there).
+//! oneDNN is installed, oneDNN's f32 products (what the pipeline uses there); and in f16 and bf16
+//! (a GPU's dtypes) on the CPU, against the same f32 reference with a wider bound.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -52,6 +53,20 @@ fn the_text_encoder_matches_transformers_with_gelu_other_eps_and_prefixed_names(
                 eprintln!("{name:>22} row {r} {backend:?}: max |Δ| {worst:.2e}");
                 assert!(worst <= TOLERANCE, "{name} row {r} with {backend:?}: {worst} from transformers");
             }
+        }
+        // The GPU's dtypes, on the CPU: f16 and bf16 weights and activations, f32 attention.
+        for (dtype, tolerance) in [(DType::F16, 0.05f32), (DType::BF16, 0.25)] {
+            let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).expect("weights");
+            let vb = VarBuilder::from_tensors(tensors, dtype, &Device::Cpu);
+            let encoder = TextEncoder::new(&config, LinearBackend::Native, vb).expect("encoder");
+            let input = Tensor::new(ids[1].as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("ids");
+            let out = encoder.forward(&input).expect("forward");
+            assert_eq!(out.dtype(), dtype, "{name}");
+            let got = out.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>());
+            let expected = &want[ids[0].len() * hidden..2 * ids[0].len() * hidden];
+            let worst = got.expect("values").iter().zip(expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            eprintln!("{name:>22} row 1 {dtype:?}: max |Δ| {worst:.2e}");
+            assert!(worst <= tolerance, "{name} in {dtype:?}: {worst} from transformers' f32");
         }
     }
 }
