@@ -55,6 +55,9 @@ fn cpu_image_edits_jobs_as_the_chart_runs_it_and_drains_on_sigterm() {
     assert_ne!(code, 0, "the root filesystem is writable: {out}");
     assert!(out.contains("Read-only file system"), "{out}");
     assert_eq!(worker.exec(&["touch", "/tmp/scratch"]).0, 0, "/tmp (the chart's emptyDir) is writable");
+    // The image ships oneDNN, so the model runs on it (not the crate's fallback kernels).
+    let logs = worker.logs();
+    assert!(logs.contains("conv=onednn-f32"), "the worker does not run oneDNN's kernels:\n{logs}");
 
     for i in 0..3 {
         broker.publish_json(&job(&format!("ctr-{i}"), i, 4));
