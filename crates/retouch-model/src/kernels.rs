@@ -272,8 +272,7 @@ impl fmt::Display for ConvBackend {
         f.write_str(match self {
             Self::Im2col => "im2col",
             Self::Cudnn => "cudnn",
-            Self::OneDnn(Precision::Bf16) => "onednn-bf16",
-            Self::OneDnn(Precision::F32) => "onednn-f32",
+            Self::OneDnn(precision) => precision.backend_name(),
         })
     }
 }
@@ -283,8 +282,7 @@ impl fmt::Display for AttentionBackend {
         f.write_str(match self {
             Self::Math => "math",
             Self::Flash => "flash",
-            Self::OneDnn(Precision::Bf16) => "onednn-bf16",
-            Self::OneDnn(Precision::F32) => "onednn-f32",
+            Self::OneDnn(precision) => precision.backend_name(),
         })
     }
 }
@@ -293,8 +291,7 @@ impl fmt::Display for LinearBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::Native => "native",
-            Self::OneDnn(Precision::Bf16) => "onednn-bf16",
-            Self::OneDnn(Precision::F32) => "onednn-f32",
+            Self::OneDnn(precision) => precision.backend_name(),
         })
     }
 }

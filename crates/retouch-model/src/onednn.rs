@@ -333,6 +333,14 @@ impl Precision {
         }
     }
 
+    /// How logs, bench JSON and error texts name a backend running in this precision.
+    pub fn backend_name(self) -> &'static str {
+        match self {
+            Self::Bf16 => "onednn-bf16",
+            Self::F32 => "onednn-f32",
+        }
+    }
+
     /// Bytes per value.
     fn bytes(self) -> usize {
         match self {
@@ -772,7 +780,7 @@ impl OneDnnLinear {
             )));
         }
         let bias = bias.map_or_else(|| vec![0.0; out_features], <[f32]>::to_vec);
-        let (reference, _) = Self::build(api, precision, REFERENCE_ROWS, (in_features, out_features), None)?;
+        let (reference, _) = Self::build(api, precision, REFERENCE_ROWS, (in_features, out_features))?;
         let weights = PackedWeights::pack(
             api,
             weight,
@@ -783,14 +791,9 @@ impl OneDnnLinear {
         Ok(Self { precision, in_features, out_features, weights, bias, primitives: PrimitiveCache::new() })
     }
 
-    /// A matmul primitive for `rows` rows; weights in `weights` or, when `None`, any layout.
-    fn build(
-        api: &Api,
-        precision: Precision,
-        rows: i64,
-        (k, n): (usize, usize),
-        weights: Option<&MemoryDesc>,
-    ) -> Result<(Primitive, Operands)> {
+    /// A matmul primitive for `rows` rows, its weights in the layout its kernel chooses
+    /// ([`Primitive::weights_md`]).
+    fn build(api: &Api, precision: Precision, rows: i64, (k, n): (usize, usize)) -> Result<(Primitive, Operands)> {
         let (k, n) = (k as i64, n as i64);
         let io = Operands {
             src: md(api, &[rows, k], precision.data_type(), TAG_AB)?,
@@ -801,7 +804,7 @@ impl OneDnnLinear {
         let mut op = OpDesc([0; 8192]);
         // SAFETY: all descriptors initialised; `op` has room for a matmul descriptor.
         #[allow(unsafe_code)]
-        let status = unsafe { (api.matmul_desc_init)(&mut op, &io.src, weights.unwrap_or(&any), &io.bias, &io.dst) };
+        let status = unsafe { (api.matmul_desc_init)(&mut op, &io.src, &any, &io.bias, &io.dst) };
         check(status, "matmul descriptor")?;
         Ok((Primitive::create(api, &op)?, io))
     }
@@ -809,9 +812,8 @@ impl OneDnnLinear {
     fn primitive(&self, api: &Api, rows: usize) -> Result<Arc<ShapedPrimitive>> {
         self.primitives.get_or_build(rows, || {
             let (k, n) = (self.in_features, self.out_features);
-            let (chosen, _) = Self::build(api, self.precision, rows as i64, (k, n), None)?;
-            let weights = self.weights.in_layout(api, &chosen.weights_md(api)?)?;
-            let (primitive, io) = Self::build(api, self.precision, rows as i64, (k, n), Some(&weights.1))?;
+            let (primitive, io) = Self::build(api, self.precision, rows as i64, (k, n))?;
+            let weights = self.weights.in_layout(api, &primitive.weights_md(api)?)?;
             tracing::debug!(rows, k, n, implementation = %primitive.implementation(api), "oneDNN matmul");
             Ok(ShapedPrimitive { primitive, weights, io })
         })
@@ -914,7 +916,7 @@ impl OneDnnConv2d {
             primitives: PrimitiveCache::new(),
         };
         let size = REFERENCE_SIZE.max(kernel);
-        let (reference, _) = conv.build(api, (size, size), None)?;
+        let (reference, _) = conv.build(api, (size, size))?;
         let dims = [c_out as i64, c_in as i64, kernel as i64, kernel as i64];
         conv.weights = PackedWeights::pack(api, weight, &dims, TAG_NCHW, reference.weights_md(api)?)?;
         Ok(conv)
@@ -925,8 +927,9 @@ impl OneDnnConv2d {
         ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1)
     }
 
-    /// A convolution primitive for one `h × w` image; weights in `weights` or any layout.
-    fn build(&self, api: &Api, (h, w): (usize, usize), weights: Option<&MemoryDesc>) -> Result<(Primitive, Operands)> {
+    /// A convolution primitive for one `h × w` image, its weights in the layout its kernel
+    /// chooses ([`Primitive::weights_md`]).
+    fn build(&self, api: &Api, (h, w): (usize, usize)) -> Result<(Primitive, Operands)> {
         let (oh, ow) = self.output_size((h, w));
         let (c, o, k) = (self.c_in as i64, self.c_out as i64, self.kernel as i64);
         let io = Operands {
@@ -946,7 +949,7 @@ impl OneDnnConv2d {
                 FORWARD_INFERENCE,
                 CONVOLUTION_DIRECT,
                 &io.src,
-                weights.unwrap_or(&any),
+                &any,
                 &io.bias,
                 &io.dst,
                 strides.as_ptr(),
@@ -960,9 +963,8 @@ impl OneDnnConv2d {
 
     fn primitive(&self, api: &Api, (h, w): (usize, usize)) -> Result<Arc<ShapedPrimitive>> {
         self.primitives.get_or_build((h, w), || {
-            let (chosen, _) = self.build(api, (h, w), None)?;
-            let weights = self.weights.in_layout(api, &chosen.weights_md(api)?)?;
-            let (primitive, io) = self.build(api, (h, w), Some(&weights.1))?;
+            let (primitive, io) = self.build(api, (h, w))?;
+            let weights = self.weights.in_layout(api, &primitive.weights_md(api)?)?;
             tracing::debug!(c_in = self.c_in, c_out = self.c_out, k = self.kernel, h, w,
                 implementation = %primitive.implementation(api), "oneDNN convolution");
             Ok(ShapedPrimitive { primitive, weights, io })

@@ -39,7 +39,8 @@ use serde_json::{Map, Value};
 use crate::config::{ConfigReader, read_json_object};
 use crate::error::ModelError;
 use crate::kernels::LinearBackend;
-use crate::nets::clip_vision::{ClipActivation, ClipVisionConfig, ClipVisionTower, l2_normalize};
+use crate::nets::clip::ClipActivation;
+use crate::nets::clip_vision::{ClipVisionConfig, ClipVisionTower, l2_normalize};
 use crate::weights::{find_weight_files, load_component};
 
 /// Concept embeddings of `StableDiffusionSafetyChecker` (fixed by its `__init__`).

@@ -14,8 +14,7 @@
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
-pub use super::clip::ClipActivation;
-use super::clip::{ClipEncoder, EncoderSpec};
+use super::clip::{ClipActivation, ClipEncoder, EncoderSpec};
 use crate::kernels::LinearBackend;
 
 /// The tower's shape (transformers `CLIPVisionConfig`).

@@ -8,8 +8,8 @@
 //! bit-identical to candle's — the tests compare — except GEGLU's GELU, which is the vectorised
 //! one of [`super::activation`] (within 4·10⁻⁷·(1 + |x|) of candle's float64 erf; used for every
 //! size, so results never depend on a tensor's size); since no element depends on another, all
-//! are batch-invariant. Anything else (CUDA, f16/bf16,
-//! non-contiguous views, tensors too small to be worth a thread) falls back to candle's op.
+//! are batch-invariant. Anything else (CUDA, f16/bf16, non-contiguous views, tensors too small
+//! to be worth a thread) falls back to candle's op.
 
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
